@@ -1,0 +1,1 @@
+//! roam-agent (stub: being written).

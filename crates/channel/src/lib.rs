@@ -1,0 +1,1 @@
+//! roam-channel (stub: being written).

@@ -1,0 +1,1 @@
+//! roam-control (stub: being written).

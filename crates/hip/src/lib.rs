@@ -1,0 +1,1 @@
+//! roam-hip (stub: being written).

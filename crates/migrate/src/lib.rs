@@ -1,0 +1,1 @@
+//! roam-migrate (stub: being written).

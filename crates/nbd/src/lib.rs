@@ -1,0 +1,1 @@
+//! roam-nbd (stub: being written).

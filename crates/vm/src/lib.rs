@@ -1,0 +1,1 @@
+//! roam-vm (stub: being written).

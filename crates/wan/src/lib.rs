@@ -1,0 +1,1 @@
+//! roam-wan (stub: being written).
