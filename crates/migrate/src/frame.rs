@@ -1,0 +1,293 @@
+//! Disk frames: the binary format of the `Disk` stream.
+//!
+//! JSON would double the bytes of a disk copy, so chunks travel in a fixed little header
+//! followed by the payload:
+//!
+//! ```text
+//!  0      4    5    6       8              16        20         24          56
+//!  | magic | ver| kind| rsvd |  chunk index  | raw len | body len |  blake3  | body…
+//! ```
+//!
+//! * `Data`: body is the chunk compressed with zstd; `Raw`: body is the chunk as is (used
+//!   when compression does not pay); `Zero`: no body, the chunk is all zeroes (the
+//!   destination punches a hole) — zero chunks are never sent in the first pass at all.
+//! * `Seal`: no body; `index` carries the number of chunk frames sent so far and `hash`
+//!   the source's disk digest; the destination answers on the control stream.
+//!
+//! Lengths are checked against `MAX_CHUNK` before anything is allocated, and the hash of
+//! every decoded chunk is checked by the receiver against the bytes it will write.
+
+use thiserror::Error;
+
+pub const MAGIC: u32 = 0x524F_444B; // "RODK"
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 56;
+/// Largest chunk (uncompressed) a frame may describe.
+pub const MAX_CHUNK: u32 = 4 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Data = 1,
+    Raw = 2,
+    Zero = 3,
+    Seal = 4,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Data,
+            2 => Kind::Raw,
+            3 => Kind::Zero,
+            4 => Kind::Seal,
+            _ => return None,
+        })
+    }
+}
+
+/// A decoded frame header; the body (if any) follows on the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskFrame {
+    pub kind: Kind,
+    pub index: u64,
+    /// Uncompressed chunk length (0 for `Seal`).
+    pub raw_len: u32,
+    /// Bytes of body that follow the header.
+    pub body_len: u32,
+    pub hash: [u8; 32],
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("disk frame: bad magic {0:#010x}")]
+    BadMagic(u32),
+    #[error("disk frame: unsupported version {0}")]
+    BadVersion(u8),
+    #[error("disk frame: unknown kind {0}")]
+    BadKind(u8),
+    #[error("disk frame: chunk length {0} exceeds the {MAX_CHUNK}-byte cap")]
+    TooLong(u32),
+    #[error("disk frame: body length {body} inconsistent with kind {kind:?} and raw length {raw}")]
+    Inconsistent { kind: Kind, raw: u32, body: u32 },
+    #[error("disk frame: chunk {index} content does not match its hash")]
+    HashMismatch { index: u64 },
+    #[error("disk frame: chunk {index} does not decompress: {detail}")]
+    Decompress { index: u64, detail: String },
+}
+
+impl DiskFrame {
+    pub fn encode_header(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+        h[4] = VERSION;
+        h[5] = self.kind as u8;
+        h[8..16].copy_from_slice(&self.index.to_be_bytes());
+        h[16..20].copy_from_slice(&self.raw_len.to_be_bytes());
+        h[20..24].copy_from_slice(&self.body_len.to_be_bytes());
+        h[24..56].copy_from_slice(&self.hash);
+        h
+    }
+
+    /// Decode and validate a header. Never allocates.
+    pub fn decode_header(h: &[u8; HEADER_LEN]) -> Result<DiskFrame, FrameError> {
+        let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+        if magic != MAGIC {
+            return Err(FrameError::BadMagic(magic));
+        }
+        if h[4] != VERSION {
+            return Err(FrameError::BadVersion(h[4]));
+        }
+        let kind = Kind::from_u8(h[5]).ok_or(FrameError::BadKind(h[5]))?;
+        let mut idx = [0u8; 8];
+        idx.copy_from_slice(&h[8..16]);
+        let raw_len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
+        let body_len = u32::from_be_bytes([h[20], h[21], h[22], h[23]]);
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&h[24..56]);
+        if raw_len > MAX_CHUNK {
+            return Err(FrameError::TooLong(raw_len));
+        }
+        let consistent = match kind {
+            Kind::Data => body_len > 0 && body_len <= zstd_bound(raw_len),
+            Kind::Raw => body_len == raw_len,
+            Kind::Zero => body_len == 0,
+            Kind::Seal => body_len == 0 && raw_len == 0,
+        };
+        if !consistent {
+            return Err(FrameError::Inconsistent {
+                kind,
+                raw: raw_len,
+                body: body_len,
+            });
+        }
+        Ok(DiskFrame {
+            kind,
+            index: u64::from_be_bytes(idx),
+            raw_len,
+            body_len,
+            hash,
+        })
+    }
+
+    /// Build the frame (and its body) for one chunk of the source disk. All-zero chunks
+    /// become a `Zero` frame; otherwise the chunk is compressed at `level` and sent raw if
+    /// that does not save at least 1/16.
+    pub fn for_chunk(index: u64, data: &[u8], level: i32) -> (DiskFrame, Vec<u8>, [u8; 32]) {
+        let hash = *blake3::hash(data).as_bytes();
+        let raw_len = data.len() as u32;
+        if is_zero(data) {
+            let f = DiskFrame {
+                kind: Kind::Zero,
+                index,
+                raw_len,
+                body_len: 0,
+                hash,
+            };
+            return (f, Vec::new(), hash);
+        }
+        let compressed = zstd::bulk::compress(data, level).ok();
+        match compressed {
+            Some(c) if c.len() < data.len() - data.len() / 16 => {
+                let f = DiskFrame {
+                    kind: Kind::Data,
+                    index,
+                    raw_len,
+                    body_len: c.len() as u32,
+                    hash,
+                };
+                (f, c, hash)
+            }
+            _ => {
+                let f = DiskFrame {
+                    kind: Kind::Raw,
+                    index,
+                    raw_len,
+                    body_len: raw_len,
+                    hash,
+                };
+                (f, data.to_vec(), hash)
+            }
+        }
+    }
+
+    pub fn seal(frames_sent: u64, root: [u8; 32]) -> DiskFrame {
+        DiskFrame {
+            kind: Kind::Seal,
+            index: frames_sent,
+            raw_len: 0,
+            body_len: 0,
+            hash: root,
+        }
+    }
+
+    /// Turn a received body into the chunk's bytes, checking the hash. `Zero` yields an
+    /// empty vector (the caller punches a hole or writes zeroes of `raw_len`).
+    pub fn decode_body(&self, body: &[u8]) -> Result<Vec<u8>, FrameError> {
+        let data = match self.kind {
+            Kind::Data => zstd::bulk::decompress(body, self.raw_len as usize).map_err(|e| {
+                FrameError::Decompress {
+                    index: self.index,
+                    detail: e.to_string(),
+                }
+            })?,
+            Kind::Raw => body.to_vec(),
+            Kind::Zero | Kind::Seal => return Ok(Vec::new()),
+        };
+        if data.len() != self.raw_len as usize || *blake3::hash(&data).as_bytes() != self.hash {
+            return Err(FrameError::HashMismatch { index: self.index });
+        }
+        Ok(data)
+    }
+}
+
+/// Upper bound of zstd's output for `len` input bytes (ZSTD_COMPRESSBOUND).
+fn zstd_bound(len: u32) -> u32 {
+    let len = len as u64;
+    let extra = if len < (128 << 10) {
+        ((128u64 << 10) - len) >> 11
+    } else {
+        0
+    };
+    (len + (len >> 8) + extra).min(u32::MAX as u64) as u32
+}
+
+pub fn is_zero(data: &[u8]) -> bool {
+    // Word at a time: this runs over every chunk of every disk copy.
+    let mut words = data.chunks_exact(8);
+    let body_zero = words
+        .by_ref()
+        .all(|c| <[u8; 8]>::try_from(c).is_ok_and(|w| u64::from_ne_bytes(w) == 0));
+    body_zero && words.remainder().iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn zero_chunk_has_no_body() {
+        let (f, body, _) = DiskFrame::for_chunk(7, &[0u8; 65536], 3);
+        assert_eq!(f.kind, Kind::Zero);
+        assert!(body.is_empty());
+    }
+
+    #[test]
+    fn compressible_chunk_is_compressed_and_round_trips() {
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 7) as u8 + b'a').collect();
+        let (f, body, _) = DiskFrame::for_chunk(1, &data, 3);
+        assert_eq!(f.kind, Kind::Data);
+        assert!(body.len() < data.len() / 4);
+        let h = DiskFrame::decode_header(&f.encode_header()).unwrap();
+        assert_eq!(h.decode_body(&body).unwrap(), data);
+    }
+
+    #[test]
+    fn tampered_body_is_refused() {
+        let data = vec![5u8; 4096];
+        let (f, mut body, _) = DiskFrame::for_chunk(1, &data, 3);
+        let last = body.len() - 1;
+        body[last] ^= 0xff;
+        assert!(f.decode_body(&body).is_err());
+    }
+
+    #[test]
+    fn oversized_length_refused_before_allocation() {
+        let mut f = DiskFrame::seal(0, [0; 32]);
+        f.kind = Kind::Raw;
+        f.raw_len = MAX_CHUNK + 1;
+        f.body_len = MAX_CHUNK + 1;
+        assert_eq!(
+            DiskFrame::decode_header(&f.encode_header()),
+            Err(FrameError::TooLong(MAX_CHUNK + 1))
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_headers_never_panic(bytes in proptest::collection::vec(any::<u8>(), HEADER_LEN)) {
+            let mut h = [0u8; HEADER_LEN];
+            h.copy_from_slice(&bytes);
+            let _ = DiskFrame::decode_header(&h);
+        }
+
+        #[test]
+        fn chunks_round_trip(data in proptest::collection::vec(any::<u8>(), 1..8192), idx in any::<u64>()) {
+            let (f, body, hash) = DiskFrame::for_chunk(idx, &data, 1);
+            let h = DiskFrame::decode_header(&f.encode_header()).unwrap();
+            prop_assert_eq!(h.index, idx);
+            prop_assert_eq!(h.hash, hash);
+            if h.kind == Kind::Zero {
+                prop_assert!(is_zero(&data));
+            } else {
+                prop_assert_eq!(h.decode_body(&body).unwrap(), data);
+            }
+        }
+
+        #[test]
+        fn is_zero_matches_naive(data in proptest::collection::vec(0u8..3, 0..100)) {
+            prop_assert_eq!(is_zero(&data), data.iter().all(|&b| b == 0));
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! Control messages of a migration (the `Control` stream of the host channel).
+//!
+//! Messages are serde values framed by `roam-channel` (which bounds and versions every
+//! frame). This module fixes their meaning; `PROTOCOL_VERSION` is exchanged in `Offer`
+//! and a destination accepts the current and the previous version.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the migration conversation. Bump when a message changes meaning.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Oldest version a destination still accepts ("current plus previous").
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// A file the VM needs besides its disk (kernel, initramfs), named by content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    /// Where the source keeps it; the destination looks for the same content.
+    pub path: String,
+    pub size: u64,
+    /// BLAKE3 of the content, hex.
+    pub blake3: String,
+}
+
+/// Everything the destination needs to build an identical, paused VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmManifest {
+    pub name: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub kernel: FileRef,
+    pub initrd: FileRef,
+    pub cmdline: String,
+    pub disk_bytes: u64,
+    /// Bytes the source disk really holds (allocated, non-hole); the destination needs
+    /// at least this much free space.
+    pub disk_allocated_bytes: u64,
+    pub chunk_size: u32,
+    /// Rises by one at every completed migration; the holder of the highest generation is
+    /// the only one allowed to run the VM.
+    pub generation: u64,
+    pub created_at: String,
+}
+
+/// Why a migration stopped, as both sides report it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbortReason {
+    pub message: String,
+}
+
+/// One message on the control stream. Direction is given per variant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Msg {
+    /// S → D: open a migration.
+    Offer {
+        version: u16,
+        source_host: String,
+        vm: VmManifest,
+    },
+    /// D → S: ready to receive the disk; QEMU started with `-incoming defer`.
+    Accept { version: u16, free_bytes: u64 },
+    /// D → S: will not take this VM; nothing was created.
+    Refuse { reason: String },
+    /// S → D: set these QEMU migration settings and start listening for the RAM stream.
+    StartMemory { tuning: serde_json::Value },
+    /// D → S: QEMU listens; S may `migrate`.
+    MemoryReady,
+    /// D → S: outcome of the disk check asked for by the `Seal` disk frame.
+    DiskVerified {
+        ok: bool,
+        root: String,
+        chunks_written: u64,
+        detail: Option<String>,
+    },
+    /// D → S: the VM runs on D. `first_heartbeat_unix_ms` is when D's roamd first heard
+    /// the guest agent after resume (0 if not yet heard).
+    Running {
+        first_heartbeat_unix_ms: u64,
+        boot_id: Option<String>,
+    },
+    /// S → D: ask the guest agent on D to re-read every acknowledged record.
+    Verify {
+        upto_seq: u64,
+        acked: u64,
+        boot_id: Option<String>,
+    },
+    /// D → S: what the agent found.
+    VerifyReport {
+        checked: u64,
+        ok: u64,
+        bad: u64,
+        missing: u64,
+        boot_id: Option<String>,
+        detail: Option<String>,
+    },
+    /// S → D: the source QEMU has quit; D owns the VM at this generation.
+    Commit { generation: u64 },
+    /// D → S: ownership recorded.
+    Committed,
+    /// Either way: stop now; the source keeps running the VM.
+    Abort(AbortReason),
+}
+
+impl Msg {
+    pub fn abort(message: impl Into<String>) -> Self {
+        Msg::Abort(AbortReason {
+            message: message.into(),
+        })
+    }
+
+    /// Short name for logs and error messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Offer { .. } => "offer",
+            Msg::Accept { .. } => "accept",
+            Msg::Refuse { .. } => "refuse",
+            Msg::StartMemory { .. } => "start_memory",
+            Msg::MemoryReady => "memory_ready",
+            Msg::DiskVerified { .. } => "disk_verified",
+            Msg::Running { .. } => "running",
+            Msg::Verify { .. } => "verify",
+            Msg::VerifyReport { .. } => "verify_report",
+            Msg::Commit { .. } => "commit",
+            Msg::Committed => "committed",
+            Msg::Abort(_) => "abort",
+        }
+    }
+}
+
+/// Whether a destination speaking `PROTOCOL_VERSION` accepts an offer at `version`.
+pub fn version_accepted(version: u16) -> bool {
+    (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_as_json() {
+        let msgs = vec![
+            Msg::Accept {
+                version: 1,
+                free_bytes: 5,
+            },
+            Msg::abort("destination disk full"),
+            Msg::DiskVerified {
+                ok: true,
+                root: "ab".into(),
+                chunks_written: 3,
+                detail: None,
+            },
+            Msg::MemoryReady,
+        ];
+        for m in msgs {
+            let s = serde_json::to_string(&m).unwrap();
+            let back: Msg = serde_json::from_str(&s).unwrap();
+            assert_eq!(back, m);
+        }
+    }
+
+    #[test]
+    fn unknown_type_is_an_error_not_a_panic() {
+        assert!(serde_json::from_str::<Msg>(r#"{"type":"launch_missiles"}"#).is_err());
+    }
+
+    #[test]
+    fn version_window() {
+        assert!(version_accepted(PROTOCOL_VERSION));
+        assert!(!version_accepted(PROTOCOL_VERSION + 1));
+        assert!(!version_accepted(0));
+    }
+}
