@@ -1,1 +1,6 @@
+//! roamd: the roam daemon, one per host.
+mod error;
+mod migration;
+mod state;
+
 fn main() {}

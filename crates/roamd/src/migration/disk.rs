@@ -1,0 +1,413 @@
+//! Moving a disk's chunks over one byte stream: the sending and the receiving half.
+//!
+//! ```text
+//!  source file ──pread──▶ [blocking worker: hash, zero-test, zstd] ──frames──▶ stream
+//!  stream ──frames──▶ [blocking worker: decompress, check hash, pwrite] ──▶ dest file
+//! ```
+//!
+//! File work and compression run on blocking threads (one per side) so that the async
+//! side only moves bytes; a bounded queue between them keeps memory flat whatever the
+//! link speed. The frame format and the digest are `roam-migrate`'s; this file is the I/O.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use roam_migrate::digest::{to_hex, zero_hash, ChunkHashes};
+use roam_migrate::frame::{DiskFrame, Kind, HEADER_LEN};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::error::{Error, Result};
+
+/// Counters shared with progress reporting.
+#[derive(Debug, Default)]
+pub struct DiskCounters {
+    /// Uncompressed bytes of chunks sent (zero chunks count 0).
+    pub raw_bytes: AtomicU64,
+    /// Bytes put on the stream (headers + bodies).
+    pub stream_bytes: AtomicU64,
+    pub chunks: AtomicU64,
+    pub zero_chunks: AtomicU64,
+}
+
+/// The source half: owns the source-side chunk hashes of one migration.
+pub struct DiskSender {
+    file: Arc<File>,
+    hashes: Option<ChunkHashes>,
+    level: i32,
+    frames_sent: u64,
+    pub counters: Arc<DiskCounters>,
+}
+
+struct Item {
+    header: [u8; HEADER_LEN],
+    body: Vec<u8>,
+}
+
+impl DiskSender {
+    pub fn new(file: Arc<File>, disk_bytes: u64, chunk_size: u32, level: i32) -> DiskSender {
+        DiskSender {
+            file,
+            hashes: Some(ChunkHashes::new_zero(disk_bytes, chunk_size)),
+            level,
+            frames_sent: 0,
+            counters: Arc::default(),
+        }
+    }
+
+    pub fn chunk_count(&self) -> u64 {
+        self.hashes.as_ref().map_or(0, |h| h.len())
+    }
+
+    pub fn set_level(&mut self, level: i32) {
+        self.level = level;
+    }
+
+    /// Send `chunks` in order. With `skip_zero` (the first pass to an empty destination)
+    /// all-zero chunks are not sent at all; otherwise they go as `Zero` frames so the
+    /// destination clears what it held.
+    pub async fn send<W: AsyncWrite + Unpin>(
+        &mut self,
+        w: &mut W,
+        chunks: Vec<u64>,
+        skip_zero: bool,
+    ) -> Result<()> {
+        let mut hashes = self
+            .hashes
+            .take()
+            .ok_or_else(|| Error::Disk("sender used after a failed round".into()))?;
+        let (tx, mut rx) = mpsc::channel::<Result<Item>>(32);
+        let file = self.file.clone();
+        let level = self.level;
+        let counters = self.counters.clone();
+        let worker = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; hashes.chunk_size() as usize];
+            for idx in chunks {
+                let Some((off, len)) = hashes.range(idx) else {
+                    let _ = tx.blocking_send(Err(Error::Disk(format!(
+                        "chunk {idx} is beyond the end of the disk"
+                    ))));
+                    break;
+                };
+                let data = &mut buf[..len];
+                if let Err(e) = read_full(&file, data, off) {
+                    let _ = tx.blocking_send(Err(Error::io(format!("read chunk {idx}"), e)));
+                    break;
+                }
+                let (frame, body, hash) = DiskFrame::for_chunk(idx, data, level);
+                hashes.set(idx, hash);
+                if frame.kind == Kind::Zero {
+                    counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
+                    if skip_zero {
+                        continue;
+                    }
+                } else {
+                    counters.raw_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                }
+                let item = Item {
+                    header: frame.encode_header(),
+                    body,
+                };
+                if tx.blocking_send(Ok(item)).is_err() {
+                    break; // the stream side failed; it reports why
+                }
+            }
+            hashes
+        });
+        let mut result = Ok(());
+        while let Some(item) = rx.recv().await {
+            let item = match item {
+                Ok(i) => i,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
+            if let Err(e) = write_item(w, &item).await {
+                result = Err(Error::io("send disk chunk", e));
+                break;
+            }
+            self.frames_sent += 1;
+            self.counters.chunks.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .stream_bytes
+                .fetch_add((HEADER_LEN + item.body.len()) as u64, Ordering::Relaxed);
+        }
+        drop(rx);
+        let hashes = worker
+            .await
+            .map_err(|e| Error::Disk(format!("disk reader thread: {e}")))?;
+        self.hashes = Some(hashes);
+        result
+    }
+
+    /// Send the seal: the count of frames and the source's digest. Returns the digest (hex).
+    pub async fn seal<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> Result<String> {
+        let hashes = self
+            .hashes
+            .as_ref()
+            .ok_or_else(|| Error::Disk("sender used after a failed round".into()))?;
+        let root = hashes.root();
+        let frame = DiskFrame::seal(self.frames_sent, root);
+        w.write_all(&frame.encode_header())
+            .await
+            .map_err(|e| Error::io("send disk seal", e))?;
+        w.flush().await.map_err(|e| Error::io("send disk seal", e))?;
+        Ok(to_hex(&root))
+    }
+}
+
+async fn write_item<W: AsyncWrite + Unpin>(w: &mut W, item: &Item) -> std::io::Result<()> {
+    w.write_all(&item.header).await?;
+    if !item.body.is_empty() {
+        w.write_all(&item.body).await?;
+    }
+    Ok(())
+}
+
+fn read_full(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = file.read_at(&mut buf[done..], off + done as u64)?;
+        if n == 0 {
+            // Past the end of a file shorter than the disk: that part reads as zeroes.
+            buf[done..].fill(0);
+            return Ok(());
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// What the destination found when the source sealed the disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealOutcome {
+    pub ok: bool,
+    pub source_root: String,
+    pub dest_root: String,
+    pub frames_expected: u64,
+    pub frames_received: u64,
+}
+
+/// The destination half: writes chunks into `file` and keeps their hashes.
+pub struct DiskReceiver {
+    file: Arc<File>,
+    hashes: ChunkHashes,
+    pub counters: Arc<DiskCounters>,
+}
+
+impl DiskReceiver {
+    pub fn new(file: Arc<File>, disk_bytes: u64, chunk_size: u32) -> DiskReceiver {
+        DiskReceiver {
+            file,
+            hashes: ChunkHashes::new_zero(disk_bytes, chunk_size),
+            counters: Arc::default(),
+        }
+    }
+
+    /// Receive frames until the seal; then make the disk durable and compare digests.
+    /// Any I/O error (a full disk first of all) ends the receive with an error that says so.
+    pub async fn run<R: AsyncRead + Unpin>(self, r: &mut R) -> Result<SealOutcome> {
+        let (tx, mut rx) = mpsc::channel::<(DiskFrame, Vec<u8>)>(32);
+        let DiskReceiver {
+            file,
+            mut hashes,
+            counters,
+        } = self;
+        let wcounters = counters.clone();
+        let writer = tokio::task::spawn_blocking(move || -> Result<Option<SealOutcome>> {
+            let mut received = 0u64;
+            while let Some((frame, body)) = rx.blocking_recv() {
+                if frame.kind == Kind::Seal {
+                    file.sync_data()
+                        .map_err(|e| Error::io("flush received disk", e))?;
+                    let dest = hashes.root();
+                    return Ok(Some(SealOutcome {
+                        ok: dest == frame.hash && received == frame.index,
+                        source_root: to_hex(&frame.hash),
+                        dest_root: to_hex(&dest),
+                        frames_expected: frame.index,
+                        frames_received: received,
+                    }));
+                }
+                let (off, len) = hashes.range(frame.index).ok_or_else(|| {
+                    Error::Disk(format!("chunk {} is beyond the end of the disk", frame.index))
+                })?;
+                if frame.raw_len as usize != len {
+                    return Err(Error::Disk(format!(
+                        "chunk {} has length {} but the disk's chunk there is {len}",
+                        frame.index, frame.raw_len
+                    )));
+                }
+                if frame.kind == Kind::Zero {
+                    clear(&file, off, len).map_err(|e| disk_write_error(frame.index, e))?;
+                    hashes.set(frame.index, zero_hash(len));
+                } else {
+                    let data = frame
+                        .decode_body(&body)
+                        .map_err(|e| Error::Disk(e.to_string()))?;
+                    file.write_all_at(&data, off)
+                        .map_err(|e| disk_write_error(frame.index, e))?;
+                    hashes.set(frame.index, frame.hash);
+                    wcounters
+                        .raw_bytes
+                        .fetch_add(len as u64, Ordering::Relaxed);
+                }
+                received += 1;
+                wcounters.chunks.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(None)
+        });
+        let read_result: Result<()> = async {
+            loop {
+                let mut h = [0u8; HEADER_LEN];
+                r.read_exact(&mut h)
+                    .await
+                    .map_err(|e| Error::io("receive disk frame", e))?;
+                let frame =
+                    DiskFrame::decode_header(&h).map_err(|e| Error::Disk(e.to_string()))?;
+                let mut body = vec![0u8; frame.body_len as usize];
+                r.read_exact(&mut body)
+                    .await
+                    .map_err(|e| Error::io("receive disk frame body", e))?;
+                counters
+                    .stream_bytes
+                    .fetch_add((HEADER_LEN + body.len()) as u64, Ordering::Relaxed);
+                let seal = frame.kind == Kind::Seal;
+                if tx.send((frame, body)).await.is_err() {
+                    return Ok(()); // the writer stopped; its error is the one to report
+                }
+                if seal {
+                    return Ok(());
+                }
+            }
+        }
+        .await;
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| Error::Disk(format!("disk writer thread: {e}")))?;
+        match (written, read_result) {
+            // A writer error (e.g. disk full) explains a read error that followed it.
+            (Err(e), _) => Err(e),
+            (Ok(Some(o)), _) => Ok(o),
+            (Ok(None), Err(e)) => Err(e),
+            (Ok(None), Ok(())) => Err(Error::Disk("disk stream ended before the seal".into())),
+        }
+    }
+}
+
+fn disk_write_error(index: u64, e: std::io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        Error::Disk(format!(
+            "destination disk full while writing chunk {index}: {e}"
+        ))
+    } else {
+        Error::io(format!("write chunk {index}"), e)
+    }
+}
+
+/// Make a range read as zeroes: punch a hole, or write zeroes where holes are unsupported.
+fn clear(file: &File, off: u64, len: usize) -> std::io::Result<()> {
+    // SAFETY: fallocate on an fd we own, with plain integer arguments.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    file.write_all_at(&vec![0u8; len], off)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn disk_with(chunks: &[(u64, u8)], n: u64, cs: usize) -> (tempfile::NamedTempFile, Arc<File>) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file_mut().set_len(n * cs as u64).unwrap();
+        for (i, v) in chunks {
+            f.as_file()
+                .write_all_at(&vec![*v; cs], i * cs as u64)
+                .unwrap();
+        }
+        f.flush().unwrap();
+        let file = Arc::new(f.reopen().unwrap());
+        (f, file)
+    }
+
+    #[tokio::test]
+    async fn copy_then_dirty_round_makes_equal_disks() {
+        let cs = 4096usize;
+        let n = 64u64;
+        let (_s, sfile) = disk_with(&[(1, 7), (5, 9), (63, 1)], n, cs);
+        let dtmp = tempfile::NamedTempFile::new().unwrap();
+        dtmp.as_file().set_len(n * cs as u64).unwrap();
+        let dfile = Arc::new(dtmp.reopen().unwrap());
+        let mut sender = DiskSender::new(sfile.clone(), n * cs as u64, cs as u32, 3);
+        let receiver = DiskReceiver::new(dfile.clone(), n * cs as u64, cs as u32);
+        // Between the bulk pass and the dirty round: chunk 5 rewritten, chunk 1 zeroed.
+        let all: Vec<u64> = (0..n).collect();
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let recv = tokio::spawn(async move { receiver.run(&mut b).await });
+        sender.send(&mut a, all, true).await.unwrap();
+        sfile.write_all_at(&vec![3u8; cs], 5 * cs as u64).unwrap();
+        sfile.write_all_at(&vec![0u8; cs], cs as u64).unwrap();
+        sender.send(&mut a, vec![1, 5], false).await.unwrap();
+        sender.seal(&mut a).await.unwrap();
+        let out = recv.await.unwrap().unwrap();
+        assert!(out.ok, "{out:?}");
+        // Only the 3 non-zero chunks + 2 dirty chunks crossed.
+        assert_eq!(out.frames_received, 5);
+        let mut a = vec![0u8; n as usize * cs];
+        let mut b = vec![0u8; n as usize * cs];
+        sfile.read_exact_at(&mut a, 0).unwrap();
+        dfile.read_exact_at(&mut b, 0).unwrap();
+        assert!(a == b, "disks differ");
+    }
+
+    #[tokio::test]
+    async fn a_missed_dirty_chunk_fails_the_seal() {
+        let cs = 4096usize;
+        let n = 16u64;
+        let (_s, sfile) = disk_with(&[(2, 7)], n, cs);
+        let dtmp = tempfile::NamedTempFile::new().unwrap();
+        let dfile = Arc::new(dtmp.reopen().unwrap());
+        dfile.set_len(n * cs as u64).unwrap();
+        let mut sender = DiskSender::new(sfile.clone(), n * cs as u64, cs as u32, 3);
+        let receiver = DiskReceiver::new(dfile, n * cs as u64, cs as u32);
+        sfile.write_all_at(&vec![4u8; cs], 3 * cs as u64).unwrap();
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let recv = tokio::spawn(async move { receiver.run(&mut b).await });
+        sender
+            .send(&mut a, (0..n).collect(), true)
+            .await
+            .unwrap();
+        // Tamper: the sender's digest now includes a chunk the receiver never saw.
+        if let Some(h) = sender.hashes.as_mut() {
+            h.set(9, [1u8; 32]);
+        }
+        sender.seal(&mut a).await.unwrap();
+        let out = recv.await.unwrap().unwrap();
+        assert!(!out.ok);
+    }
+
+    #[tokio::test]
+    async fn garbage_stream_is_an_error() {
+        let dtmp = tempfile::NamedTempFile::new().unwrap();
+        let dfile = Arc::new(dtmp.reopen().unwrap());
+        let receiver = DiskReceiver::new(dfile, 1 << 20, 65536);
+        let mut junk: &[u8] = &[0xAB; 200];
+        let e = receiver.run(&mut junk).await.unwrap_err();
+        assert!(e.to_string().contains("magic"), "{e}");
+    }
+}

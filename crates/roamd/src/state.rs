@@ -1,0 +1,256 @@
+//! The host's embedded, transactional state: peers it trusts and VMs it knows.
+//!
+//! One redb file (`state.redb`) in the state directory. Every record is a versioned JSON
+//! value under a string key, so a record written by an older roamd can still be read and a
+//! newer one is refused with a clear error instead of being misread. The redb transaction
+//! is the unit of change: a migration's commit (generation bump + new owner) is one write.
+
+use std::path::Path;
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::error::Error;
+
+const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers");
+const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+
+/// Version of the records below.
+const RECORD_VERSION: u32 = 1;
+/// No record is larger than this; a bigger value is corruption, not data.
+const MAX_RECORD: usize = 1 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Envelope<T> {
+    v: u32,
+    #[serde(flatten)]
+    body: T,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    pub name: String,
+    pub addr: String,
+    pub key: String,
+}
+
+/// Where a VM stands on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmStatus {
+    /// Defined here, not running.
+    Stopped,
+    /// Running here (this host is the primary).
+    Running,
+    /// Moved to another host; this host keeps its old disk and must not run it.
+    Moved,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub name: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub disk_bytes: u64,
+    pub disk_path: String,
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
+    pub status: VmStatus,
+    /// Rises at every completed migration; see roam-migrate.
+    pub generation: u64,
+    /// Host the VM moved to, when `status` is `Moved`.
+    pub moved_to: Option<String>,
+    pub created_at: String,
+}
+
+pub struct Store {
+    db: Database,
+}
+
+fn encode<T: Serialize>(body: &T) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(&Envelope {
+        v: RECORD_VERSION,
+        body,
+    })
+    .map_err(|e| Error::State(format!("encode record: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, Error> {
+    if bytes.len() > MAX_RECORD {
+        return Err(Error::State(format!(
+            "{what}: record of {} bytes exceeds the cap",
+            bytes.len()
+        )));
+    }
+    let env: Envelope<T> = serde_json::from_slice(bytes)
+        .map_err(|e| Error::State(format!("{what}: unreadable record: {e}")))?;
+    if env.v > RECORD_VERSION {
+        return Err(Error::State(format!(
+            "{what}: record version {} is newer than this roamd ({RECORD_VERSION})",
+            env.v
+        )));
+    }
+    Ok(env.body)
+}
+
+fn db_err(e: impl std::fmt::Display) -> Error {
+    Error::State(e.to_string())
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, Error> {
+        let db = Database::create(path)
+            .map_err(|e| Error::State(format!("open {}: {e}", path.display())))?;
+        // Create the tables so that read transactions never meet a missing table.
+        let tx = db.begin_write().map_err(db_err)?;
+        tx.open_table(PEERS).map_err(db_err)?;
+        tx.open_table(VMS).map_err(db_err)?;
+        tx.open_table(LOG).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        Ok(Store { db })
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, Error> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(table).map_err(db_err)?;
+        match t.get(key).map_err(db_err)? {
+            Some(v) => Ok(Some(decode(key, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn list<T: DeserializeOwned>(&self, table: TableDefinition<&str, &[u8]>) -> Result<Vec<T>, Error> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(table).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db_err)? {
+            let (k, v) = row.map_err(db_err)?;
+            out.push(decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), Error> {
+        let bytes = encode(value)?;
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = tx.open_table(table).map_err(db_err)?;
+            t.insert(key, bytes.as_slice()).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    fn remove(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<bool, Error> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let existed = {
+            let mut t = tx.open_table(table).map_err(db_err)?;
+            let r = t.remove(key).map_err(db_err)?;
+            r.is_some()
+        };
+        tx.commit().map_err(db_err)?;
+        Ok(existed)
+    }
+
+    pub fn peer(&self, name: &str) -> Result<Option<PeerRecord>, Error> {
+        self.get(PEERS, name)
+    }
+    pub fn peers(&self) -> Result<Vec<PeerRecord>, Error> {
+        self.list(PEERS)
+    }
+    pub fn put_peer(&self, p: &PeerRecord) -> Result<(), Error> {
+        self.put(PEERS, &p.name, p)
+    }
+    pub fn remove_peer(&self, name: &str) -> Result<bool, Error> {
+        self.remove(PEERS, name)
+    }
+
+    pub fn vm(&self, name: &str) -> Result<Option<VmRecord>, Error> {
+        self.get(VMS, name)
+    }
+    pub fn vms(&self) -> Result<Vec<VmRecord>, Error> {
+        self.list(VMS)
+    }
+    pub fn put_vm(&self, v: &VmRecord) -> Result<(), Error> {
+        self.put(VMS, &v.name, v)
+    }
+    pub fn remove_vm(&self, name: &str) -> Result<bool, Error> {
+        self.remove(VMS, name)
+    }
+
+    /// Append an event to the host's log (ownership changes, forced actions).
+    pub fn log(&self, event: &serde_json::Value) -> Result<(), Error> {
+        let bytes = encode(event)?;
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = tx.open_table(LOG).map_err(db_err)?;
+            let next = t
+                .last()
+                .map_err(db_err)?
+                .map(|(k, _)| k.value() + 1)
+                .unwrap_or(0);
+            t.insert(next, bytes.as_slice()).map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(name: &str) -> VmRecord {
+        VmRecord {
+            name: name.into(),
+            memory_mib: 512,
+            vcpus: 1,
+            disk_bytes: 1 << 30,
+            disk_path: "/x".into(),
+            kernel: "k".into(),
+            initrd: "i".into(),
+            cmdline: "c".into(),
+            status: VmStatus::Stopped,
+            generation: 1,
+            moved_to: None,
+            created_at: "now".into(),
+        }
+    }
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.redb");
+        {
+            let s = Store::open(&p).unwrap();
+            s.put_vm(&vm("desk")).unwrap();
+            s.put_peer(&PeerRecord {
+                name: "home".into(),
+                addr: "198.18.2.2:7000".into(),
+                key: "k".into(),
+            })
+            .unwrap();
+            s.log(&serde_json::json!({"event": "x"})).unwrap();
+        }
+        let s = Store::open(&p).unwrap();
+        assert_eq!(s.vm("desk").unwrap().unwrap(), vm("desk"));
+        assert_eq!(s.peers().unwrap().len(), 1);
+        assert!(s.remove_vm("desk").unwrap());
+        assert!(s.vm("desk").unwrap().is_none());
+    }
+
+    #[test]
+    fn newer_records_are_refused() {
+        let e = decode::<PeerRecord>("p", br#"{"v":99,"name":"a","addr":"b","key":"c"}"#);
+        assert!(matches!(e, Err(Error::State(m)) if m.contains("newer")));
+    }
+}
