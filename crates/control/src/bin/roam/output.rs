@@ -1,0 +1,237 @@
+//! What `roam` prints on stdout: JSON with `--json`, tables and sentences otherwise.
+
+use std::io::Write;
+
+use roam_control::units::{format_bytes, format_ms, format_unix_utc};
+use roam_control::{HostInfo, MigrationResult, Outcome, PeerInfo, VmInfo};
+use serde::Serialize;
+
+use crate::{CliError, Done};
+
+/// The JSON printed for commands that return nothing (`peer remove`, `vm delete`).
+pub fn ok() -> serde_json::Value {
+    serde_json::json!({ "ok": true })
+}
+
+/// Prints `value` as one line of JSON, or the human text.
+pub fn emit<T: Serialize>(
+    json: bool,
+    value: &T,
+    human: impl FnOnce() -> String,
+) -> Result<Done, CliError> {
+    let text = if json {
+        let mut s = serde_json::to_string(value)
+            .map_err(|e| CliError::Other(format!("cannot encode JSON: {e}")))?;
+        s.push('\n');
+        s
+    } else {
+        human()
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| CliError::Other(format!("writing to stdout: {e}")))?;
+    Ok(Done::Ok)
+}
+
+/// Left-aligned columns, two spaces apart, header first.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(&width).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn pairs(rows: &[(&str, String)]) -> String {
+    let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    rows.iter()
+        .map(|(k, v)| format!("{k:<w$}  {v}\n"))
+        .collect()
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+pub fn host_info(h: &HostInfo) -> String {
+    pairs(&[
+        ("name", h.name.clone()),
+        ("key", h.key.clone()),
+        ("listen", h.listen.clone()),
+        ("accel", h.accel.to_string()),
+        ("version", h.version.clone()),
+        ("vms", h.vms.to_string()),
+        ("peers", h.peers.to_string()),
+    ])
+}
+
+pub fn peer_table(peers: &[PeerInfo]) -> String {
+    if peers.is_empty() {
+        return "no peers (add one with: roam peer add NAME ADDR KEY)\n".into();
+    }
+    let rows: Vec<Vec<String>> = peers
+        .iter()
+        .map(|p| vec![p.name.clone(), p.addr.clone(), p.key.clone()])
+        .collect();
+    table(&["NAME", "ADDRESS", "KEY"], &rows)
+}
+
+pub fn vm_table(vms: &[VmInfo]) -> String {
+    if vms.is_empty() {
+        return "no VMs (create one with: roam vm create NAME --memory 1G --disk 8G)\n".into();
+    }
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.state.to_string(),
+                v.host.clone(),
+                format_bytes(v.memory_mib << 20),
+                v.vcpus.to_string(),
+                format_bytes(v.disk_bytes),
+                opt(v.accel),
+                opt(v.pid),
+                v.generation.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "STATE", "HOST", "MEMORY", "VCPUS", "DISK", "ACCEL", "PID", "GEN",
+        ],
+        &rows,
+    )
+}
+
+pub fn vm_details(v: &VmInfo) -> String {
+    pairs(&[
+        ("name", v.name.clone()),
+        ("state", v.state.to_string()),
+        ("host", v.host.clone()),
+        ("memory", format_bytes(v.memory_mib << 20)),
+        ("vcpus", v.vcpus.to_string()),
+        (
+            "disk",
+            format!(
+                "{} at {}",
+                format_bytes(v.disk_bytes),
+                v.disk_path.display()
+            ),
+        ),
+        ("accel", opt(v.accel)),
+        ("pid", opt(v.pid)),
+        ("generation", v.generation.to_string()),
+        ("created", format!("{} UTC", format_unix_utc(v.created_at))),
+    ])
+}
+
+pub fn vm_created(v: &VmInfo) -> String {
+    format!(
+        "created vm {} ({} memory, {} disk, {} vcpu{}) at {}\n",
+        v.name,
+        format_bytes(v.memory_mib << 20),
+        format_bytes(v.disk_bytes),
+        v.vcpus,
+        if v.vcpus == 1 { "" } else { "s" },
+        v.disk_path.display()
+    )
+}
+
+pub fn vm_line(v: &VmInfo) -> String {
+    let mut s = format!("{}: {} on {}", v.name, v.state, v.host);
+    match (v.pid, v.accel) {
+        (Some(pid), Some(a)) => s.push_str(&format!(" (pid {pid}, {a})")),
+        (Some(pid), None) => s.push_str(&format!(" (pid {pid})")),
+        _ => {}
+    }
+    s.push('\n');
+    s
+}
+
+pub fn migration_summary(r: &MigrationResult) -> String {
+    let mut s = match r.outcome {
+        Outcome::Completed => format!(
+            "{} moved {} → {} in {}: downtime {} (QEMU), {} (guest)\n",
+            r.vm,
+            r.from,
+            r.to,
+            format_ms(r.total_ms),
+            opt(r.downtime_ms.map(format_ms)),
+            opt(r.guest_downtime_ms.map(format_ms)),
+        ),
+        Outcome::Aborted => format!(
+            "{}: migration {} → {} ABORTED after {}: {}\n  the VM still runs on {}\n",
+            r.vm,
+            r.from,
+            r.to,
+            format_ms(r.total_ms),
+            r.error.as_deref().unwrap_or("no reason given"),
+            r.from
+        ),
+    };
+    s.push_str(&format!(
+        "  bytes   memory {}, disk {}, on the wire {}\n",
+        format_bytes(r.bytes.memory),
+        format_bytes(r.bytes.disk),
+        format_bytes(r.bytes.wire)
+    ));
+    s.push_str(&format!(
+        "  link    {:.1} Mbit/s, rtt {:.1} ms, loss {:.2}%\n",
+        r.link.bandwidth_mbit, r.link.rtt_ms, r.link.loss_pct
+    ));
+    s.push_str(&format!(
+        "  writes  {} acknowledged, {} lost; guest rebooted: {}; accel {}\n",
+        r.acked_writes,
+        r.acked_writes_lost,
+        if r.guest_rebooted { "YES" } else { "no" },
+        r.accel
+    ));
+    if !r.phases.is_empty() {
+        let phases: Vec<String> = r
+            .phases
+            .iter()
+            .map(|(p, ms)| format!("{p} {}", format_ms(*ms)))
+            .collect();
+        s.push_str(&format!("  phases  {}\n", phases.join(", ")));
+    }
+    s
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            &["NAME", "STATE"],
+            &[
+                vec!["desk".into(), "running".into()],
+                vec!["a-much-longer".into(), "stopped".into()],
+            ],
+        );
+        assert_eq!(
+            t,
+            "NAME           STATE\ndesk           running\na-much-longer  stopped\n"
+        );
+    }
+}
