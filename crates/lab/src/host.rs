@@ -72,8 +72,18 @@ impl Host {
         Ok(h)
     }
 
+    pub fn pid(&mut self) -> Option<u32> {
+        if self.is_running() {
+            self.child.as_ref().map(|c| c.id())
+        } else {
+            None
+        }
+    }
+
     /// (Re)start the daemon process of this host.
     pub async fn spawn(&mut self) -> Result<(), LabError> {
+        // Reap a previous process (killed by a test) before starting anew.
+        self.kill();
         let log = File::options()
             .create(true)
             .append(true)
