@@ -1,0 +1,279 @@
+//! CLOSE / CLOSE_ACK (§5.3.7-8, §6.14-15), NOTIFY (§5.3.6, §6.13) and
+//! UPDATE with SEQ/ACK (§6.11-12) carrying LOCATOR_SET (RFC 8046).
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use rand_core::{OsRng, RngCore};
+
+use super::{Host, Output, Retransmit, State};
+use crate::crypto::mac;
+use crate::error::Error;
+use crate::identity::PeerIdentity;
+use crate::wire::params::*;
+use crate::wire::{Hit, Packet, PacketType};
+
+impl Host {
+    fn signed_with_mac(&self, peer: &Hit, mut p: Packet) -> Result<Packet, Error> {
+        let a = self
+            .assocs
+            .get(peer)
+            .ok_or(Error::Unexpected("no association"))?;
+        let keys = a
+            .keys
+            .as_ref()
+            .ok_or(Error::Unexpected("association has no keys"))?;
+        mac::add_mac(&mut p, keys.rhash, &keys.hip.our_mac)?;
+        mac::add_signature(&mut p, &self.id)?;
+        Ok(p)
+    }
+
+    fn verify_mac_sig(&self, peer: &Hit, p: &Packet) -> Result<(), Error> {
+        let a = self
+            .assocs
+            .get(peer)
+            .ok_or(Error::Unexpected("no association"))?;
+        let (keys, id) = match (&a.keys, &a.peer) {
+            (Some(k), Some(i)) => (k, i),
+            _ => return Err(Error::Unexpected("association has no keys")),
+        };
+        mac::verify_mac(p, keys.rhash, &keys.hip.peer_mac)?;
+        mac::verify_signature(p, id)?;
+        Ok(())
+    }
+
+    /// Closes the association with `peer` (→ CLOSING).
+    pub fn close(&mut self, now: Instant, peer: Hit) -> Result<Vec<Output>, Error> {
+        let state = self.state(&peer);
+        if !matches!(state, State::Established | State::R2Sent) {
+            return Err(Error::Unexpected("close needs an established association"));
+        }
+        let mut nonce = vec![0u8; 16];
+        OsRng.fill_bytes(&mut nonce);
+        let mut p = Packet::new(PacketType::Close, self.id.hit(), peer);
+        p.add(&EchoRequestSigned(nonce.clone()))?;
+        let p = self.signed_with_mac(&peer, p)?;
+        let mut r: Retransmit = self.start_retransmit(p.clone(), now);
+        r.give_up_at = Some(now + self.cfg.close_timeout);
+        let a = self
+            .assocs
+            .get_mut(&peer)
+            .ok_or(Error::Unexpected("no association"))?;
+        a.state = State::Closing;
+        a.close_nonce = Some(nonce);
+        a.retransmit = Some(r);
+        a.deadline = None;
+        Ok(vec![Output::Send {
+            to: a.peer_addr,
+            packet: p,
+        }])
+    }
+
+    pub(crate) fn on_close(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        p: &Packet,
+    ) -> Result<Vec<Output>, Error> {
+        let peer = p.header.sender_hit;
+        if p.header.receiver_hit != self.id.hit() {
+            return Err(Error::Unexpected("CLOSE for another HIT"));
+        }
+        let state = self.state(&peer);
+        if !matches!(
+            state,
+            State::Established | State::R2Sent | State::I2Sent | State::Closing | State::Closed
+        ) {
+            return Err(Error::Unexpected("CLOSE without association"));
+        }
+        self.verify_mac_sig(&peer, p)?;
+        let echo: EchoRequestSigned = p.get()?.ok_or(Error::Missing(ty::ECHO_REQUEST_SIGNED))?;
+        let mut ack = Packet::new(PacketType::CloseAck, self.id.hit(), peer);
+        ack.add(&EchoResponseSigned(echo.0))?;
+        let ack = self.signed_with_mac(&peer, ack)?;
+        let hold = self.cfg.state_hold;
+        let a = self
+            .assocs
+            .get_mut(&peer)
+            .ok_or(Error::Unexpected("no association"))?;
+        let was_closed = a.state == State::Closed;
+        a.state = State::Closed;
+        a.retransmit = None;
+        a.deadline = Some(now + hold);
+        let mut out = vec![Output::Send {
+            to: from,
+            packet: ack,
+        }];
+        if !was_closed {
+            out.push(Output::Closed { peer });
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn on_close_ack(&mut self, _now: Instant, p: &Packet) -> Result<Vec<Output>, Error> {
+        let peer = p.header.sender_hit;
+        let a = self
+            .assocs
+            .get(&peer)
+            .ok_or(Error::Unexpected("CLOSE_ACK without association"))?;
+        if !matches!(a.state, State::Closing | State::Closed) {
+            return Err(Error::Unexpected("CLOSE_ACK outside CLOSING/CLOSED"));
+        }
+        let echo: EchoResponseSigned = p.get()?.ok_or(Error::Missing(ty::ECHO_RESPONSE_SIGNED))?;
+        if a.close_nonce.as_deref() != Some(&echo.0[..]) {
+            return Err(Error::Unexpected("CLOSE_ACK echo does not match our CLOSE"));
+        }
+        self.verify_mac_sig(&peer, p)?;
+        let was_closing = a.state == State::Closing;
+        self.assocs.remove(&peer);
+        Ok(if was_closing {
+            vec![Output::Closed { peer }]
+        } else {
+            Vec::new()
+        })
+    }
+
+    /// Builds a signed NOTIFY for `peer` carrying our HOST_ID.
+    pub fn notify(&self, peer: Hit, notification: Notification) -> Result<Packet, Error> {
+        let mut p = Packet::new(PacketType::Notify, self.id.hit(), peer);
+        p.add(&notification)?;
+        p.add(&self.id.host_id_param())?;
+        mac::add_signature(&mut p, &self.id)?;
+        Ok(p)
+    }
+
+    pub(crate) fn on_notify(&mut self, p: &Packet) -> Result<Vec<Output>, Error> {
+        let peer = p.header.sender_hit;
+        // Verify with the HI we know, else with the one in the packet if it
+        // matches the sender HIT.
+        let known = self.assocs.get(&peer).and_then(|a| a.peer.clone());
+        let id = match known {
+            Some(i) => i,
+            None => {
+                let h: HostIdParam = p.get()?.ok_or(Error::Missing(ty::HOST_ID))?;
+                let i = PeerIdentity::from_param(&h)?;
+                if i.hit() != peer {
+                    return Err(Error::HitMismatch);
+                }
+                i
+            }
+        };
+        mac::verify_signature(p, &id)?;
+        Ok(p.find_all(ty::NOTIFICATION)
+            .filter_map(|r| r.body::<Notification>().ok())
+            .map(|notification| Output::Notified { peer, notification })
+            .collect())
+    }
+
+    /// Sends an UPDATE with our new locators (RFC 8046 §5.1), reliably
+    /// (SEQ, retransmitted until ACKed).
+    pub fn update_locators(
+        &mut self,
+        now: Instant,
+        peer: Hit,
+        locators: LocatorSet,
+        new_peer_addr: Option<SocketAddr>,
+    ) -> Result<Vec<Output>, Error> {
+        if !matches!(self.state(&peer), State::Established | State::R2Sent) {
+            return Err(Error::Unexpected("UPDATE needs an established association"));
+        }
+        let id = self.assocs.get(&peer).map_or(0, |a| a.update_id);
+        let mut p = Packet::new(PacketType::Update, self.id.hit(), peer);
+        p.add(&locators)?;
+        p.add(&Seq(id))?;
+        let p = self.signed_with_mac(&peer, p)?;
+        let r = self.start_retransmit(p.clone(), now);
+        let a = self
+            .assocs
+            .get_mut(&peer)
+            .ok_or(Error::Unexpected("no association"))?;
+        if let Some(addr) = new_peer_addr {
+            a.peer_addr = addr;
+        }
+        a.update_pending = Some(id);
+        a.update_id = id.wrapping_add(1);
+        a.retransmit = Some(r);
+        Ok(vec![Output::Send {
+            to: a.peer_addr,
+            packet: p,
+        }])
+    }
+
+    pub(crate) fn on_update(
+        &mut self,
+        _now: Instant,
+        from: SocketAddr,
+        p: &Packet,
+    ) -> Result<Vec<Output>, Error> {
+        let peer = p.header.sender_hit;
+        if !matches!(self.state(&peer), State::Established | State::R2Sent) {
+            return Err(Error::Unexpected(
+                "UPDATE without an established association",
+            ));
+        }
+        let seq: Option<Seq> = p.get()?;
+        let ack: Option<Ack> = p.get()?;
+        if seq.is_none() && ack.is_none() {
+            return Err(Error::Unexpected("UPDATE without SEQ or ACK"));
+        }
+        self.verify_mac_sig(&peer, p)?;
+        let mut out = Vec::new();
+        {
+            let a = self
+                .assocs
+                .get_mut(&peer)
+                .ok_or(Error::Unexpected("no association"))?;
+            // An UPDATE shows the peer is ESTABLISHED (§4.4.3, R2-SENT).
+            if a.state == State::R2Sent {
+                a.state = State::Established;
+                a.deadline = None;
+            }
+            if let (Some(ack), Some(pending)) = (&ack, a.update_pending) {
+                if ack.0.contains(&pending) {
+                    a.update_pending = None;
+                    a.retransmit = None;
+                    out.push(Output::UpdateAcked {
+                        peer,
+                        update_id: pending,
+                    });
+                }
+            }
+        }
+        if let Some(Seq(id)) = seq {
+            let fresh = {
+                let a = self
+                    .assocs
+                    .get_mut(&peer)
+                    .ok_or(Error::Unexpected("no association"))?;
+                let fresh = a
+                    .peer_update_id
+                    .is_none_or(|last| id.wrapping_sub(last) as i32 > 0);
+                if fresh {
+                    a.peer_update_id = Some(id);
+                }
+                fresh
+            };
+            if fresh {
+                if let Some(locators) = p.get::<LocatorSet>()? {
+                    out.push(Output::PeerLocators {
+                        peer,
+                        from,
+                        locators,
+                    });
+                }
+            }
+            // Duplicates are ACKed again but not reprocessed (§6.12.1).
+            let mut reply = Packet::new(PacketType::Update, self.id.hit(), peer);
+            reply.add(&Ack(vec![id]))?;
+            if let Some(e) = p.get::<EchoRequestSigned>()? {
+                reply.add(&EchoResponseSigned(e.0))?;
+            }
+            let reply = self.signed_with_mac(&peer, reply)?;
+            out.push(Output::Send {
+                to: from,
+                packet: reply,
+            });
+        }
+        Ok(out)
+    }
+}
