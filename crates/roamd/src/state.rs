@@ -62,7 +62,7 @@ pub struct VmRecord {
     pub generation: u64,
     /// Host the VM moved to, when `status` is `Moved`.
     pub moved_to: Option<String>,
-    pub created_at: String,
+    pub created_at: u64,
 }
 
 pub struct Store {
@@ -222,7 +222,7 @@ mod tests {
             status: VmStatus::Stopped,
             generation: 1,
             moved_to: None,
-            created_at: "now".into(),
+            created_at: 1,
         }
     }
 

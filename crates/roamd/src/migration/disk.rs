@@ -182,6 +182,43 @@ fn read_full(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Chunks that overlap allocated (non-hole) ranges of the file, found with
+/// SEEK_DATA/SEEK_HOLE: the first pass never reads the holes of a sparse disk.
+pub fn allocated_chunks(file: &File, disk_bytes: u64, chunk_size: u32) -> std::io::Result<Vec<u64>> {
+    let cs = chunk_size as u64;
+    let fd = file.as_raw_fd();
+    let mut out: Vec<u64> = Vec::new();
+    let mut pos: u64 = 0;
+    while pos < disk_bytes {
+        // SAFETY: lseek on an fd we own; no memory is passed.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after pos
+            }
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                // The filesystem cannot tell: treat everything as data.
+                return Ok((pos / cs..disk_bytes.div_ceil(cs)).collect());
+            }
+            return Err(e);
+        }
+        let data = data as u64;
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { disk_bytes } else { (hole as u64).min(disk_bytes) };
+        let first = data / cs;
+        let last = hole.div_ceil(cs);
+        for c in first..last {
+            if out.last().is_none_or(|&l| l < c) {
+                out.push(c);
+            }
+        }
+        pos = hole.max(data + 1);
+    }
+    Ok(out)
+}
+
 /// What the destination found when the source sealed the disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealOutcome {
@@ -399,6 +436,14 @@ mod tests {
         sender.seal(&mut a).await.unwrap();
         let out = recv.await.unwrap().unwrap();
         assert!(!out.ok);
+    }
+
+    #[test]
+    fn allocated_chunks_skip_holes() {
+        let cs = 65536usize;
+        let (_t, f) = disk_with(&[(3, 1), (4, 2), (40, 3)], 64, cs);
+        let got = allocated_chunks(&f, 64 * cs as u64, cs as u32).unwrap();
+        assert_eq!(got, vec![3, 4, 40]);
     }
 
     #[tokio::test]

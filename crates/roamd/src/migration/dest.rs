@@ -1,0 +1,398 @@
+//! The destination side of a migration.
+//!
+//! It builds a paused twin of the VM (a new sparse disk in `STATE/incoming/NAME`, an NBD
+//! export of it, QEMU with `-incoming defer`), fills the disk from the source's chunks,
+//! proves it equal at the seal, lets QEMU take the memory stream, and takes ownership
+//! once the guest runs here. Until then every failure removes all it built: no QEMU, no
+//! export, no socket, no file is left behind.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use roam_channel::{Connection, RecvStream, SendStream, StreamKind};
+use roam_migrate::protocol::{version_accepted, FileRef, Msg, VmManifest};
+use roam_vm::{MigrationStatus, MigrationTuning};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::disk::{DiskReceiver, SealOutcome};
+use super::relay;
+use super::{recv_ctl, send_ctl};
+use crate::daemon::{BusyGuard, Daemon};
+use crate::error::{Error, Result};
+use crate::runtime::RunningVm;
+use crate::state::{VmRecord, VmStatus};
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Handle one incoming migration whose `Offer` was just read from `ctl`.
+pub async fn serve(
+    d: Arc<Daemon>,
+    conn: Connection,
+    mut ctl_tx: SendStream,
+    mut ctl_rx: RecvStream,
+    source_host: String,
+    version: u16,
+    vm: VmManifest,
+) {
+    let name = vm.name.clone();
+    let guard = match admit(&d, &vm, version) {
+        Ok(g) => g,
+        Err(e) => {
+            info!(vm = %name, from = %source_host, "refused incoming migration: {e}");
+            let _ = send_ctl(&mut ctl_tx, &Msg::Refuse { reason: e.to_string() }).await;
+            return;
+        }
+    };
+    let mut job = Dest {
+        d: d.clone(),
+        conn: conn.clone(),
+        vm,
+        rt: None,
+        owned: false,
+        _guard: guard,
+    };
+    let r = job.run(&mut ctl_tx, &mut ctl_rx).await;
+    if let Err(e) = r {
+        warn!(vm = %name, from = %source_host, "incoming migration failed: {e}");
+        let _ = send_ctl(&mut ctl_tx, &Msg::abort(e.to_string())).await;
+        job.cleanup().await;
+        conn.close(2, &e.to_string());
+    }
+}
+
+fn admit(d: &Arc<Daemon>, vm: &VmManifest, version: u16) -> Result<BusyGuard> {
+    if !version_accepted(version) {
+        return Err(Error::BadRequest(format!(
+            "migration protocol version {version} is not supported here"
+        )));
+    }
+    roam_control::api::validate_name("VM", &vm.name).map_err(|e| Error::BadRequest(e.message))?;
+    if let Some(r) = d.store.vm(&vm.name)? {
+        if r.status != VmStatus::Moved {
+            return Err(Error::Conflict(format!(
+                "a VM named '{}' is {} on this host",
+                vm.name,
+                if r.status == VmStatus::Running { "running" } else { "defined" }
+            )));
+        }
+        if r.generation > vm.generation {
+            return Err(Error::Conflict(format!(
+                "stale source: this host saw '{}' at generation {}, the offer is generation {}",
+                vm.name, r.generation, vm.generation
+            )));
+        }
+    }
+    check_file(&vm.kernel)?;
+    check_file(&vm.initrd)?;
+    let free = free_bytes(&d.paths.state)?;
+    // Keep a margin: the disk is sparse, and other files live here too.
+    let need = vm.disk_allocated_bytes + (64 << 20);
+    if free < need {
+        return Err(Error::Disk(format!(
+            "destination disk full: the VM needs {} MiB, {} MiB free in {}",
+            need >> 20,
+            free >> 20,
+            d.paths.state.display()
+        )));
+    }
+    d.claim(&vm.name)
+}
+
+fn check_file(f: &FileRef) -> Result<()> {
+    let data = std::fs::read(&f.path).map_err(|e| {
+        Error::BadRequest(format!("guest file {} is not on this host: {e}", f.path))
+    })?;
+    if blake3::hash(&data).to_hex().as_str() != f.blake3 {
+        return Err(Error::BadRequest(format!(
+            "guest file {} differs from the source's",
+            f.path
+        )));
+    }
+    Ok(())
+}
+
+fn free_bytes(path: &std::path::Path) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(path)
+        .map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?;
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Dest {
+    d: Arc<Daemon>,
+    conn: Connection,
+    vm: VmManifest,
+    rt: Option<Arc<RunningVm>>,
+    /// The guest runs here and this host recorded itself as its owner.
+    owned: bool,
+    _guard: BusyGuard,
+}
+
+impl Dest {
+    async fn run(&mut self, ctl_tx: &mut SendStream, ctl_rx: &mut RecvStream) -> Result<()> {
+        let d = self.d.clone();
+        let dir = d.paths.incoming_dir(&self.vm.name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        let disk_path = dir.join("disk.raw");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&disk_path)
+            .map_err(|e| Error::io(format!("create {}", disk_path.display()), e))?;
+        file.set_len(self.vm.disk_bytes)
+            .map_err(|e| Error::io("size incoming disk", e))?;
+        let file = Arc::new(file);
+        let rec = self.record(disk_path.display().to_string(), VmStatus::Stopped);
+        let rt = RunningVm::start_with_disk(&d, &rec, disk_path.clone(), true).await?;
+        self.rt = Some(rt.clone());
+        let incoming_sock = rt.config.run_dir.join("migrate-in.sock");
+
+        // Streams the source opens: one disk stream, then the QEMU stream(s).
+        let (disk_tx, disk_rx) = oneshot::channel::<Result<SealOutcome>>();
+        let receiver = DiskReceiver::new(file, self.vm.disk_bytes, self.vm.chunk_size);
+        let conn = self.conn.clone();
+        let sock = incoming_sock.clone();
+        let dispatcher = tokio::spawn(async move {
+            let mut receiver = Some(receiver);
+            let mut disk_tx = Some(disk_tx);
+            loop {
+                let (kind, tx, mut rx) = match conn.accept_stream().await {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
+                match kind {
+                    StreamKind::Disk => {
+                        if let (Some(r), Some(done)) = (receiver.take(), disk_tx.take()) {
+                            tokio::spawn(async move {
+                                let _ = done.send(r.run(&mut rx).await);
+                            });
+                        }
+                    }
+                    StreamKind::MigrationStream => {
+                        let sock = sock.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = relay::deliver(&sock, (tx, rx)).await {
+                                warn!("incoming migration stream: {e}");
+                            }
+                        });
+                    }
+                    StreamKind::Control => {
+                        // A second control stream only ever carries an abort.
+                        if let Ok(Msg::Abort(r)) = recv_ctl(&mut rx, STEP_TIMEOUT).await {
+                            warn!("source aborted: {}", r.message);
+                            conn.close(1, "source aborted");
+                            return;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let _dispatcher = AbortOnDrop(dispatcher);
+        send_ctl(
+            ctl_tx,
+            &Msg::Accept {
+                version: roam_migrate::PROTOCOL_VERSION,
+                free_bytes: free_bytes(&d.paths.state)?,
+            },
+        )
+        .await?;
+
+        // StartMemory arrives while the disk is still coming.
+        let tuning = match recv_ctl(ctl_rx, Duration::from_secs(24 * 3600)).await? {
+            Msg::StartMemory { tuning } => tuning,
+            Msg::Abort(r) => return Err(Error::Migration(format!("source aborted: {}", r.message))),
+            other => return Err(Error::Migration(format!("protocol: got {}", other.name()))),
+        };
+        let tuning: MigrationTuning = serde_json::from_value(tuning)
+            .map_err(|e| Error::Migration(format!("bad tuning from source: {e}")))?;
+        rt.vm
+            .apply_tuning(&tuning)
+            .await
+            .map_err(|e| Error::Vm(format!("set migration parameters: {e}")))?;
+        rt.vm
+            .migrate_incoming(&format!("unix:{}", incoming_sock.display()))
+            .await
+            .map_err(|e| Error::Vm(format!("migrate-incoming: {e}")))?;
+        send_ctl(ctl_tx, &Msg::MemoryReady).await?;
+
+        // The seal: the disk must be whole and equal before the source switches.
+        let seal = disk_rx
+            .await
+            .map_err(|_| Error::Migration("the disk stream never arrived".into()))??;
+        let ok = seal.ok;
+        send_ctl(
+            ctl_tx,
+            &Msg::DiskVerified {
+                ok,
+                root: seal.dest_root.clone(),
+                chunks_written: seal.frames_received,
+                detail: (!ok).then(|| {
+                    format!(
+                        "{} of {} frames received",
+                        seal.frames_received, seal.frames_expected
+                    )
+                }),
+            },
+        )
+        .await?;
+        if !ok {
+            return Err(Error::Migration("disk digest mismatch".into()));
+        }
+
+        // QEMU finishes loading and runs the guest (autostart).
+        let st = rt
+            .vm
+            .wait_migration_status(
+                &[MigrationStatus::Completed, MigrationStatus::Failed, MigrationStatus::Cancelled],
+                STEP_TIMEOUT,
+            )
+            .await
+            .map_err(|e| Error::Vm(format!("incoming migration: {e}")))?;
+        if st.status != MigrationStatus::Completed {
+            return Err(Error::Migration(format!(
+                "incoming QEMU migration ended {:?}: {}",
+                st.status,
+                st.error_desc.unwrap_or_default()
+            )));
+        }
+        let status = rt
+            .vm
+            .query_status()
+            .await
+            .map_err(|e| Error::Vm(format!("query-status: {e}")))?;
+        if !status.running {
+            rt.vm
+                .cont()
+                .await
+                .map_err(|e| Error::Vm(format!("start guest: {e}")))?;
+        }
+        // The guest runs here now: take ownership at once, so that a source that
+        // vanishes from here on cannot take the VM (and its new writes) with it.
+        self.take_ownership(&rt).await?;
+        let hb = rt.agent.wait_heartbeat_after(0, Duration::from_secs(30)).await;
+        let snap = rt.agent.snapshot();
+        send_ctl(
+            ctl_tx,
+            &Msg::Running {
+                first_heartbeat_unix_ms: hb.unwrap_or(0),
+                boot_id: snap.boot_id.clone(),
+            },
+        )
+        .await?;
+
+        // Verify, then commit.
+        loop {
+            match recv_ctl(ctl_rx, STEP_TIMEOUT).await {
+                Ok(Msg::Verify { upto_seq, .. }) => {
+                    let rep = rt.agent.verify(upto_seq, Duration::from_secs(90)).await;
+                    let msg = match rep {
+                        Ok(r) => Msg::VerifyReport {
+                            checked: r.checked,
+                            ok: r.ok,
+                            bad: r.bad,
+                            missing: r.missing,
+                            boot_id: rt.agent.snapshot().boot_id,
+                            detail: r.detail,
+                        },
+                        Err(e) => Msg::VerifyReport {
+                            checked: 0,
+                            ok: 0,
+                            bad: 0,
+                            missing: upto_seq,
+                            boot_id: None,
+                            detail: Some(format!("verify failed: {e}")),
+                        },
+                    };
+                    send_ctl(ctl_tx, &msg).await?;
+                }
+                Ok(Msg::Commit { generation }) => {
+                    let mut r = d.vm_record(&self.vm.name)?;
+                    r.generation = r.generation.max(generation);
+                    d.store.put_vm(&r)?;
+                    let _ = send_ctl(ctl_tx, &Msg::Committed).await;
+                    info!(vm = %self.vm.name, generation, "migration committed");
+                    return Ok(());
+                }
+                Ok(other) => {
+                    warn!("after running: unexpected {}", other.name());
+                }
+                Err(e) => {
+                    // We own and run the VM; a lost source is not our failure.
+                    warn!(vm = %self.vm.name, "source gone after switchover: {e}");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn record(&self, disk_path: String, status: VmStatus) -> VmRecord {
+        VmRecord {
+            name: self.vm.name.clone(),
+            memory_mib: self.vm.memory_mib,
+            vcpus: self.vm.vcpus,
+            disk_bytes: self.vm.disk_bytes,
+            disk_path,
+            kernel: self.vm.kernel.path.clone(),
+            initrd: self.vm.initrd.path.clone(),
+            cmdline: self.vm.cmdline.clone(),
+            status,
+            generation: self.vm.generation + 1,
+            moved_to: None,
+            created_at: self.vm.created_at.parse().unwrap_or(0),
+        }
+    }
+
+    /// Move the received disk to its permanent place (QEMU keeps its open descriptor)
+    /// and record this host as the VM's owner, in one store transaction.
+    async fn take_ownership(&mut self, rt: &Arc<RunningVm>) -> Result<()> {
+        let d = &self.d;
+        let final_dir = d.paths.vm_dir(&self.vm.name);
+        let final_disk = d.paths.vm_disk(&self.vm.name);
+        std::fs::create_dir_all(&final_dir)
+            .map_err(|e| Error::io(format!("create {}", final_dir.display()), e))?;
+        std::fs::rename(&rt.disk_path, &final_disk)
+            .map_err(|e| Error::io("move received disk into place", e))?;
+        let _ = std::fs::remove_dir_all(d.paths.incoming_dir(&self.vm.name));
+        let rec = self.record(final_disk.display().to_string(), VmStatus::Running);
+        d.store.put_vm(&rec)?;
+        d.store.log(&serde_json::json!({
+            "event": "migrated_in", "vm": rec.name, "generation": rec.generation,
+            "unix_ms": now_ms(),
+        }))?;
+        d.vms.lock().await.insert(self.vm.name.clone(), rt.clone());
+        self.owned = true;
+        Ok(())
+    }
+
+    async fn cleanup(&mut self) {
+        if self.owned {
+            return; // the guest runs here: nothing to undo
+        }
+        if let Some(rt) = self.rt.take() {
+            if let Err(e) = rt.stop(&self.d.nbd).await {
+                warn!("cleanup of incoming VM: {e}");
+            }
+            let _ = std::fs::remove_dir_all(&rt.config.run_dir);
+        }
+        let _ = std::fs::remove_dir_all(self.d.paths.incoming_dir(&self.vm.name));
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

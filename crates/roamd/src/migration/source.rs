@@ -1,0 +1,524 @@
+//! The source side of a migration: drives QEMU, copies the disk, decides the switch.
+//!
+//! Ownership rule: until the destination says the guest runs there, the source's QEMU
+//! is the VM. Every error before `migrate-continue` cancels QEMU's migration and the
+//! guest keeps running here; the destination removes what it built.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use roam_channel::{Connection, PublicKey, RecvStream, SendStream, StreamKind};
+use roam_control::api::{
+    ApiError, ByteCounts, LinkStats, MigrateRequest, MigrationResult, Outcome, Phase, Progress,
+};
+use roam_migrate::plan::{self, Decision, RoundStats};
+use roam_migrate::protocol::{FileRef, Msg, VmManifest, PROTOCOL_VERSION};
+use roam_nbd::{DirtySubscription, InitialState};
+use roam_vm::{LinkFigures, MigrationStatus};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::disk::{allocated_chunks, DiskSender};
+use super::relay::Relay;
+use super::{recv_ctl, send_ctl, Meter};
+use crate::daemon::{api_accel, to_api, Daemon};
+use crate::error::{Error, Result};
+use crate::runtime::{RunningVm, CHUNK_SIZE};
+use crate::state::VmStatus;
+
+/// The final disk sync may take this much of the downtime budget.
+const DISK_SYNC_BUDGET_MS: u64 = 50;
+/// How long the destination may take to answer a step.
+const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub async fn migrate(
+    d: Arc<Daemon>,
+    req: MigrateRequest,
+    progress: mpsc::Sender<Progress>,
+) -> Result<MigrationResult, ApiError> {
+    // Up-front checks: refusing here changes nothing.
+    let rec = d.vm_record(&req.vm).map_err(to_api)?;
+    if rec.status != VmStatus::Running {
+        return Err(ApiError::conflict(format!(
+            "VM '{}' is not running on this host",
+            req.vm
+        )));
+    }
+    let rt = d.running(&req.vm).await.ok_or_else(|| {
+        ApiError::conflict(format!("VM '{}' is not running on this host", req.vm))
+    })?;
+    let peer = d.peer_record(&req.to).map_err(to_api)?;
+    let key: PublicKey = peer
+        .key
+        .parse()
+        .map_err(|e| ApiError::internal(format!("stored key of peer '{}': {e}", peer.name)))?;
+    let addr = peer
+        .addr
+        .parse()
+        .map_err(|e| ApiError::internal(format!("stored address of peer '{}': {e}", peer.name)))?;
+    let _guard = d.claim(&req.vm).map_err(to_api)?;
+
+    let meter = Meter::new(progress);
+    let mut m = Source {
+        d: d.clone(),
+        rt: rt.clone(),
+        req: req.clone(),
+        meter,
+        result: MigrationResult {
+            vm: req.vm.clone(),
+            from: d.cfg.name.clone(),
+            to: req.to.clone(),
+            outcome: Outcome::Aborted,
+            error: None,
+            total_ms: 0,
+            downtime_ms: None,
+            guest_downtime_ms: None,
+            bytes: ByteCounts::default(),
+            link: LinkStats::default(),
+            acked_writes: 0,
+            acked_writes_lost: 0,
+            guest_rebooted: false,
+            accel: api_accel(d.accel),
+            phases: Default::default(),
+            tuning: serde_json::Value::Null,
+        },
+        conn: None,
+        qemu_migrating: false,
+        continued: false,
+    };
+    info!(vm = %req.vm, to = %req.to, "migration starting");
+    let outcome = m.run(addr, key, &rec).await;
+    m.finish(outcome).await;
+    Ok(m.result)
+}
+
+struct Source {
+    d: Arc<Daemon>,
+    rt: Arc<RunningVm>,
+    req: MigrateRequest,
+    meter: Meter,
+    result: MigrationResult,
+    conn: Option<Connection>,
+    /// QEMU's own migration was started (so it must be cancelled on failure).
+    qemu_migrating: bool,
+    /// `migrate-continue` was sent: from here the guest may already run at the destination.
+    continued: bool,
+}
+
+impl Source {
+    async fn run(
+        &mut self,
+        addr: std::net::SocketAddr,
+        key: PublicKey,
+        rec: &crate::state::VmRecord,
+    ) -> Result<()> {
+        // --- connect and offer -------------------------------------------------------
+        self.meter.phase(Phase::Connect);
+        let conn = tokio::time::timeout(
+            Duration::from_secs(15),
+            self.d.endpoint.connect(addr, key.clone()),
+        )
+        .await
+        .map_err(|_| self.peer_err(format!("no answer from {addr} within 15 s")))?
+        .map_err(|e| self.peer_err(e.to_string()))?;
+        self.conn = Some(conn.clone());
+        let (mut ctl_tx, mut ctl_rx) = conn
+            .open_stream(StreamKind::Control)
+            .await
+            .map_err(|e| self.peer_err(e.to_string()))?;
+        let manifest = manifest(rec, &self.rt)?;
+        self.meter.disk_total(manifest.disk_allocated_bytes);
+        send_ctl(
+            &mut ctl_tx,
+            &Msg::Offer {
+                version: PROTOCOL_VERSION,
+                source_host: self.d.cfg.name.clone(),
+                vm: manifest.clone(),
+            },
+        )
+        .await?;
+        match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
+            Msg::Accept { .. } => {}
+            Msg::Refuse { reason } => {
+                return Err(self.peer_err(format!("refused the VM: {reason}")))
+            }
+            other => return Err(unexpected("accept", &other)),
+        }
+
+        // --- disk: bulk copy, then rounds on what the guest dirtied ----------------
+        let (mut disk_tx, _disk_rx) = conn
+            .open_stream(StreamKind::Disk)
+            .await
+            .map_err(|e| self.peer_err(e.to_string()))?;
+        let file = Arc::new(
+            std::fs::File::open(&self.rt.disk_path)
+                .map_err(|e| Error::io("open disk for copy", e))?,
+        );
+        // Subscribe BEFORE reading anything: a write that lands during the bulk copy is
+        // then either seen by the bulk read or marked for the next round (or both).
+        let sub = self.rt.tracker.subscribe(InitialState::Clean);
+        let mut sender = DiskSender::new(file.clone(), manifest.disk_bytes, CHUNK_SIZE, 3);
+        self.meter.attach_disk(sender.counters.clone(), conn.clone());
+        self.meter.phase(Phase::DiskBulk);
+        let bulk = allocated_chunks(&file, manifest.disk_bytes, CHUNK_SIZE)
+            .map_err(|e| Error::io("map allocated disk ranges", e))?;
+        let t0 = Instant::now();
+        let before = conn.stats().tx_bytes;
+        sender.send(&mut disk_tx, bulk, true).await?;
+        let bulk_s = t0.elapsed().as_secs_f64();
+        let sent = conn.stats().tx_bytes.saturating_sub(before);
+        let rtt_ms = conn.stats().rtt.as_millis() as u64;
+        // Only a copy that lasted long enough measures the link; else trust the estimate.
+        let rate = if bulk_s > 1.0 {
+            sent as f64 / bulk_s
+        } else {
+            conn.stats().bandwidth_estimate_bytes_per_s().unwrap_or(12.5e6)
+        };
+        self.meter.set_rate_hint(rate);
+        info!(vm = %self.req.vm, mbit = rate * 8.0 / 1e6, rtt_ms, "link measured by the bulk copy");
+        self.meter.phase(Phase::DiskIterate);
+        self.iterate_disk(&sub, &mut sender, &mut disk_tx, rate).await?;
+
+        // --- memory: QEMU pre-copies through our relay --------------------------------
+        self.meter.phase(Phase::Memory);
+        let tuning = roam_vm::choose_tuning(&LinkFigures {
+            bandwidth_bytes_per_s: rate as u64,
+            rtt_ms,
+            host_cpus: std::thread::available_parallelism()
+                .map(|n| n.get() as u16)
+                .unwrap_or(1),
+            accel: self.d.accel,
+            dirty_bytes_per_s: None,
+        });
+        let tuning_json = serde_json::to_value(&tuning).unwrap_or(serde_json::Value::Null);
+        self.result.tuning = tuning_json.clone();
+        send_ctl(&mut ctl_tx, &Msg::StartMemory { tuning: tuning_json }).await?;
+        match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
+            Msg::MemoryReady => {}
+            other => return Err(unexpected("memory_ready", &other)),
+        }
+        let relay_path = self.rt.config.run_dir.join("migrate-out.sock");
+        let relay = Relay::listen(relay_path.clone(), conn.clone())?;
+        self.rt
+            .vm
+            .apply_tuning(&tuning)
+            .await
+            .map_err(|e| Error::Vm(format!("set migration parameters: {e}")))?;
+        self.rt
+            .vm
+            .migrate(&format!("unix:{}", relay_path.display()))
+            .await
+            .map_err(|e| Error::Vm(format!("start QEMU migration: {e}")))?;
+        self.qemu_migrating = true;
+        // While QEMU copies memory, keep the disk's dirty set small.
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            let st = self
+                .rt
+                .vm
+                .query_migrate()
+                .await
+                .map_err(|e| Error::Vm(format!("query-migrate: {e}")))?;
+            self.meter.memory(&st);
+            match st.status {
+                MigrationStatus::PreSwitchover => break,
+                MigrationStatus::Failed | MigrationStatus::Cancelled => {
+                    return Err(Error::Migration(format!(
+                        "QEMU's memory migration {}: {}",
+                        if st.status == MigrationStatus::Failed { "failed" } else { "was cancelled" },
+                        st.error_desc.unwrap_or_else(|| "no detail".into())
+                    )));
+                }
+                _ => {}
+            }
+            if relay.failed() {
+                return Err(self.peer_err("the migration stream broke".into()));
+            }
+            let dirty = sub.take();
+            if !dirty.is_empty() {
+                sender.send(&mut disk_tx, dirty, false).await?;
+            }
+        }
+
+        // --- switchover: the guest is paused; make the disks provably equal ------------
+        self.meter.phase(Phase::Switchover);
+        let paused_at = Instant::now();
+        let last = sub.take();
+        sender.send(&mut disk_tx, last, false).await?;
+        let root = sender.seal(&mut disk_tx).await?;
+        match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
+            Msg::DiskVerified { ok: true, .. } => {}
+            Msg::DiskVerified { ok: false, root: theirs, detail, .. } => {
+                return Err(Error::Migration(format!(
+                    "destination disk does not match (ours {root}, theirs {theirs}{}); not switching",
+                    detail.map(|d| format!(": {d}")).unwrap_or_default()
+                )));
+            }
+            other => return Err(unexpected("disk_verified", &other)),
+        }
+        let disk_sync_ms = paused_at.elapsed().as_millis() as u64;
+        self.rt
+            .vm
+            .migrate_continue_pre_switchover()
+            .await
+            .map_err(|e| Error::Vm(format!("migrate-continue: {e}")))?;
+        self.continued = true;
+        let st = self
+            .rt
+            .vm
+            .wait_migration_status(
+                &[MigrationStatus::Completed, MigrationStatus::Failed, MigrationStatus::Cancelled],
+                Duration::from_secs(120),
+            )
+            .await
+            .map_err(|e| Error::Vm(format!("waiting for QEMU to complete: {e}")))?;
+        self.meter.memory(&st);
+        self.result.downtime_ms = st.downtime_ms;
+        self.result.bytes.memory = st.ram.as_ref().map(|r| r.transferred).unwrap_or(0);
+        if st.status != MigrationStatus::Completed {
+            return Err(Error::Migration(format!(
+                "QEMU's final switchover failed: {}",
+                st.error_desc.unwrap_or_else(|| format!("{:?}", st.status))
+            )));
+        }
+        info!(vm = %self.req.vm, disk_sync_ms, downtime_ms = ?st.downtime_ms, "switched over");
+
+        // --- the guest must run at the destination before we let go ---------------------
+        let (first_hb, their_boot) = match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
+            Msg::Running {
+                first_heartbeat_unix_ms,
+                boot_id,
+            } => (first_heartbeat_unix_ms, boot_id),
+            other => return Err(unexpected("running", &other)),
+        };
+        let our = self.rt.agent.snapshot();
+        if let Some(last_hb) = our.last_heartbeat_unix_ms {
+            if first_hb >= last_hb {
+                let cross = first_hb - last_hb;
+                self.result.guest_downtime_ms = Some(cross.max(our.max_gap_ms));
+            }
+        }
+        self.result.guest_rebooted = match (&our.boot_id, &their_boot) {
+            (Some(a), Some(b)) => a != b,
+            _ => false,
+        };
+
+        // --- verify every acknowledged write on the destination ------------------------
+        self.meter.phase(Phase::Verify);
+        self.result.acked_writes = our.acked;
+        send_ctl(
+            &mut ctl_tx,
+            &Msg::Verify {
+                upto_seq: our.max_acked_seq.unwrap_or(0),
+                acked: our.acked,
+                boot_id: our.boot_id.clone(),
+            },
+        )
+        .await?;
+        match recv_ctl(&mut ctl_rx, Duration::from_secs(120)).await? {
+            Msg::VerifyReport {
+                bad,
+                missing,
+                boot_id,
+                detail,
+                ..
+            } => {
+                self.result.acked_writes_lost = bad + missing;
+                if boot_id.is_some() && boot_id != our.boot_id {
+                    self.result.guest_rebooted = true;
+                }
+                if let Some(d) = detail {
+                    info!(vm = %self.req.vm, "verify: {d}");
+                }
+            }
+            other => return Err(unexpected("verify_report", &other)),
+        }
+
+        // --- let go: quit (never cont) the source QEMU, keep the disk -------------------
+        self.meter.phase(Phase::Cleanup);
+        drop(sub);
+        self.d.vms.lock().await.remove(&self.req.vm);
+        if let Err(e) = self.rt.stop(&self.d.nbd).await {
+            warn!(vm = %self.req.vm, "stopping the source QEMU after switchover: {e}");
+        }
+        let mut r = self.d.vm_record(&self.req.vm)?;
+        r.status = VmStatus::Moved;
+        r.moved_to = Some(self.req.to.clone());
+        r.generation += 1;
+        self.d.store.put_vm(&r)?;
+        self.d.store.log(&serde_json::json!({
+            "event": "migrated_out", "vm": r.name, "to": self.req.to,
+            "generation": r.generation,
+            "unix_ms": now_ms(),
+        }))?;
+        send_ctl(&mut ctl_tx, &Msg::Commit { generation: r.generation }).await?;
+        match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await {
+            Ok(Msg::Committed) => {}
+            Ok(other) => warn!("after commit: unexpected {}", other.name()),
+            Err(e) => warn!("after commit: {e}"),
+        }
+        drop(relay);
+        Ok(())
+    }
+
+    async fn iterate_disk(
+        &mut self,
+        sub: &DirtySubscription,
+        sender: &mut DiskSender,
+        w: &mut SendStream,
+        rate: f64,
+    ) -> Result<()> {
+        let mut prev = None;
+        for round in 1.. {
+            let dirty = sub.take();
+            let bytes = dirty.len() as u64 * CHUNK_SIZE as u64;
+            let decision = plan::decide(
+                RoundStats {
+                    round,
+                    dirty_bytes: bytes,
+                    previous_dirty_bytes: prev,
+                    rate_bytes_per_s: rate,
+                },
+                DISK_SYNC_BUDGET_MS,
+            );
+            // Whatever we took must be sent now, whatever we decide: the marks are gone.
+            sender.send(w, dirty, false).await?;
+            if decision == Decision::StartMemory {
+                break;
+            }
+            prev = Some(bytes);
+        }
+        Ok(())
+    }
+
+    fn peer_err(&self, detail: String) -> Error {
+        Error::Peer {
+            peer: self.req.to.clone(),
+            detail,
+        }
+    }
+
+    /// Fill in the result; on failure make sure the guest runs here again.
+    async fn finish(&mut self, outcome: Result<()>) {
+        let conn = self.conn.take();
+        if let Some(c) = &conn {
+            let s = c.stats();
+            self.result.bytes.wire = s.tx_bytes;
+            self.result.link = LinkStats {
+                bandwidth_mbit: self.meter.rate_hint() * 8.0 / 1e6,
+                rtt_ms: s.rtt.as_secs_f64() * 1000.0,
+                loss_pct: s.loss_pct(),
+            };
+        }
+        self.result.bytes.disk = self.meter.disk_bytes();
+        self.result.phases = self.meter.phases();
+        self.result.total_ms = self.meter.elapsed_ms();
+        match outcome {
+            Ok(()) => {
+                self.result.outcome = Outcome::Completed;
+                self.meter.phase(Phase::Done);
+                if let Some(c) = conn {
+                    c.close(0, "done");
+                }
+            }
+            Err(e) => {
+                warn!(vm = %self.req.vm, "migration aborted: {e}");
+                self.result.outcome = Outcome::Aborted;
+                self.result.error = Some(e.to_string());
+                self.meter.phase(Phase::Aborted);
+                if let Some(c) = &conn {
+                    // Best effort: tell the destination to clean up; it also does so when
+                    // the channel dies.
+                    if let Ok((mut tx, _rx)) = c.open_stream(StreamKind::Control).await {
+                        let _ = send_ctl(&mut tx, &Msg::abort(e.to_string())).await;
+                    }
+                    c.close(1, "aborted");
+                }
+                self.recover().await;
+            }
+        }
+    }
+
+    /// After a failure: the VM must be running here, as it was.
+    async fn recover(&mut self) {
+        let vm = &self.rt.vm;
+        if self.qemu_migrating {
+            if let Err(e) = vm.migrate_cancel().await {
+                warn!("migrate_cancel: {e}");
+            }
+            let _ = vm
+                .wait_migration_status(
+                    &[MigrationStatus::Cancelled, MigrationStatus::Failed, MigrationStatus::Completed],
+                    Duration::from_secs(30),
+                )
+                .await;
+        }
+        if self.continued {
+            // QEMU completed but the destination never confirmed: the guest may run there.
+            // Resuming here could make two copies; stay paused and say so.
+            warn!(vm = %self.req.vm, "switchover state unknown; the VM stays paused here");
+            if let Some(e) = self.result.error.as_mut() {
+                e.push_str(
+                    " — the VM is paused on the source because the destination may be running it",
+                );
+            }
+            return;
+        }
+        match vm.query_status().await {
+            Ok(s) if !s.running => {
+                if let Err(e) = vm.cont().await {
+                    warn!("resume after failed migration: {e}");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!("query-status after failed migration: {e}"),
+        }
+    }
+}
+
+fn unexpected(wanted: &str, got: &Msg) -> Error {
+    match got {
+        Msg::Abort(r) => Error::Migration(format!("destination aborted: {}", r.message)),
+        other => Error::Migration(format!(
+            "protocol: expected {wanted}, got {}",
+            other.name()
+        )),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn file_ref(path: &str) -> Result<FileRef> {
+    let data = std::fs::read(path).map_err(|e| Error::io(format!("read {path}"), e))?;
+    Ok(FileRef {
+        path: path.to_string(),
+        size: data.len() as u64,
+        blake3: blake3::hash(&data).to_hex().to_string(),
+    })
+}
+
+fn manifest(rec: &crate::state::VmRecord, rt: &RunningVm) -> Result<VmManifest> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&rt.disk_path).map_err(|e| Error::io("stat disk", e))?;
+    Ok(VmManifest {
+        name: rec.name.clone(),
+        memory_mib: rec.memory_mib,
+        vcpus: rec.vcpus,
+        kernel: file_ref(&rec.kernel)?,
+        initrd: file_ref(&rec.initrd)?,
+        cmdline: rec.cmdline.clone(),
+        disk_bytes: rec.disk_bytes,
+        disk_allocated_bytes: meta.blocks() * 512,
+        chunk_size: CHUNK_SIZE,
+        generation: rec.generation,
+        created_at: rec.created_at.to_string(),
+    })
+}

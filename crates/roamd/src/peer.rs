@@ -1,0 +1,66 @@
+//! The peer API: what other roamd may ask of this host over the channel.
+//!
+//! The channel has already refused every host whose key is not pinned here; what
+//! arrives is from a trusted peer. Each connection's first control stream opens one
+//! conversation; today the only one is an incoming migration.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use roam_channel::{Connection, StreamKind};
+use roam_migrate::Msg;
+use tracing::{info, warn};
+
+use crate::daemon::Daemon;
+use crate::migration::{dest, recv_ctl, send_ctl};
+
+pub async fn accept_loop(d: Arc<Daemon>) {
+    loop {
+        let conn = match d.endpoint.accept().await {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => {
+                // Refused handshakes (unknown keys) land here; the channel logged them.
+                info!("peer connection not accepted: {e}");
+                continue;
+            }
+            None => return, // endpoint closed
+        };
+        tokio::spawn(handle(d.clone(), conn));
+    }
+}
+
+async fn handle(d: Arc<Daemon>, conn: Connection) {
+    let peer = conn.peer_key().to_string();
+    let (kind, mut tx, mut rx) = match conn.accept_stream().await {
+        Ok(s) => s,
+        Err(e) => {
+            info!(peer = %peer, "peer left before speaking: {e}");
+            return;
+        }
+    };
+    if kind != StreamKind::Control {
+        warn!(peer = %peer, ?kind, "first stream is not a control stream; closing");
+        conn.close(3, "expected a control stream");
+        return;
+    }
+    match recv_ctl(&mut rx, Duration::from_secs(30)).await {
+        Ok(Msg::Offer {
+            version,
+            source_host,
+            vm,
+        }) => {
+            info!(vm = %vm.name, from = %source_host, "incoming migration");
+            dest::serve(d, conn, tx, rx, source_host, version, vm).await;
+        }
+        Ok(other) => {
+            let _ = send_ctl(
+                &mut tx,
+                &Msg::Refuse {
+                    reason: format!("unexpected {} to open a conversation", other.name()),
+                },
+            )
+            .await;
+        }
+        Err(e) => warn!(peer = %peer, "reading the first message: {e}"),
+    }
+}

@@ -1,0 +1,127 @@
+//! A VM that runs on this host: its QEMU, its NBD export and its guest-agent link.
+//!
+//! ```text
+//!   disk.raw ◀─ FileBackend ◀─ TrackedBackend (marks dirty chunks) ◀─ NBD export "NAME"
+//!                                                   ▲                      ▲
+//!                               migration subscribes┘        QEMU ─────────┘ (unix socket)
+//!   QEMU ─virtio-serial─▶ RUN/vms/NAME/agent.sock ─▶ AgentMonitor
+//! ```
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use roam_agent::host::AgentMonitor;
+use roam_nbd::{Backend, DirtyTracker, FileBackend, NbdServer, TrackedBackend};
+use roam_vm::{DiskConfig, Vm, VmConfig};
+use tracing::{info, warn};
+
+use crate::daemon::Daemon;
+use crate::error::{Error, Result};
+use crate::state::VmRecord;
+
+/// Chunk size of dirty tracking and of the disk copy (one BLAKE3 hash per chunk).
+pub const CHUNK_SIZE: u32 = 64 * 1024;
+
+pub struct RunningVm {
+    pub name: String,
+    pub vm: Vm,
+    pub config: VmConfig,
+    pub tracker: Arc<DirtyTracker>,
+    pub agent: AgentMonitor,
+    pub disk_path: PathBuf,
+    pub export: String,
+}
+
+impl RunningVm {
+    /// Serve the disk, spawn QEMU (as a migration destination when `incoming`), and
+    /// connect the agent link. On any failure everything started so far is undone.
+    pub async fn start(d: &Daemon, r: &VmRecord, incoming: bool) -> Result<Arc<RunningVm>> {
+        Self::start_with_disk(d, r, PathBuf::from(&r.disk_path), incoming).await
+    }
+
+    pub async fn start_with_disk(
+        d: &Daemon,
+        r: &VmRecord,
+        disk_path: PathBuf,
+        incoming: bool,
+    ) -> Result<Arc<RunningVm>> {
+        let export = r.name.clone();
+        let file = FileBackend::open(&disk_path, false)
+            .map_err(|e| Error::io(format!("open disk {}", disk_path.display()), e))?;
+        let tracker = DirtyTracker::new(file.size(), CHUNK_SIZE as u64)
+            .map_err(|e| Error::Disk(e.to_string()))?;
+        let backend: Arc<dyn Backend> =
+            Arc::new(TrackedBackend::new(Arc::new(file), tracker.clone()));
+        d.nbd
+            .add_export(&export, backend, false)
+            .map_err(|e| Error::Disk(format!("NBD export '{export}': {e}")))?;
+        let run_dir = d.paths.vm_run(&r.name);
+        let _ = std::fs::remove_dir_all(&run_dir);
+        let mut config = VmConfig::new(&r.name, &run_dir, &r.kernel, d.accel);
+        config.memory_mib = r.memory_mib as u32;
+        config.vcpus = r.vcpus as u16;
+        config.initrd = Some(PathBuf::from(&r.initrd));
+        config.cmdline = r.cmdline.clone();
+        config.disk = Some(DiskConfig {
+            socket: d.paths.nbd_socket(),
+            export: export.clone(),
+            reconnect_delay_s: 5,
+        });
+        config.agent = true;
+        config.incoming = incoming;
+        let vm = match Vm::spawn(config.clone()).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = remove_export(&d.nbd, &export).await;
+                return Err(Error::Vm(format!("start QEMU for '{}': {e}", r.name)));
+            }
+        };
+        let agent = AgentMonitor::start(config.paths().agent_socket.clone());
+        info!(vm = %r.name, incoming, pid = ?vm.pid(), "QEMU started");
+        Ok(Arc::new(RunningVm {
+            name: r.name.clone(),
+            vm,
+            config,
+            tracker,
+            agent,
+            disk_path,
+            export,
+        }))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.vm.pid()
+    }
+
+    /// Wait until the guest agent said hello (the guest booted and is usable).
+    pub async fn wait_agent(&self, timeout: Duration) -> Result<()> {
+        self.agent
+            .wait_hello(timeout)
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::Vm(format!("guest agent of '{}': {e}", self.name)))
+    }
+
+    /// Quit QEMU (never `cont`: see the migration's ownership rule) and unpublish the disk.
+    pub async fn stop(&self, nbd: &NbdServer) -> Result<()> {
+        let quit = self.vm.quit().await;
+        self.agent.stop();
+        remove_export(nbd, &self.export).await?;
+        quit.map_err(|e| Error::Vm(format!("quit QEMU of '{}': {e}", self.name)))
+    }
+}
+
+/// Removing an export waits for its clients to drain, which blocks.
+pub async fn remove_export(nbd: &NbdServer, export: &str) -> Result<()> {
+    // The server is shared by reference; the wait is short (bounded by its drain grace),
+    // so block_in_place keeps the runtime responsive without moving the server.
+    let r = tokio::task::block_in_place(|| nbd.remove_export(export));
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            warn!(export, "remove NBD export: {e}");
+            Err(Error::Disk(format!("remove NBD export '{export}': {e}")))
+        }
+    }
+}
