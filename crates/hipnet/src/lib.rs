@@ -1,0 +1,1 @@
+//! roam-hipnet (stub: being written).

@@ -1,0 +1,1 @@
+//! roam-store (stub: being written).
