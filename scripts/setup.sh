@@ -19,7 +19,7 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$SCRIPT_DIR/guest-common.sh"
 
 # Packages from the main suite. Each is installed only if dpkg says it is absent.
-BASE_PKGS=(qemu-utils busybox-static libnbd-bin e2fsprogs iproute2 iputils-ping kmod cpio xz-utils)
+BASE_PKGS=(qemu-utils busybox-static libnbd-bin e2fsprogs iproute2 iputils-ping kmod cpio xz-utils python3 python3-cryptography bsdutils)
 # Packages that must come from backports, with the least version accepted.
 QEMU_PKGS=(qemu-system-x86 qemu-utils)
 QEMU_MIN_VERSION="1:10.0"
