@@ -17,13 +17,12 @@ use crate::migration::{dest, recv_ctl, send_ctl};
 pub async fn accept_loop(d: Arc<Daemon>) {
     loop {
         let conn = match d.endpoint.accept().await {
-            Some(Ok(c)) => c,
-            Some(Err(e)) => {
-                // Refused handshakes (unknown keys) land here; the channel logged them.
-                info!("peer connection not accepted: {e}");
-                continue;
+            Ok(c) => c,
+            // Refused handshakes (unknown keys) never surface here: only a closed endpoint.
+            Err(e) => {
+                info!("peer channel closed: {e}");
+                return;
             }
-            None => return, // endpoint closed
         };
         tokio::spawn(handle(d.clone(), conn));
     }

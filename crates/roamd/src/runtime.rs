@@ -51,8 +51,10 @@ impl RunningVm {
             .map_err(|e| Error::io(format!("open disk {}", disk_path.display()), e))?;
         let tracker = DirtyTracker::new(file.size(), CHUNK_SIZE as u64)
             .map_err(|e| Error::Disk(e.to_string()))?;
-        let backend: Arc<dyn Backend> =
-            Arc::new(TrackedBackend::new(Arc::new(file), tracker.clone()));
+        let backend: Arc<dyn Backend> = Arc::new(
+            TrackedBackend::new(Arc::new(file), tracker.clone())
+                .map_err(|e| Error::Disk(e.to_string()))?,
+        );
         d.nbd
             .add_export(&export, backend, false)
             .map_err(|e| Error::Disk(format!("NBD export '{export}': {e}")))?;
@@ -77,7 +79,7 @@ impl RunningVm {
                 return Err(Error::Vm(format!("start QEMU for '{}': {e}", r.name)));
             }
         };
-        let agent = AgentMonitor::start(config.paths().agent_socket.clone());
+        let agent = AgentMonitor::start(config.paths().agent.clone());
         info!(vm = %r.name, incoming, pid = ?vm.pid(), "QEMU started");
         Ok(Arc::new(RunningVm {
             name: r.name.clone(),

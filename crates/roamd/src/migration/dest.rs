@@ -271,7 +271,7 @@ impl Dest {
             .query_status()
             .await
             .map_err(|e| Error::Vm(format!("query-status: {e}")))?;
-        if !status.running {
+        if status != roam_vm::RunState::Running {
             rt.vm
                 .cont()
                 .await

@@ -468,7 +468,7 @@ impl Source {
             return;
         }
         match vm.query_status().await {
-            Ok(s) if !s.running => {
+            Ok(roam_vm::RunState::Paused) => {
                 if let Err(e) = vm.cont().await {
                     warn!("resume after failed migration: {e}");
                 }
