@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::api::{
-    AgentStatus, ApiError, HostInfo, Workload, MigrateRequest, MigrationResult, PeerAdd, PeerInfo, Progress, VmCreate,
-    VmInfo,
+    AgentStatus, ApiError, HostInfo, MigrateRequest, MigrationResult, PeerAdd, PeerInfo, Progress,
+    VmCreate, VmInfo, Workload,
 };
 
 /// The daemon side of the control API.
@@ -72,13 +72,17 @@ pub trait Host: Send + Sync + 'static {
     /// `POST /v1/vms/{name}/workload`: set the guest agent's synthetic workload.
     async fn vm_workload(&self, name: &str, w: Workload) -> Result<AgentStatus, ApiError> {
         let _ = (name, w);
-        Err(ApiError::unavailable("workloads are not supported by this roamd"))
+        Err(ApiError::unavailable(
+            "workloads are not supported by this roamd",
+        ))
     }
 
     /// `GET /v1/vms/{name}/agent`: what the host sees of the guest agent.
     async fn vm_agent(&self, name: &str) -> Result<AgentStatus, ApiError> {
         let _ = name;
-        Err(ApiError::unavailable("agent status is not supported by this roamd"))
+        Err(ApiError::unavailable(
+            "agent status is not supported by this roamd",
+        ))
     }
 
     /// `POST /v1/shutdown`: ask the daemon to exit. Answer first, exit after; the server

@@ -113,7 +113,8 @@ impl Lab {
             ports.push(PortConfig::new(name, ns.name(), cidr));
             lab.namespaces.push(ns);
         }
-        let wan = Wan::start(WanConfig::new(ports, cfg.link)).map_err(|e| LabError::Net(e.to_string()))?;
+        let wan = Wan::start(WanConfig::new(ports, cfg.link))
+            .map_err(|e| LabError::Net(e.to_string()))?;
         lab.wan = Some(wan);
         if let Some(mib) = cfg.home_state_limit_mib {
             let dir = root.join("home");
@@ -164,7 +165,9 @@ impl Lab {
 
     pub fn wan(&self) -> &WanHandle {
         // The WAN lives as long as the lab; only Drop takes it.
-        self.wan.as_ref().unwrap_or_else(|| unreachable!("lab without WAN"))
+        self.wan
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("lab without WAN"))
     }
 
     /// Make a disk image with `data_mib` of files, create the VM on `host` and boot it.
@@ -221,7 +224,10 @@ impl Lab {
                 out.push(format!("incoming file: {}", e.path().display()));
             }
         }
-        let vms_run = h.state.parent().map(|p| p.join(format!("{}-run", h.name)).join("vms"));
+        let vms_run = h
+            .state
+            .parent()
+            .map(|p| p.join(format!("{}-run", h.name)).join("vms"));
         if let Some(dir) = vms_run {
             if let Ok(rd) = std::fs::read_dir(&dir) {
                 for e in rd.flatten() {
@@ -289,7 +295,8 @@ impl Drop for Lab {
 
 /// `roam-mkdisk`: a sparse raw disk whose filesystem holds `data_mib` of files.
 fn make_disk(path: &Path, bytes: u64, data_mib: u64) -> Result<(), LabError> {
-    let mk = bins::find("roam-mkdisk").ok_or_else(|| LabError::MissingBinary("roam-mkdisk".into()))?;
+    let mk =
+        bins::find("roam-mkdisk").ok_or_else(|| LabError::MissingBinary("roam-mkdisk".into()))?;
     let out = Command::new(&mk)
         .arg("--size")
         .arg(bytes.to_string())

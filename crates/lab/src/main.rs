@@ -10,7 +10,10 @@ use roam_lab::{Lab, LabConfig};
 use roam_wan::LinkParams;
 
 #[derive(Parser)]
-#[command(name = "roam-lab", about = "roam's test bed: two hosts, an emulated WAN, a live migration")]
+#[command(
+    name = "roam-lab",
+    about = "roam's test bed: two hosts, an emulated WAN, a live migration"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -199,7 +202,10 @@ async fn run_demo(cfg: LabConfig, warmup_s: u64, human: bool) -> anyhow::Result<
 
 fn print_summary(r: &MigrationResult) {
     let mb = |b: u64| b as f64 / 1e6;
-    println!("migration of '{}' {} → {}: {}", r.vm, r.from, r.to, r.outcome);
+    println!(
+        "migration of '{}' {} → {}: {}",
+        r.vm, r.from, r.to, r.outcome
+    );
     if let Some(e) = &r.error {
         println!("  error              {e}");
     }

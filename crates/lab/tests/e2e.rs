@@ -78,7 +78,10 @@ async fn live_migration_of_busy_vm_over_wan_loses_nothing_and_moves_back() {
         .await
         .unwrap();
     assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
-    assert!(r.acked_writes > 0, "the workload made no acknowledged writes");
+    assert!(
+        r.acked_writes > 0,
+        "the workload made no acknowledged writes"
+    );
     assert_eq!(r.acked_writes_lost, 0);
     assert!(!r.guest_rebooted);
     assert!(r.downtime_ms.is_some());
@@ -86,7 +89,10 @@ async fn live_migration_of_busy_vm_over_wan_loses_nothing_and_moves_back() {
     assert!(r.bytes.disk > 0 && r.bytes.memory > 0);
     assert!(r.bytes.wire >= r.bytes.disk);
     assert!(phases.contains(&Phase::DiskBulk) && phases.contains(&Phase::Memory));
-    assert!(heartbeats_flow(&lab, "home", "desk").await, "guest not alive at home");
+    assert!(
+        heartbeats_flow(&lab, "home", "desk").await,
+        "guest not alive at home"
+    );
     // The source keeps its disk but no QEMU and no export.
     let office = lab.host("office").client.vm_show("desk").await.unwrap();
     assert_eq!(office.state, roam_control::api::VmState::Moved);
@@ -113,7 +119,10 @@ async fn link_cut_mid_migration_leaves_vm_running_on_source() {
     let cut = AtomicBool::new(false);
     let r = lab
         .migrate("desk", "office", "home", |p| {
-            if p.phase == Phase::DiskBulk && p.disk_sent_bytes > 4 << 20 && !cut.load(Ordering::SeqCst) {
+            if p.phase == Phase::DiskBulk
+                && p.disk_sent_bytes > 4 << 20
+                && !cut.load(Ordering::SeqCst)
+            {
                 cut.store(true, Ordering::SeqCst);
                 wan.set_outage(true);
             }
@@ -123,7 +132,10 @@ async fn link_cut_mid_migration_leaves_vm_running_on_source() {
     assert!(cut.load(Ordering::SeqCst), "the link was never cut");
     assert_eq!(r.outcome, Outcome::Aborted);
     assert!(r.error.is_some());
-    assert!(heartbeats_flow(&lab, "office", "desk").await, "guest not running on source");
+    assert!(
+        heartbeats_flow(&lab, "office", "desk").await,
+        "guest not running on source"
+    );
     wan.set_outage(false);
     no_debris(&lab, "office").await;
     no_debris(&lab, "home").await;
@@ -143,7 +155,10 @@ async fn destination_killed_mid_migration_leaves_vm_running_on_source() {
     let killed = AtomicBool::new(false);
     let r = lab
         .migrate("desk", "office", "home", |p| {
-            if p.phase == Phase::DiskBulk && p.disk_sent_bytes > 4 << 20 && !killed.load(Ordering::SeqCst) {
+            if p.phase == Phase::DiskBulk
+                && p.disk_sent_bytes > 4 << 20
+                && !killed.load(Ordering::SeqCst)
+            {
                 killed.store(true, Ordering::SeqCst);
                 // SAFETY: kill(2) on a pid we spawned and have not reaped.
                 unsafe { libc::kill(home_pid as i32, libc::SIGKILL) };
@@ -154,7 +169,10 @@ async fn destination_killed_mid_migration_leaves_vm_running_on_source() {
     assert!(killed.load(Ordering::SeqCst), "home was never killed");
     assert_eq!(r.outcome, Outcome::Aborted);
     assert!(r.error.is_some());
-    assert!(heartbeats_flow(&lab, "office", "desk").await, "guest not running on source");
+    assert!(
+        heartbeats_flow(&lab, "office", "desk").await,
+        "guest not running on source"
+    );
     // home comes back: it cleans what the interrupted migration left.
     lab.host_mut("home").spawn().await.unwrap();
     no_debris(&lab, "home").await;
@@ -196,10 +214,16 @@ async fn unknown_or_wrong_peer_key_is_refused_before_anything_is_exchanged() {
         })
         .await
         .unwrap();
-    let r = lab.migrate("desk", "office", "rogue", |_| {}).await.unwrap();
+    let r = lab
+        .migrate("desk", "office", "rogue", |_| {})
+        .await
+        .unwrap();
     assert_eq!(r.outcome, Outcome::Aborted);
     let err = r.error.unwrap_or_default();
-    assert!(err.to_lowercase().contains("key"), "error does not name the key: {err}");
+    assert!(
+        err.to_lowercase().contains("key"),
+        "error does not name the key: {err}"
+    );
     // home does not know office any more: it refuses the handshake.
     lab.host("home").client.peer_remove("office").await.unwrap();
     let r = lab.migrate("desk", "office", "home", |_| {}).await.unwrap();

@@ -10,8 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use roam_channel::{ChannelConfig, Endpoint, Identity, PublicKey, TrustSet};
 use roam_control::api::{
-    self as api, ApiError, HostInfo, MigrateRequest, MigrationResult, PeerAdd, PeerInfo,
-    Progress, VmCreate, VmInfo, VmState,
+    self as api, AgentStatus, ApiError, HostInfo, MigrateRequest, MigrationResult, PeerAdd,
+    PeerInfo, Progress, VmCreate, VmInfo, VmState, Workload,
 };
 use roam_control::Host;
 use roam_nbd::NbdServer;
@@ -170,7 +170,9 @@ impl Daemon {
     pub fn self_arc(&self) -> Arc<Daemon> {
         // The daemon lives in an Arc for its whole life, so this cannot fail while a
         // method runs on it.
-        self.me.upgrade().unwrap_or_else(|| unreachable!("daemon used after drop"))
+        self.me
+            .upgrade()
+            .unwrap_or_else(|| unreachable!("daemon used after drop"))
     }
 
     /// Mark `vm` busy for the life of the returned guard, or refuse.
@@ -483,9 +485,7 @@ impl Host for Daemon {
             }
             _ => {}
         }
-        let rt = RunningVm::start(self, &r, false)
-            .await
-            .map_err(to_api)?;
+        let rt = RunningVm::start(self, &r, false).await.map_err(to_api)?;
         rt.wait_agent(std::time::Duration::from_secs(60))
             .await
             .map_err(to_api)?;
@@ -537,8 +537,45 @@ impl Host for Daemon {
         crate::migration::source::migrate(me, req, progress).await
     }
 
+    async fn vm_workload(&self, name: &str, w: Workload) -> Result<AgentStatus, ApiError> {
+        let rt = self.running(name).await.ok_or_else(|| {
+            ApiError::conflict(format!("VM '{name}' is not running on this host"))
+        })?;
+        rt.agent
+            .configure(roam_agent::WorkloadConfig {
+                mem_dirty_mib_s: w.mem_dirty_mib_s,
+                mem_working_set_mib: w.mem_working_set_mib,
+                disk_writes_per_s: w.disk_writes_per_s,
+            })
+            .await
+            .map_err(|e| ApiError::unavailable(format!("guest agent of '{name}': {e}")))?;
+        *rt.workload.lock().unwrap_or_else(|p| p.into_inner()) = w;
+        Ok(agent_status(&rt))
+    }
+
+    async fn vm_agent(&self, name: &str) -> Result<AgentStatus, ApiError> {
+        let rt = self.running(name).await.ok_or_else(|| {
+            ApiError::conflict(format!("VM '{name}' is not running on this host"))
+        })?;
+        Ok(agent_status(&rt))
+    }
+
     async fn shutdown(&self) -> Result<(), ApiError> {
         self.shutdown.cancel();
         Ok(())
+    }
+}
+
+fn agent_status(rt: &RunningVm) -> AgentStatus {
+    let s = rt.agent.snapshot();
+    AgentStatus {
+        connected: s.connected,
+        boot_id: s.boot_id,
+        heartbeats: s.heartbeats,
+        last_heartbeat_unix_ms: s.last_heartbeat_unix_ms,
+        max_gap_ms: s.max_gap_ms,
+        acked_writes: s.acked,
+        max_acked_seq: s.max_acked_seq,
+        workload: *rt.workload.lock().unwrap_or_else(|p| p.into_inner()),
     }
 }

@@ -14,6 +14,7 @@ use std::time::Duration;
 use roam_agent::host::AgentMonitor;
 use roam_nbd::{Backend, DirtyTracker, FileBackend, NbdServer, TrackedBackend};
 use roam_vm::{DiskConfig, Vm, VmConfig};
+use tokio::sync::{RwLock, RwLockReadGuard};
 use tracing::{info, warn};
 
 use crate::daemon::Daemon;
@@ -25,12 +26,17 @@ pub const CHUNK_SIZE: u32 = 64 * 1024;
 
 pub struct RunningVm {
     pub name: String,
-    pub vm: Vm,
+    /// QEMU; `None` once it has quit. Read-locked for every QMP call, write-locked
+    /// only to quit (which consumes the handle).
+    vm: RwLock<Option<Vm>>,
+    pid: Option<u32>,
     pub config: VmConfig,
     pub tracker: Arc<DirtyTracker>,
     pub agent: AgentMonitor,
     pub disk_path: PathBuf,
     pub export: String,
+    /// The synthetic workload last asked of the guest agent (it migrates with the guest).
+    pub workload: std::sync::Mutex<roam_control::api::Workload>,
 }
 
 impl RunningVm {
@@ -83,17 +89,25 @@ impl RunningVm {
         info!(vm = %r.name, incoming, pid = ?vm.pid(), "QEMU started");
         Ok(Arc::new(RunningVm {
             name: r.name.clone(),
-            vm,
+            pid: vm.pid(),
+            vm: RwLock::new(Some(vm)),
             config,
             tracker,
             agent,
             disk_path,
             export,
+            workload: Default::default(),
         }))
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.vm.pid()
+        self.pid
+    }
+
+    /// The QEMU handle, while QEMU runs.
+    pub async fn vm(&self) -> Result<RwLockReadGuard<'_, Vm>> {
+        RwLockReadGuard::try_map(self.vm.read().await, |v| v.as_ref())
+            .map_err(|_| Error::Vm(format!("QEMU of '{}' has quit", self.name)))
     }
 
     /// Wait until the guest agent said hello (the guest booted and is usable).
@@ -107,7 +121,11 @@ impl RunningVm {
 
     /// Quit QEMU (never `cont`: see the migration's ownership rule) and unpublish the disk.
     pub async fn stop(&self, nbd: &NbdServer) -> Result<()> {
-        let quit = self.vm.quit().await;
+        let vm = self.vm.write().await.take();
+        let quit = match vm {
+            Some(vm) => vm.quit().await.map(|_| ()),
+            None => Ok(()),
+        };
         self.agent.stop();
         remove_export(nbd, &self.export).await?;
         quit.map_err(|e| Error::Vm(format!("quit QEMU of '{}': {e}", self.name)))

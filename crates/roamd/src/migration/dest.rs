@@ -40,7 +40,13 @@ pub async fn serve(
         Ok(g) => g,
         Err(e) => {
             info!(vm = %name, from = %source_host, "refused incoming migration: {e}");
-            let _ = send_ctl(&mut ctl_tx, &Msg::Refuse { reason: e.to_string() }).await;
+            let _ = send_ctl(
+                &mut ctl_tx,
+                &Msg::Refuse {
+                    reason: e.to_string(),
+                },
+            )
+            .await;
             return;
         }
     };
@@ -73,7 +79,11 @@ fn admit(d: &Arc<Daemon>, vm: &VmManifest, version: u16) -> Result<BusyGuard> {
             return Err(Error::Conflict(format!(
                 "a VM named '{}' is {} on this host",
                 vm.name,
-                if r.status == VmStatus::Running { "running" } else { "defined" }
+                if r.status == VmStatus::Running {
+                    "running"
+                } else {
+                    "defined"
+                }
             )));
         }
         if r.generation > vm.generation {
@@ -211,16 +221,20 @@ impl Dest {
         // StartMemory arrives while the disk is still coming.
         let tuning = match recv_ctl(ctl_rx, Duration::from_secs(24 * 3600)).await? {
             Msg::StartMemory { tuning } => tuning,
-            Msg::Abort(r) => return Err(Error::Migration(format!("source aborted: {}", r.message))),
+            Msg::Abort(r) => {
+                return Err(Error::Migration(format!("source aborted: {}", r.message)))
+            }
             other => return Err(Error::Migration(format!("protocol: got {}", other.name()))),
         };
         let tuning: MigrationTuning = serde_json::from_value(tuning)
             .map_err(|e| Error::Migration(format!("bad tuning from source: {e}")))?;
-        rt.vm
+        rt.vm()
+            .await?
             .apply_tuning(&tuning)
             .await
             .map_err(|e| Error::Vm(format!("set migration parameters: {e}")))?;
-        rt.vm
+        rt.vm()
+            .await?
             .migrate_incoming(&format!("unix:{}", incoming_sock.display()))
             .await
             .map_err(|e| Error::Vm(format!("migrate-incoming: {e}")))?;
@@ -252,9 +266,14 @@ impl Dest {
 
         // QEMU finishes loading and runs the guest (autostart).
         let st = rt
-            .vm
+            .vm()
+            .await?
             .wait_migration_status(
-                &[MigrationStatus::Completed, MigrationStatus::Failed, MigrationStatus::Cancelled],
+                &[
+                    MigrationStatus::Completed,
+                    MigrationStatus::Failed,
+                    MigrationStatus::Cancelled,
+                ],
                 STEP_TIMEOUT,
             )
             .await
@@ -267,12 +286,14 @@ impl Dest {
             )));
         }
         let status = rt
-            .vm
+            .vm()
+            .await?
             .query_status()
             .await
             .map_err(|e| Error::Vm(format!("query-status: {e}")))?;
         if status != roam_vm::RunState::Running {
-            rt.vm
+            rt.vm()
+                .await?
                 .cont()
                 .await
                 .map_err(|e| Error::Vm(format!("start guest: {e}")))?;
@@ -280,7 +301,10 @@ impl Dest {
         // The guest runs here now: take ownership at once, so that a source that
         // vanishes from here on cannot take the VM (and its new writes) with it.
         self.take_ownership(&rt).await?;
-        let hb = rt.agent.wait_heartbeat_after(0, Duration::from_secs(30)).await;
+        let hb = rt
+            .agent
+            .wait_heartbeat_after(0, Duration::from_secs(30))
+            .await;
         let snap = rt.agent.snapshot();
         send_ctl(
             ctl_tx,

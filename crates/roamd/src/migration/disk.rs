@@ -58,10 +58,6 @@ impl DiskSender {
         }
     }
 
-    pub fn chunk_count(&self) -> u64 {
-        self.hashes.as_ref().map_or(0, |h| h.len())
-    }
-
     pub fn set_level(&mut self, level: i32) {
         self.level = level;
     }
@@ -155,7 +151,9 @@ impl DiskSender {
         w.write_all(&frame.encode_header())
             .await
             .map_err(|e| Error::io("send disk seal", e))?;
-        w.flush().await.map_err(|e| Error::io("send disk seal", e))?;
+        w.flush()
+            .await
+            .map_err(|e| Error::io("send disk seal", e))?;
         Ok(to_hex(&root))
     }
 }
@@ -184,7 +182,11 @@ fn read_full(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
 
 /// Chunks that overlap allocated (non-hole) ranges of the file, found with
 /// SEEK_DATA/SEEK_HOLE: the first pass never reads the holes of a sparse disk.
-pub fn allocated_chunks(file: &File, disk_bytes: u64, chunk_size: u32) -> std::io::Result<Vec<u64>> {
+pub fn allocated_chunks(
+    file: &File,
+    disk_bytes: u64,
+    chunk_size: u32,
+) -> std::io::Result<Vec<u64>> {
     let cs = chunk_size as u64;
     let fd = file.as_raw_fd();
     let mut out: Vec<u64> = Vec::new();
@@ -206,7 +208,11 @@ pub fn allocated_chunks(file: &File, disk_bytes: u64, chunk_size: u32) -> std::i
         let data = data as u64;
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { disk_bytes } else { (hole as u64).min(disk_bytes) };
+        let hole = if hole < 0 {
+            disk_bytes
+        } else {
+            (hole as u64).min(disk_bytes)
+        };
         let first = data / cs;
         let last = hole.div_ceil(cs);
         for c in first..last {
@@ -271,7 +277,10 @@ impl DiskReceiver {
                     }));
                 }
                 let (off, len) = hashes.range(frame.index).ok_or_else(|| {
-                    Error::Disk(format!("chunk {} is beyond the end of the disk", frame.index))
+                    Error::Disk(format!(
+                        "chunk {} is beyond the end of the disk",
+                        frame.index
+                    ))
                 })?;
                 if frame.raw_len as usize != len {
                     return Err(Error::Disk(format!(
@@ -289,9 +298,7 @@ impl DiskReceiver {
                     file.write_all_at(&data, off)
                         .map_err(|e| disk_write_error(frame.index, e))?;
                     hashes.set(frame.index, frame.hash);
-                    wcounters
-                        .raw_bytes
-                        .fetch_add(len as u64, Ordering::Relaxed);
+                    wcounters.raw_bytes.fetch_add(len as u64, Ordering::Relaxed);
                 }
                 received += 1;
                 wcounters.chunks.fetch_add(1, Ordering::Relaxed);
@@ -304,8 +311,7 @@ impl DiskReceiver {
                 r.read_exact(&mut h)
                     .await
                     .map_err(|e| Error::io("receive disk frame", e))?;
-                let frame =
-                    DiskFrame::decode_header(&h).map_err(|e| Error::Disk(e.to_string()))?;
+                let frame = DiskFrame::decode_header(&h).map_err(|e| Error::Disk(e.to_string()))?;
                 let mut body = vec![0u8; frame.body_len as usize];
                 r.read_exact(&mut body)
                     .await
@@ -425,10 +431,7 @@ mod tests {
         sfile.write_all_at(&vec![4u8; cs], 3 * cs as u64).unwrap();
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
         let recv = tokio::spawn(async move { receiver.run(&mut b).await });
-        sender
-            .send(&mut a, (0..n).collect(), true)
-            .await
-            .unwrap();
+        sender.send(&mut a, (0..n).collect(), true).await.unwrap();
         // Tamper: the sender's digest now includes a chunk the receiver never saw.
         if let Some(h) = sender.hashes.as_mut() {
             h.set(9, [1u8; 32]);

@@ -184,7 +184,11 @@ fn snapshot(state: &Mutex<MeterState>, start: Instant) -> Progress {
         if dt >= 0.5 {
             let inst = wire.saturating_sub(w0) as f64 / dt;
             // Smooth: a progress bar that jumps is worse than one that lags a little.
-            s.rate = if s.rate == 0.0 { inst } else { 0.6 * s.rate + 0.4 * inst };
+            s.rate = if s.rate == 0.0 {
+                inst
+            } else {
+                0.6 * s.rate + 0.4 * inst
+            };
             s.last_wire = (now, wire);
         }
     }

@@ -4,12 +4,10 @@
 //! is the VM. Every error before `migrate-continue` cancels QEMU's migration and the
 //! guest keeps running here; the destination removes what it built.
 
-use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use roam_channel::{Connection, PublicKey, RecvStream, SendStream, StreamKind};
+use roam_channel::{Connection, PublicKey, SendStream, StreamKind};
 use roam_control::api::{
     ApiError, ByteCounts, LinkStats, MigrateRequest, MigrationResult, Outcome, Phase, Progress,
 };
@@ -116,6 +114,8 @@ impl Source {
     ) -> Result<()> {
         // --- connect and offer -------------------------------------------------------
         self.meter.phase(Phase::Connect);
+        // Guest-visible downtime is the longest heartbeat gap during this migration.
+        self.rt.agent.reset_gap();
         let conn = tokio::time::timeout(
             Duration::from_secs(15),
             self.d.endpoint.connect(addr, key.clone()),
@@ -160,7 +160,8 @@ impl Source {
         // then either seen by the bulk read or marked for the next round (or both).
         let sub = self.rt.tracker.subscribe(InitialState::Clean);
         let mut sender = DiskSender::new(file.clone(), manifest.disk_bytes, CHUNK_SIZE, 3);
-        self.meter.attach_disk(sender.counters.clone(), conn.clone());
+        self.meter
+            .attach_disk(sender.counters.clone(), conn.clone());
         self.meter.phase(Phase::DiskBulk);
         let bulk = allocated_chunks(&file, manifest.disk_bytes, CHUNK_SIZE)
             .map_err(|e| Error::io("map allocated disk ranges", e))?;
@@ -174,12 +175,17 @@ impl Source {
         let rate = if bulk_s > 1.0 {
             sent as f64 / bulk_s
         } else {
-            conn.stats().bandwidth_estimate_bytes_per_s().unwrap_or(12.5e6)
+            conn.stats()
+                .bandwidth_estimate_bytes_per_s()
+                .unwrap_or(12.5e6)
         };
         self.meter.set_rate_hint(rate);
+        // Faster links leave less time per byte to compress: trade ratio for speed.
+        sender.set_level(if rate > 50e6 { 1 } else { 3 });
         info!(vm = %self.req.vm, mbit = rate * 8.0 / 1e6, rtt_ms, "link measured by the bulk copy");
         self.meter.phase(Phase::DiskIterate);
-        self.iterate_disk(&sub, &mut sender, &mut disk_tx, rate).await?;
+        self.iterate_disk(&sub, &mut sender, &mut disk_tx, rate)
+            .await?;
 
         // --- memory: QEMU pre-copies through our relay --------------------------------
         self.meter.phase(Phase::Memory);
@@ -194,7 +200,13 @@ impl Source {
         });
         let tuning_json = serde_json::to_value(&tuning).unwrap_or(serde_json::Value::Null);
         self.result.tuning = tuning_json.clone();
-        send_ctl(&mut ctl_tx, &Msg::StartMemory { tuning: tuning_json }).await?;
+        send_ctl(
+            &mut ctl_tx,
+            &Msg::StartMemory {
+                tuning: tuning_json,
+            },
+        )
+        .await?;
         match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
             Msg::MemoryReady => {}
             other => return Err(unexpected("memory_ready", &other)),
@@ -202,12 +214,14 @@ impl Source {
         let relay_path = self.rt.config.run_dir.join("migrate-out.sock");
         let relay = Relay::listen(relay_path.clone(), conn.clone())?;
         self.rt
-            .vm
+            .vm()
+            .await?
             .apply_tuning(&tuning)
             .await
             .map_err(|e| Error::Vm(format!("set migration parameters: {e}")))?;
         self.rt
-            .vm
+            .vm()
+            .await?
             .migrate(&format!("unix:{}", relay_path.display()))
             .await
             .map_err(|e| Error::Vm(format!("start QEMU migration: {e}")))?;
@@ -218,7 +232,8 @@ impl Source {
             tick.tick().await;
             let st = self
                 .rt
-                .vm
+                .vm()
+                .await?
                 .query_migrate()
                 .await
                 .map_err(|e| Error::Vm(format!("query-migrate: {e}")))?;
@@ -228,7 +243,11 @@ impl Source {
                 MigrationStatus::Failed | MigrationStatus::Cancelled => {
                     return Err(Error::Migration(format!(
                         "QEMU's memory migration {}: {}",
-                        if st.status == MigrationStatus::Failed { "failed" } else { "was cancelled" },
+                        if st.status == MigrationStatus::Failed {
+                            "failed"
+                        } else {
+                            "was cancelled"
+                        },
                         st.error_desc.unwrap_or_else(|| "no detail".into())
                     )));
                 }
@@ -251,7 +270,12 @@ impl Source {
         let root = sender.seal(&mut disk_tx).await?;
         match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
             Msg::DiskVerified { ok: true, .. } => {}
-            Msg::DiskVerified { ok: false, root: theirs, detail, .. } => {
+            Msg::DiskVerified {
+                ok: false,
+                root: theirs,
+                detail,
+                ..
+            } => {
                 return Err(Error::Migration(format!(
                     "destination disk does not match (ours {root}, theirs {theirs}{}); not switching",
                     detail.map(|d| format!(": {d}")).unwrap_or_default()
@@ -261,16 +285,22 @@ impl Source {
         }
         let disk_sync_ms = paused_at.elapsed().as_millis() as u64;
         self.rt
-            .vm
+            .vm()
+            .await?
             .migrate_continue_pre_switchover()
             .await
             .map_err(|e| Error::Vm(format!("migrate-continue: {e}")))?;
         self.continued = true;
         let st = self
             .rt
-            .vm
+            .vm()
+            .await?
             .wait_migration_status(
-                &[MigrationStatus::Completed, MigrationStatus::Failed, MigrationStatus::Cancelled],
+                &[
+                    MigrationStatus::Completed,
+                    MigrationStatus::Failed,
+                    MigrationStatus::Cancelled,
+                ],
                 Duration::from_secs(120),
             )
             .await
@@ -354,7 +384,13 @@ impl Source {
             "generation": r.generation,
             "unix_ms": now_ms(),
         }))?;
-        send_ctl(&mut ctl_tx, &Msg::Commit { generation: r.generation }).await?;
+        send_ctl(
+            &mut ctl_tx,
+            &Msg::Commit {
+                generation: r.generation,
+            },
+        )
+        .await?;
         match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await {
             Ok(Msg::Committed) => {}
             Ok(other) => warn!("after commit: unexpected {}", other.name()),
@@ -444,14 +480,24 @@ impl Source {
 
     /// After a failure: the VM must be running here, as it was.
     async fn recover(&mut self) {
-        let vm = &self.rt.vm;
+        let vm = match self.rt.vm().await {
+            Ok(vm) => vm,
+            Err(e) => {
+                warn!("recover: {e}");
+                return;
+            }
+        };
         if self.qemu_migrating {
             if let Err(e) = vm.migrate_cancel().await {
                 warn!("migrate_cancel: {e}");
             }
             let _ = vm
                 .wait_migration_status(
-                    &[MigrationStatus::Cancelled, MigrationStatus::Failed, MigrationStatus::Completed],
+                    &[
+                        MigrationStatus::Cancelled,
+                        MigrationStatus::Failed,
+                        MigrationStatus::Completed,
+                    ],
                     Duration::from_secs(30),
                 )
                 .await;
@@ -482,10 +528,7 @@ impl Source {
 fn unexpected(wanted: &str, got: &Msg) -> Error {
     match got {
         Msg::Abort(r) => Error::Migration(format!("destination aborted: {}", r.message)),
-        other => Error::Migration(format!(
-            "protocol: expected {wanted}, got {}",
-            other.name()
-        )),
+        other => Error::Migration(format!("protocol: expected {wanted}, got {}", other.name())),
     }
 }
 
