@@ -30,8 +30,11 @@ use crate::frame::DEFAULT_MAX_PAYLOAD;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CongestionControl {
-    /// Model-based: paces at the measured bottleneck rate; tolerant of random loss.
+    /// CUBIC that ignores losses while the path shows no queue (see `congestion.rs`):
+    /// full rate over random loss, backs off on a real bottleneck. The default.
     #[default]
+    LossTolerant,
+    /// quinn's BBRv1: ignores loss, but overshoots shallow buffers badly.
     Bbr,
     /// Loss-based, the Linux TCP default.
     Cubic,
@@ -78,7 +81,7 @@ pub struct ChannelConfig {
 impl Default for ChannelConfig {
     fn default() -> Self {
         Self {
-            congestion: CongestionControl::Bbr,
+            congestion: CongestionControl::LossTolerant,
             stream_receive_window: 32 << 20,
             receive_window: 64 << 20,
             send_window: 64 << 20,
@@ -148,6 +151,11 @@ impl ChannelConfig {
             t.mtu_discovery_config(None);
         }
         match self.congestion {
+            CongestionControl::LossTolerant => {
+                t.congestion_controller_factory(Arc::new(
+                    crate::congestion::LossTolerantConfig::default(),
+                ));
+            }
             CongestionControl::Bbr => {
                 t.congestion_controller_factory(Arc::new(BbrConfig::default()));
             }
@@ -176,7 +184,7 @@ mod tests {
         let bdp = 1_000_000_000u64 / 8 / 5;
         assert!(c.stream_receive_window >= bdp && c.send_window >= bdp);
         assert!(c.idle_timeout <= Duration::from_secs(10));
-        assert_eq!(c.congestion, CongestionControl::Bbr);
+        assert_eq!(c.congestion, CongestionControl::LossTolerant);
     }
 
     #[test]

@@ -178,6 +178,14 @@ impl Connection {
         self.info.rejected_streams.load(Ordering::Relaxed)
     }
 
+    /// Bound the bytes this side keeps unacknowledged (sent or buffered) on this
+    /// connection. A sender that knows the path's bandwidth-delay product sets this to a
+    /// small multiple of it, so that a producer writing into a stream (QEMU's migration
+    /// stream) feels the real link rate instead of filling a deep buffer.
+    pub fn set_send_window(&self, bytes: u64) {
+        self.shared.quinn.set_send_window(bytes.max(64 * 1024));
+    }
+
     /// Wire statistics of this connection.
     pub fn stats(&self) -> ConnectionStats {
         self.shared.quinn.stats().into()

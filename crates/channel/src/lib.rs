@@ -40,6 +40,7 @@ pub mod stream;
 mod tls;
 pub mod trust;
 
+pub mod congestion;
 pub use config::{ChannelConfig, CongestionControl};
 pub use connection::{CloseCode, Connection};
 pub use endpoint::{ConnectionSummary, Endpoint};

@@ -1,0 +1,383 @@
+//! Measures roam's NBD server against qemu-nbd on the same file with
+//! `qemu-img bench`, and prints a side-by-side table (or `--json`).
+//!
+//! ```text
+//! roam-nbd-bench [--json] [--size-mib 512] [--rounds 5] [--write-count 50000]
+//!                [--read-count 2000] [--depth 16] [--workers 4] [--dir /tmp]
+//! ```
+//! Workloads: 4 KiB writes scattered over the image (`qemu-img bench` has
+//! no random mode, so the step is 1 MiB + 4 KiB and offsets wrap around the
+//! image), and 1 MiB sequential reads of a pre-filled image. Each workload
+//! runs `--rounds` times per server, alternating servers; the best round
+//! counts, which filters out noise from other processes on a shared host.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use roam_nbd::{Backend, FileBackend, NbdServer, ServerConfig};
+
+const EXPORT: &str = "disk";
+const WRITE_STEP: u64 = 1024 * 1024 + 4096;
+
+struct Opts {
+    json: bool,
+    size_mib: u64,
+    rounds: u32,
+    write_count: u64,
+    read_count: u64,
+    depth: u32,
+    workers: usize,
+    dir: PathBuf,
+}
+
+fn parse() -> Result<Opts, String> {
+    let mut o = Opts {
+        json: false,
+        size_mib: 512,
+        rounds: 5,
+        write_count: 50_000,
+        read_count: 2_000,
+        depth: 16,
+        workers: ServerConfig::default().workers_per_connection,
+        dir: std::env::temp_dir(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut val = || it.next().ok_or(format!("{a} needs a value"));
+        let num = |s: String| s.parse::<u64>().map_err(|e| format!("{s}: {e}"));
+        match a.as_str() {
+            "--json" => o.json = true,
+            "--size-mib" => o.size_mib = num(val()?)?,
+            "--rounds" => o.rounds = num(val()?)? as u32,
+            "--write-count" => o.write_count = num(val()?)?,
+            "--read-count" => o.read_count = num(val()?)?,
+            "--depth" => o.depth = num(val()?)? as u32,
+            "--workers" => o.workers = num(val()?)? as usize,
+            "--dir" => o.dir = PathBuf::from(val()?),
+            _ => return Err(format!("unknown argument {a}")),
+        }
+    }
+    Ok(o)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Server {
+    Roam,
+    QemuNbd,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Server::Roam => "roam-nbd",
+            Server::QemuNbd => "qemu-nbd",
+        }
+    }
+}
+
+/// A running server; stopping it (or dropping it) cleans up.
+enum Running {
+    Roam(Option<NbdServer>),
+    Qemu(Child),
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        match self {
+            Running::Roam(s) => {
+                if let Some(s) = s.take() {
+                    s.shutdown();
+                }
+            }
+            Running::Qemu(c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+fn start(which: Server, file: &Path, sock: &Path, workers: usize) -> Result<Running, String> {
+    let _ = std::fs::remove_file(sock);
+    let r = match which {
+        Server::Roam => {
+            let config = ServerConfig {
+                workers_per_connection: workers,
+                ..ServerConfig::default()
+            };
+            let s = NbdServer::bind(sock, config).map_err(|e| e.to_string())?;
+            let b = FileBackend::open(file, false).map_err(|e| e.to_string())?;
+            s.add_export(EXPORT, Arc::new(b), false)
+                .map_err(|e| e.to_string())?;
+            Running::Roam(Some(s))
+        }
+        Server::QemuNbd => {
+            let child = Command::new("qemu-nbd")
+                .args([
+                    "-f",
+                    "raw",
+                    "-x",
+                    EXPORT,
+                    "--cache=writeback",
+                    "-e",
+                    "4",
+                    "-t",
+                    "-k",
+                ])
+                .arg(sock)
+                .arg(file)
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .map_err(|e| format!("qemu-nbd: {e}"))?;
+            let r = Running::Qemu(child);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while UnixStream::connect(sock).is_err() {
+                if Instant::now() > deadline {
+                    return Err("qemu-nbd did not come up".into());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r
+        }
+    };
+    Ok(r)
+}
+
+/// CPU seconds (user + system, all threads) used so far by `pid`, from
+/// /proc, so the server's cost per request can be compared even when other
+/// load on the host makes wall-clock times noisy.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|x| x.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    // SAFETY: sysconf has no preconditions; it only reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// Runs `qemu-img bench` and returns the seconds it reports.
+fn qemu_img_bench(sock: &Path, args: &[String]) -> Result<f64, String> {
+    let uri = format!("nbd+unix:///{EXPORT}?socket={}", sock.display());
+    let out = Command::new("qemu-img")
+        .args(["bench", "-f", "raw"])
+        .args(args)
+        .arg(&uri)
+        .output()
+        .map_err(|e| format!("qemu-img: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "qemu-img bench failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("Run completed in ")?
+                .strip_suffix(" seconds.")?
+                .parse()
+                .ok()
+        })
+        .ok_or_else(|| format!("cannot parse qemu-img output: {text}"))
+}
+
+struct Workload {
+    name: &'static str,
+    bytes_per_op: u64,
+    count: u64,
+    args: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let opts = match parse() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("roam-nbd-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("roam-nbd-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(o: &Opts) -> Result<(), String> {
+    let dir = o.dir.join(format!("roam-nbd-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let _cleanup = DirGuard(dir.clone());
+    let file = dir.join("disk.raw");
+    let sock = dir.join("nbd.sock");
+    let size = o.size_mib * 1024 * 1024;
+
+    // Fill with non-zero data so reads are not served from holes.
+    let b = FileBackend::create(&file, size).map_err(|e| e.to_string())?;
+    let chunk = vec![0x5au8; 1024 * 1024];
+    for off in (0..size).step_by(chunk.len()) {
+        let n = (size - off).min(chunk.len() as u64) as usize;
+        b.write_at(&chunk[..n], off, false)
+            .map_err(|e| e.to_string())?;
+    }
+    drop(b);
+
+    let d = o.depth.to_string();
+    let workloads = [
+        Workload {
+            name: "4k-scattered-write",
+            bytes_per_op: 4096,
+            count: o.write_count,
+            args: [
+                "-w",
+                "-s",
+                "4096",
+                "-d",
+                &d,
+                "-S",
+                &WRITE_STEP.to_string(),
+                "-c",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([o.write_count.to_string(), "--pattern".into(), "171".into()])
+            .collect(),
+        },
+        Workload {
+            name: "1m-seq-read",
+            bytes_per_op: 1024 * 1024,
+            count: o.read_count,
+            args: ["-s", "1M", "-d", &d, "-c"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([o.read_count.to_string()])
+                .collect(),
+        },
+    ];
+
+    let servers = [Server::Roam, Server::QemuNbd];
+    // best[w][s] = shortest time seen
+    let mut best = [[f64::INFINITY; 2]; 2];
+    // cpu_best[w][s] = least server CPU seconds for the workload
+    let mut cpu_best = [[f64::INFINITY; 2]; 2];
+    for round in 0..o.rounds {
+        // Alternate who goes first so neither always gets the warmer cache.
+        let order: Vec<usize> = if round % 2 == 0 {
+            vec![0, 1]
+        } else {
+            vec![1, 0]
+        };
+        for &si in &order {
+            // Start each run with no dirty pages left by the previous one,
+            // so writeback throttling hits both servers alike.
+            std::fs::File::open(&file)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| e.to_string())?;
+            let running = start(servers[si], &file, &sock, o.workers)?;
+            let pid = match &running {
+                Running::Qemu(c) => c.id(),
+                Running::Roam(_) => std::process::id(),
+            };
+            for (wi, w) in workloads.iter().enumerate() {
+                let cpu0 = cpu_seconds(pid);
+                let t = qemu_img_bench(&sock, &w.args)?;
+                let cpu = cpu_seconds(pid) - cpu0;
+                if !o.json {
+                    eprintln!(
+                        "round {round} {:>9} {:<20} {t:.3} s  server cpu {cpu:.2} s",
+                        servers[si].name(),
+                        w.name
+                    );
+                }
+                best[wi][si] = best[wi][si].min(t);
+                cpu_best[wi][si] = cpu_best[wi][si].min(cpu);
+            }
+            drop(running);
+        }
+    }
+
+    let mut rows = Vec::new();
+    for (wi, w) in workloads.iter().enumerate() {
+        let rate = |t: f64| {
+            (
+                w.count as f64 / t,
+                w.count as f64 * w.bytes_per_op as f64 / t / 1e6,
+            )
+        };
+        let (r_iops, r_mbs) = rate(best[wi][0]);
+        let (q_iops, q_mbs) = rate(best[wi][1]);
+        // Server CPU microseconds per request.
+        let us = |s: usize| cpu_best[wi][s] * 1e6 / w.count as f64;
+        rows.push((
+            w.name,
+            r_iops,
+            r_mbs,
+            q_iops,
+            q_mbs,
+            r_iops / q_iops,
+            us(0),
+            us(1),
+        ));
+    }
+    if o.json {
+        let items: Vec<String> = rows
+            .iter()
+            .map(|(n, ri, rm, qi, qm, ratio, rc, qc)| {
+                format!(
+                    "\"{n}\":{{\"roam_iops\":{ri:.0},\"roam_mb_s\":{rm:.1},\"qemu_nbd_iops\":{qi:.0},\
+                     \"qemu_nbd_mb_s\":{qm:.1},\"ratio\":{ratio:.3},\
+                     \"roam_cpu_us_per_op\":{rc:.2},\"qemu_nbd_cpu_us_per_op\":{qc:.2}}}"
+                )
+            })
+            .collect();
+        println!(
+            "{{\"size_mib\":{},\"depth\":{},\"workers\":{},\"rounds\":{},{}}}",
+            o.size_mib,
+            o.depth,
+            o.workers,
+            o.rounds,
+            items.join(",")
+        );
+    } else {
+        println!(
+            "{:<20} {:>10} {:>10} {:>10} {:>10} {:>7} {:>10} {:>10}",
+            "workload",
+            "roam IOPS",
+            "roam MB/s",
+            "qemu IOPS",
+            "qemu MB/s",
+            "ratio",
+            "roam us/op",
+            "qemu us/op"
+        );
+        for (n, ri, rm, qi, qm, ratio, rc, qc) in &rows {
+            println!(
+                "{n:<20} {ri:>10.0} {rm:>10.1} {qi:>10.0} {qm:>10.1} {ratio:>7.3} {rc:>10.2} {qc:>10.2}"
+            );
+        }
+    }
+    Ok(())
+}
+
+struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
