@@ -13,6 +13,11 @@
 //!   destination punches a hole) — zero chunks are never sent in the first pass at all.
 //! * `Seal`: no body; `index` carries the number of chunk frames sent so far and `hash`
 //!   the source's disk digest; the destination answers on the control stream.
+//! * `Sync`: no body; `index` carries the number of chunk frames sent so far. The
+//!   destination answers on the same stream, once it has written them all, with that
+//!   count as 8 big-endian bytes. The source uses it to know what really arrived (QUIC
+//!   accepts writes long before the peer has them), which is what makes its rate
+//!   measurement and its round decisions honest.
 //!
 //! Lengths are checked against `MAX_CHUNK` before anything is allocated, and the hash of
 //! every decoded chunk is checked by the receiver against the bytes it will write.
@@ -32,6 +37,7 @@ pub enum Kind {
     Raw = 2,
     Zero = 3,
     Seal = 4,
+    Sync = 5,
 }
 
 impl Kind {
@@ -41,6 +47,7 @@ impl Kind {
             2 => Kind::Raw,
             3 => Kind::Zero,
             4 => Kind::Seal,
+            5 => Kind::Sync,
             _ => return None,
         })
     }
@@ -112,7 +119,7 @@ impl DiskFrame {
             Kind::Data => body_len > 0 && body_len <= zstd_bound(raw_len),
             Kind::Raw => body_len == raw_len,
             Kind::Zero => body_len == 0,
-            Kind::Seal => body_len == 0 && raw_len == 0,
+            Kind::Seal | Kind::Sync => body_len == 0 && raw_len == 0,
         };
         if !consistent {
             return Err(FrameError::Inconsistent {
@@ -181,6 +188,16 @@ impl DiskFrame {
         }
     }
 
+    pub fn sync(frames_sent: u64) -> DiskFrame {
+        DiskFrame {
+            kind: Kind::Sync,
+            index: frames_sent,
+            raw_len: 0,
+            body_len: 0,
+            hash: [0; 32],
+        }
+    }
+
     /// Turn a received body into the chunk's bytes, checking the hash. `Zero` yields an
     /// empty vector (the caller punches a hole or writes zeroes of `raw_len`).
     pub fn decode_body(&self, body: &[u8]) -> Result<Vec<u8>, FrameError> {
@@ -192,7 +209,7 @@ impl DiskFrame {
                 }
             })?,
             Kind::Raw => body.to_vec(),
-            Kind::Zero | Kind::Seal => return Ok(Vec::new()),
+            Kind::Zero | Kind::Seal | Kind::Sync => return Ok(Vec::new()),
         };
         if data.len() != self.raw_len as usize || *blake3::hash(&data).as_bytes() != self.hash {
             return Err(FrameError::HashMismatch { index: self.index });

@@ -184,7 +184,7 @@ impl Dest {
                     StreamKind::Disk => {
                         if let (Some(r), Some(done)) = (receiver.take(), disk_tx.take()) {
                             tokio::spawn(async move {
-                                let _ = done.send(r.run(&mut rx).await);
+                                let _ = done.send(r.run(&mut rx, tx).await);
                             });
                         }
                     }

@@ -140,6 +140,37 @@ impl DiskSender {
         result
     }
 
+    /// Wait until the destination has written every frame sent so far.
+    pub async fn sync<W, R>(&mut self, w: &mut W, r: &mut R) -> Result<()>
+    where
+        W: AsyncWrite + Unpin,
+        R: AsyncRead + Unpin,
+    {
+        let frame = DiskFrame::sync(self.frames_sent);
+        w.write_all(&frame.encode_header())
+            .await
+            .map_err(|e| Error::io("send disk sync", e))?;
+        w.flush()
+            .await
+            .map_err(|e| Error::io("send disk sync", e))?;
+        loop {
+            let mut b = [0u8; 8];
+            r.read_exact(&mut b)
+                .await
+                .map_err(|e| Error::io("receive disk sync answer", e))?;
+            let n = u64::from_be_bytes(b);
+            if n == self.frames_sent {
+                return Ok(());
+            }
+            if n > self.frames_sent {
+                return Err(Error::Disk(format!(
+                    "destination claims {n} chunks, only {} were sent",
+                    self.frames_sent
+                )));
+            }
+        }
+    }
+
     /// Send the seal: the count of frames and the source's digest. Returns the digest (hex).
     pub async fn seal<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> Result<String> {
         let hashes = self
@@ -252,9 +283,22 @@ impl DiskReceiver {
     }
 
     /// Receive frames until the seal; then make the disk durable and compare digests.
+    /// `Sync` frames are answered on `ack` once every earlier frame is written.
     /// Any I/O error (a full disk first of all) ends the receive with an error that says so.
-    pub async fn run<R: AsyncRead + Unpin>(self, r: &mut R) -> Result<SealOutcome> {
+    pub async fn run<R, W>(self, r: &mut R, mut ack: W) -> Result<SealOutcome>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let (tx, mut rx) = mpsc::channel::<(DiskFrame, Vec<u8>)>(32);
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<u64>();
+        let acker = tokio::spawn(async move {
+            while let Some(n) = ack_rx.recv().await {
+                if ack.write_all(&n.to_be_bytes()).await.is_err() || ack.flush().await.is_err() {
+                    return;
+                }
+            }
+        });
         let DiskReceiver {
             file,
             mut hashes,
@@ -264,6 +308,10 @@ impl DiskReceiver {
         let writer = tokio::task::spawn_blocking(move || -> Result<Option<SealOutcome>> {
             let mut received = 0u64;
             while let Some((frame, body)) = rx.blocking_recv() {
+                if frame.kind == Kind::Sync {
+                    let _ = ack_tx.send(received);
+                    continue;
+                }
                 if frame.kind == Kind::Seal {
                     file.sync_data()
                         .map_err(|e| Error::io("flush received disk", e))?;
@@ -332,7 +380,9 @@ impl DiskReceiver {
         drop(tx);
         let written = writer
             .await
-            .map_err(|e| Error::Disk(format!("disk writer thread: {e}")))?;
+            .map_err(|e| Error::Disk(format!("disk writer thread: {e}")));
+        acker.abort();
+        let written = written?;
         match (written, read_result) {
             // A writer error (e.g. disk full) explains a read error that followed it.
             (Err(e), _) => Err(e),
@@ -400,9 +450,12 @@ mod tests {
         let receiver = DiskReceiver::new(dfile.clone(), n * cs as u64, cs as u32);
         // Between the bulk pass and the dirty round: chunk 5 rewritten, chunk 1 zeroed.
         let all: Vec<u64> = (0..n).collect();
-        let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        let recv = tokio::spawn(async move { receiver.run(&mut b).await });
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (mut ar, mut a) = tokio::io::split(a);
+        let (mut br, bw) = tokio::io::split(b);
+        let recv = tokio::spawn(async move { receiver.run(&mut br, bw).await });
         sender.send(&mut a, all, true).await.unwrap();
+        sender.sync(&mut a, &mut ar).await.unwrap();
         sfile.write_all_at(&vec![3u8; cs], 5 * cs as u64).unwrap();
         sfile.write_all_at(&vec![0u8; cs], cs as u64).unwrap();
         sender.send(&mut a, vec![1, 5], false).await.unwrap();
@@ -429,8 +482,9 @@ mod tests {
         let mut sender = DiskSender::new(sfile.clone(), n * cs as u64, cs as u32, 3);
         let receiver = DiskReceiver::new(dfile, n * cs as u64, cs as u32);
         sfile.write_all_at(&vec![4u8; cs], 3 * cs as u64).unwrap();
-        let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        let recv = tokio::spawn(async move { receiver.run(&mut b).await });
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let (mut br, bw) = tokio::io::split(b);
+        let recv = tokio::spawn(async move { receiver.run(&mut br, bw).await });
         sender.send(&mut a, (0..n).collect(), true).await.unwrap();
         // Tamper: the sender's digest now includes a chunk the receiver never saw.
         if let Some(h) = sender.hashes.as_mut() {
@@ -455,7 +509,10 @@ mod tests {
         let dfile = Arc::new(dtmp.reopen().unwrap());
         let receiver = DiskReceiver::new(dfile, 1 << 20, 65536);
         let mut junk: &[u8] = &[0xAB; 200];
-        let e = receiver.run(&mut junk).await.unwrap_err();
+        let e = receiver
+            .run(&mut junk, tokio::io::sink())
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("magic"), "{e}");
     }
 }

@@ -148,7 +148,7 @@ impl Source {
         }
 
         // --- disk: bulk copy, then rounds on what the guest dirtied ----------------
-        let (mut disk_tx, _disk_rx) = conn
+        let (mut disk_tx, mut disk_rx) = conn
             .open_stream(StreamKind::Disk)
             .await
             .map_err(|e| self.peer_err(e.to_string()))?;
@@ -168,6 +168,8 @@ impl Source {
         let t0 = Instant::now();
         let before = conn.stats().tx_bytes;
         sender.send(&mut disk_tx, bulk, true).await?;
+        // Written is not delivered: wait for the destination to have it all.
+        sender.sync(&mut disk_tx, &mut disk_rx).await?;
         let bulk_s = t0.elapsed().as_secs_f64();
         let sent = conn.stats().tx_bytes.saturating_sub(before);
         let rtt_ms = conn.stats().rtt.as_millis() as u64;
@@ -180,11 +182,16 @@ impl Source {
                 .unwrap_or(12.5e6)
         };
         self.meter.set_rate_hint(rate);
+        // From now on keep no more than a few bandwidth-delay products unacknowledged, so
+        // that QEMU (which writes its stream into our relay) sees the real link rate and
+        // nothing deep sits in buffers when the guest pauses.
+        let bdp = rate * (rtt_ms.max(1) as f64) / 1000.0;
+        conn.set_send_window((2.5 * bdp) as u64);
         // Faster links leave less time per byte to compress: trade ratio for speed.
         sender.set_level(if rate > 50e6 { 1 } else { 3 });
         info!(vm = %self.req.vm, mbit = rate * 8.0 / 1e6, rtt_ms, "link measured by the bulk copy");
         self.meter.phase(Phase::DiskIterate);
-        self.iterate_disk(&sub, &mut sender, &mut disk_tx, rate)
+        self.iterate_disk(&sub, &mut sender, &mut disk_tx, &mut disk_rx, rate)
             .await?;
 
         // --- memory: QEMU pre-copies through our relay --------------------------------
@@ -405,6 +412,7 @@ impl Source {
         sub: &DirtySubscription,
         sender: &mut DiskSender,
         w: &mut SendStream,
+        r: &mut roam_channel::RecvStream,
         rate: f64,
     ) -> Result<()> {
         let mut prev = None;
@@ -422,6 +430,7 @@ impl Source {
             );
             // Whatever we took must be sent now, whatever we decide: the marks are gone.
             sender.send(w, dirty, false).await?;
+            sender.sync(w, r).await?;
             if decision == Decision::StartMemory {
                 break;
             }
