@@ -32,7 +32,7 @@ pub struct Daemon {
     pub identity: Identity,
     pub trust: Arc<TrustSet>,
     pub endpoint: Endpoint,
-    pub nbd: NbdServer,
+    pub nbd: Arc<NbdServer>,
     pub accel: roam_vm::Accel,
     /// VMs whose QEMU runs here, by name.
     pub vms: tokio::sync::Mutex<HashMap<String, Arc<RunningVm>>>,
@@ -95,6 +95,9 @@ pub async fn run(state: PathBuf, socket: Option<PathBuf>) -> anyhow::Result<()> 
         state: state.clone(),
         run: cfg.run_dir.clone(),
     };
+    // Nothing runs yet (QEMUs die with the daemon that spawned them): sockets and logs of
+    // an earlier life are debris.
+    let _ = std::fs::remove_dir_all(paths.run.join("vms"));
     for d in [&paths.run, &paths.run.join("vms")] {
         std::fs::create_dir_all(d).map_err(|e| Error::io(format!("create {}", d.display()), e))?;
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
@@ -119,8 +122,10 @@ pub async fn run(state: PathBuf, socket: Option<PathBuf>) -> anyhow::Result<()> 
         ChannelConfig::default(),
     )
     .map_err(|e| anyhow::anyhow!("peer channel on {}: {e}", cfg.listen))?;
-    let nbd = NbdServer::bind(paths.nbd_socket(), Default::default())
-        .map_err(|e| anyhow::anyhow!("NBD server: {e}"))?;
+    let nbd = Arc::new(
+        NbdServer::bind(paths.nbd_socket(), Default::default())
+            .map_err(|e| anyhow::anyhow!("NBD server: {e}"))?,
+    );
     let accel = tokio::task::spawn_blocking(roam_vm::probe_accel).await?;
     // QEMU processes die with the daemon that spawned them, so nothing runs yet: a VM
     // recorded as running was interrupted. Say so; never pretend it still runs.

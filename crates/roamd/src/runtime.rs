@@ -120,7 +120,7 @@ impl RunningVm {
     }
 
     /// Quit QEMU (never `cont`: see the migration's ownership rule) and unpublish the disk.
-    pub async fn stop(&self, nbd: &NbdServer) -> Result<()> {
+    pub async fn stop(&self, nbd: &Arc<NbdServer>) -> Result<()> {
         let vm = self.vm.write().await.take();
         let quit = match vm {
             Some(vm) => vm.quit().await.map(|_| ()),
@@ -133,10 +133,13 @@ impl RunningVm {
 }
 
 /// Removing an export waits for its clients to drain, which blocks.
-pub async fn remove_export(nbd: &NbdServer, export: &str) -> Result<()> {
-    // The server is shared by reference; the wait is short (bounded by its drain grace),
-    // so block_in_place keeps the runtime responsive without moving the server.
-    let r = tokio::task::block_in_place(|| nbd.remove_export(export));
+pub async fn remove_export(nbd: &Arc<NbdServer>, export: &str) -> Result<()> {
+    // Not block_in_place: that can retire a worker thread, and QEMU's parent-death signal
+    // follows the thread that spawned it (see roam-vm).
+    let (nbd, name) = (nbd.clone(), export.to_string());
+    let r = tokio::task::spawn_blocking(move || nbd.remove_export(&name))
+        .await
+        .map_err(|e| Error::Disk(format!("remove NBD export '{export}': {e}")))?;
     match r {
         Ok(_) => Ok(()),
         Err(e) => {

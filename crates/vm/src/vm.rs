@@ -112,14 +112,28 @@ impl Vm {
             path: paths.qemu_log.clone(),
             source,
         })?;
-        let child = Command::new(&config.qemu_binary)
-            .args(&argv)
+        let mut cmd = Command::new(&config.qemu_binary);
+        cmd.args(&argv)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(true)
             // Own process group: a Ctrl-C meant for roamd must not kill the guests.
-            .process_group(0)
+            .process_group(0);
+        // A QEMU whose daemon died (crash, SIGKILL) must not live on as an orphan holding
+        // a disk and sockets nobody supervises: the kernel kills it with its parent.
+        // (The signal follows the spawning *thread*; tokio's worker threads live as long
+        // as the runtime, which is the daemon's life.)
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .spawn()
             .map_err(|source| Error::Spawn {
                 binary: config.qemu_binary.display().to_string(),
