@@ -49,13 +49,25 @@ async fn heartbeats_flow(lab: &Lab, host: &str, vm: &str) -> bool {
 }
 
 async fn no_debris(lab: &Lab, host: &str) {
+    // QEMU processes of this host's lab run dir must match the VMs it runs, no more.
+    let running = lab
+        .host(host)
+        .client
+        .vm_list()
+        .await
+        .map(|v| {
+            v.iter()
+                .filter(|i| i.state == roam_control::api::VmState::Running)
+                .count()
+        })
+        .unwrap_or(0);
     let ok = roam_lab::lab::wait_until(Duration::from_secs(15), || {
-        lab.debris(host).is_empty() && lab.qemu_processes(host).is_empty()
+        lab.debris(host).is_empty() && lab.qemu_processes(host).len() == running
     })
     .await;
     assert!(
         ok,
-        "{host} left debris: {:?}, QEMU pids {:?}",
+        "{host} left debris: {:?}, QEMU pids {:?} for {running} running VMs",
         lab.debris(host),
         lab.qemu_processes(host)
     );

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use super::disk::{DiskReceiver, SealOutcome};
 use super::relay;
-use super::{recv_ctl, send_ctl};
+use super::{recv_ctl, send_ctl, send_last};
 use crate::daemon::{BusyGuard, Daemon};
 use crate::error::{Error, Result};
 use crate::runtime::RunningVm;
@@ -40,7 +40,7 @@ pub async fn serve(
         Ok(g) => g,
         Err(e) => {
             info!(vm = %name, from = %source_host, "refused incoming migration: {e}");
-            let _ = send_ctl(
+            send_last(
                 &mut ctl_tx,
                 &Msg::Refuse {
                     reason: e.to_string(),
@@ -61,7 +61,7 @@ pub async fn serve(
     let r = job.run(&mut ctl_tx, &mut ctl_rx).await;
     if let Err(e) = r {
         warn!(vm = %name, from = %source_host, "incoming migration failed: {e}");
-        let _ = send_ctl(&mut ctl_tx, &Msg::abort(e.to_string())).await;
+        send_last(&mut ctl_tx, &Msg::abort(e.to_string())).await;
         job.cleanup().await;
         conn.close(2, &e.to_string());
     }

@@ -27,6 +27,15 @@ pub async fn send_ctl(tx: &mut SendStream, msg: &Msg) -> Result<()> {
         .map_err(|e| Error::Migration(format!("send {}: {e}", msg.name())))
 }
 
+/// Send a conversation's last message and wait (briefly) until the peer has it: closing
+/// the connection right after a write would discard it, and "refused: destination disk
+/// full" is worth delivering.
+pub async fn send_last(tx: &mut SendStream, msg: &Msg) {
+    if send_ctl(tx, msg).await.is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), tx.finish_and_wait()).await;
+    }
+}
+
 pub async fn recv_ctl(rx: &mut RecvStream, timeout: Duration) -> Result<Msg> {
     match tokio::time::timeout(timeout, roam_channel::recv_msg::<Msg>(rx)).await {
         Err(_) => Err(Error::Migration(format!(

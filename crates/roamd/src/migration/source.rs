@@ -477,9 +477,12 @@ impl Source {
                 if let Some(c) = &conn {
                     // Best effort: tell the destination to clean up; it also does so when
                     // the channel dies.
-                    if let Ok((mut tx, _rx)) = c.open_stream(StreamKind::Control).await {
-                        let _ = send_ctl(&mut tx, &Msg::abort(e.to_string())).await;
-                    }
+                    let abort = async {
+                        if let Ok((mut tx, _rx)) = c.open_stream(StreamKind::Control).await {
+                            super::send_last(&mut tx, &Msg::abort(e.to_string())).await;
+                        }
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(5), abort).await;
                     c.close(1, "aborted");
                 }
                 self.recover().await;

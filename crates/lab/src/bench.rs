@@ -1,0 +1,183 @@
+//! `roam-lab bench`: roam's figures side by side with their baselines, measured in the
+//! same run, and checked against the promises in SPECIFICATION.md.
+//!
+//! * NBD: roam's server against qemu-nbd on the same file (`roam-nbd-bench`, which
+//!   drives both with `qemu-img bench`).
+//! * Migration: the demo's busy VM moved over the emulated WAN at 100 Mbit/s / 40 ms and
+//!   at 1 Gbit/s / 10 ms; downtime and bytes on the wire against the bytes QEMU and the
+//!   disk copy really had to send.
+
+use std::process::Command;
+use std::time::Duration;
+
+use roam_control::api::{MigrationResult, Outcome};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::bins;
+use crate::lab::{Lab, LabConfig, LabError};
+
+/// One promise, its measured value and whether it holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub measured: f64,
+    pub target: String,
+    pub met: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationFigures {
+    pub label: String,
+    pub bandwidth_mbit: f64,
+    pub rtt_ms: f64,
+    pub loss_pct: f64,
+    pub result: MigrationResult,
+    /// wire / (memory + disk): what the channel added on top of the payload.
+    pub wire_overhead: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub nbd: Value,
+    pub migrations: Vec<MigrationFigures>,
+    pub checks: Vec<Check>,
+}
+
+/// Run `roam-nbd-bench --json` and return its object.
+pub fn nbd_bench(quick: bool) -> Result<Value, LabError> {
+    let b = bins::find("roam-nbd-bench")
+        .ok_or_else(|| LabError::MissingBinary("roam-nbd-bench".into()))?;
+    let mut cmd = Command::new(&b);
+    cmd.arg("--json");
+    if quick {
+        cmd.args(["--rounds", "2", "--size-mib", "256", "--write-count", "20000"]);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| LabError::Io(format!("run {}: {e}", b.display())))?;
+    if !out.status.success() {
+        return Err(LabError::Io(format!(
+            "roam-nbd-bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| LabError::Io(format!("roam-nbd-bench output: {e}")))
+}
+
+/// Boot the demo VM on office, run its workload, move it to home over `cfg.link`.
+pub async fn migration(label: &str, cfg: LabConfig) -> Result<MigrationFigures, LabError> {
+    let link = cfg.link;
+    let lab = Lab::start(cfg).await?;
+    lab.create_vm("office", "desk").await?;
+    lab.start_workload("office", "desk").await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let result = lab.migrate("desk", "office", "home", |_| {}).await?;
+    lab.shutdown().await;
+    let payload = (result.bytes.memory + result.bytes.disk).max(1);
+    Ok(MigrationFigures {
+        label: label.to_string(),
+        bandwidth_mbit: link.bandwidth_mbit,
+        rtt_ms: link.rtt_ms,
+        loss_pct: link.loss_pct,
+        wire_overhead: result.bytes.wire as f64 / payload as f64,
+        result,
+    })
+}
+
+/// Compare the figures with SPECIFICATION.md's promises.
+pub fn checks(nbd: &Value, migrations: &[MigrationFigures]) -> Vec<Check> {
+    let mut out = Vec::new();
+    for (key, name) in [
+        ("write_ratio", "NBD 4 KiB writes, roam / qemu-nbd"),
+        ("read_ratio", "NBD 1 MiB reads, roam / qemu-nbd"),
+    ] {
+        if let Some(v) = find_number(nbd, key) {
+            out.push(Check {
+                name: name.into(),
+                measured: v,
+                target: ">= 0.90".into(),
+                met: v >= 0.9,
+            });
+        }
+    }
+    for m in migrations {
+        let completed = m.result.outcome == Outcome::Completed;
+        out.push(Check {
+            name: format!("{}: completed with 0 acknowledged writes lost", m.label),
+            measured: m.result.acked_writes_lost as f64,
+            target: "== 0".into(),
+            met: completed && m.result.acked_writes_lost == 0,
+        });
+        if (m.rtt_ms - 40.0).abs() < 1.0 {
+            let d = m.result.downtime_ms.unwrap_or(u64::MAX) as f64;
+            out.push(Check {
+                name: format!("{}: QEMU downtime, ms", m.label),
+                measured: d,
+                target: "<= 300".into(),
+                met: completed && d <= 300.0,
+            });
+        }
+        out.push(Check {
+            name: format!("{}: wire / (memory + disk)", m.label),
+            measured: m.wire_overhead,
+            target: "<= 1.05".into(),
+            met: completed && m.wire_overhead <= 1.05,
+        });
+    }
+    out
+}
+
+fn find_number(v: &Value, key: &str) -> Option<f64> {
+    match v {
+        Value::Object(map) => {
+            if let Some(n) = map.get(key).and_then(Value::as_f64) {
+                return Some(n);
+            }
+            map.values().find_map(|x| find_number(x, key))
+        }
+        Value::Array(a) => a.iter().find_map(|x| find_number(x, key)),
+        _ => None,
+    }
+}
+
+/// The table a person reads.
+pub fn render(r: &BenchReport) -> String {
+    let mut s = String::new();
+    s.push_str("NBD (qemu-img bench, same file, same run)\n");
+    s.push_str(&format!(
+        "  {}\n\n",
+        serde_json::to_string(&r.nbd).unwrap_or_default()
+    ));
+    s.push_str(&format!(
+        "{:<22} {:>9} {:>10} {:>11} {:>11} {:>9} {:>9} {:>9} {:>6}\n",
+        "migration", "total s", "downtime", "guest gap", "memory MB", "disk MB", "wire MB", "wire/pay", "lost"
+    ));
+    for m in &r.migrations {
+        let x = &m.result;
+        s.push_str(&format!(
+            "{:<22} {:>9.2} {:>8} ms {:>8} ms {:>11.1} {:>9.1} {:>9.1} {:>9.3} {:>6}\n",
+            m.label,
+            x.total_ms as f64 / 1000.0,
+            x.downtime_ms.map_or("-".into(), |d| d.to_string()),
+            x.guest_downtime_ms.map_or("-".into(), |d| d.to_string()),
+            x.bytes.memory as f64 / 1e6,
+            x.bytes.disk as f64 / 1e6,
+            x.bytes.wire as f64 / 1e6,
+            m.wire_overhead,
+            x.acked_writes_lost,
+        ));
+    }
+    s.push_str("\nchecks (SPECIFICATION.md)\n");
+    for c in &r.checks {
+        s.push_str(&format!(
+            "  [{}] {:<52} {:>10.3}  target {}\n",
+            if c.met { "ok" } else { "MISS" },
+            c.name,
+            c.measured,
+            c.target
+        ));
+    }
+    s
+}
