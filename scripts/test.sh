@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # The end-to-end tests drive the real binaries.
-cargo build --bins -p roamd -p roam-control -p roam-lab -p roam-agent
+cargo build --bins -p roamd -p roam-control -p roam-lab -p roam-agent -p roam-nbd
 exec cargo nextest run --workspace --no-fail-fast "$@"

@@ -15,6 +15,7 @@
 //! Everything it creates (namespaces, processes, state directories, mounts) is owned by a
 //! [`Lab`] value and removed when it is dropped, by id — also when a test fails.
 
+pub mod bench;
 pub mod bins;
 pub mod host;
 pub mod lab;

@@ -72,6 +72,18 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// roam's figures beside their baselines, in one run: NBD against qemu-nbd, and the
+    /// demo migration at 100 Mbit/s / 40 ms and at 1 Gbit/s / 10 ms.
+    Bench {
+        #[command(flatten)]
+        vm: VmArgs,
+        /// Fewer NBD rounds (for a quick look, not for the record).
+        #[arg(long)]
+        quick: bool,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn link_params(l: &LinkArgs) -> LinkParams {
@@ -125,6 +137,37 @@ async fn main() -> anyhow::Result<()> {
             }
             if result.outcome != Outcome::Completed {
                 std::process::exit(3);
+            }
+            Ok(())
+        }
+        Cmd::Bench { vm, quick, json } => {
+            eprintln!("roam-lab bench: NBD, roam against qemu-nbd");
+            let nbd = roam_lab::bench::nbd_bench(quick)?;
+            let mut migrations = Vec::new();
+            for (label, mbit, rtt, loss) in [
+                ("100 Mbit/s, 40 ms", 100.0, 40.0, 0.1),
+                ("1 Gbit/s, 10 ms", 1000.0, 10.0, 0.0),
+            ] {
+                eprintln!("roam-lab bench: migration over {label}, {loss}% loss");
+                let link = LinkArgs {
+                    bandwidth_mbit: mbit,
+                    rtt_ms: rtt,
+                    loss_pct: loss,
+                    jitter_ms: 0.0,
+                };
+                let cfg = lab_config(&link, &vm, false);
+                migrations.push(roam_lab::bench::migration(label, cfg).await?);
+            }
+            let checks = roam_lab::bench::checks(&nbd, &migrations);
+            let report = roam_lab::bench::BenchReport {
+                nbd,
+                migrations,
+                checks,
+            };
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", roam_lab::bench::render(&report));
             }
             Ok(())
         }
