@@ -194,7 +194,7 @@ pub fn make_disk(opts: &MkdiskOptions) -> Result<MkdiskReport, MkdiskError> {
     let mut i = 0usize;
     while written < total {
         let len = per_file.min(total - written);
-        let (name, bytes) = if i % 2 == 0 {
+        let (name, bytes) = if i.is_multiple_of(2) {
             (format!("data/rand-{i:04}.bin"), random_file(&mut rng, len))
         } else {
             (format!("data/text-{i:04}.txt"), text_file(&mut rng, len))

@@ -44,7 +44,7 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let mantissa: u128 = digits.parse().map_err(|_| SizeError::Syntax)?;
     let scale = 10u128.pow(frac.len() as u32);
     let scaled = mantissa << shift;
-    if scaled % scale != 0 {
+    if !scaled.is_multiple_of(scale) {
         return Err(SizeError::Range);
     }
     u64::try_from(scaled / scale).map_err(|_| SizeError::Range)

@@ -226,7 +226,7 @@ impl Inbound {
             return Err(CryptoError::Esp("bad length"));
         }
         let body_len = packet.len() - HEADER_LEN - IV_LEN - ICV_LEN;
-        if body_len % 16 != 0 {
+        if !body_len.is_multiple_of(16) {
             return Err(CryptoError::Esp("ciphertext not block aligned"));
         }
         if spi_of(packet) != Some(self.spi) {

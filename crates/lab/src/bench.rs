@@ -51,7 +51,14 @@ pub fn nbd_bench(quick: bool) -> Result<Value, LabError> {
     let mut cmd = Command::new(&b);
     cmd.arg("--json");
     if quick {
-        cmd.args(["--rounds", "2", "--size-mib", "256", "--write-count", "20000"]);
+        cmd.args([
+            "--rounds",
+            "2",
+            "--size-mib",
+            "256",
+            "--write-count",
+            "20000",
+        ]);
     }
     let out = cmd
         .output()
@@ -139,7 +146,15 @@ pub fn render(r: &BenchReport) -> String {
     ));
     s.push_str(&format!(
         "{:<22} {:>9} {:>10} {:>11} {:>11} {:>9} {:>9} {:>9} {:>6}\n",
-        "migration", "total s", "downtime", "guest gap", "memory MB", "disk MB", "wire MB", "wire/pay", "lost"
+        "migration",
+        "total s",
+        "downtime",
+        "guest gap",
+        "memory MB",
+        "disk MB",
+        "wire MB",
+        "wire/pay",
+        "lost"
     ));
     for m in &r.migrations {
         let x = &m.result;

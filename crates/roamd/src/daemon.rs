@@ -402,7 +402,7 @@ impl Host for Daemon {
                 req.memory_mib
             )));
         }
-        if req.disk_bytes < 1 << 20 || req.disk_bytes % 512 != 0 {
+        if req.disk_bytes < 1 << 20 || !req.disk_bytes.is_multiple_of(512) {
             return Err(ApiError::bad_request(format!(
                 "disk size {} bytes: must be at least 1 MiB and a multiple of 512",
                 req.disk_bytes

@@ -33,7 +33,8 @@ pub struct RunningVm {
     pub config: VmConfig,
     pub tracker: Arc<DirtyTracker>,
     pub agent: AgentMonitor,
-    pub disk_path: PathBuf,
+    /// Where the disk file is; it moves once, when an arriving VM is taken over.
+    disk_path: std::sync::RwLock<PathBuf>,
     pub export: String,
     /// The synthetic workload last asked of the guest agent (it migrates with the guest).
     pub workload: std::sync::Mutex<roam_control::api::Workload>,
@@ -94,10 +95,25 @@ impl RunningVm {
             config,
             tracker,
             agent,
-            disk_path,
+            disk_path: std::sync::RwLock::new(disk_path),
             export,
             workload: Default::default(),
         }))
+    }
+
+    pub fn disk_path(&self) -> PathBuf {
+        self.disk_path
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Move the disk file (QEMU and the NBD export keep their open descriptor).
+    pub fn move_disk(&self, to: &std::path::Path) -> Result<()> {
+        let mut p = self.disk_path.write().unwrap_or_else(|p| p.into_inner());
+        std::fs::rename(&*p, to).map_err(|e| Error::io("move the disk into place", e))?;
+        *p = to.to_path_buf();
+        Ok(())
     }
 
     pub fn pid(&self) -> Option<u32> {

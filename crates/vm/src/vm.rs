@@ -133,12 +133,10 @@ impl Vm {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|source| Error::Spawn {
-                binary: config.qemu_binary.display().to_string(),
-                source,
-            })?;
+        let child = cmd.spawn().map_err(|source| Error::Spawn {
+            binary: config.qemu_binary.display().to_string(),
+            source,
+        })?;
         tracing::info!(vm = %config.name, pid = ?child.id(), "QEMU started");
 
         let (events, _) = broadcast::channel(256);

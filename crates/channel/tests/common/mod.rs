@@ -127,7 +127,7 @@ impl Relay {
                 }
                 if n >= 1000 && drop_every > 0 {
                     large += 1;
-                    if large % drop_every == 0 {
+                    if large.is_multiple_of(drop_every) {
                         dropped2.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }

@@ -80,7 +80,7 @@ pub fn decrypt(cipher: u16, key: &[u8], data: &[u8]) -> Result<Vec<u8>, CryptoEr
     match cipher {
         CIPHER_NULL => Ok(data.to_vec()),
         CIPHER_AES_128_CBC | CIPHER_AES_256_CBC => {
-            if data.len() < 32 || data.len() % 16 != 0 {
+            if data.len() < 32 || !data.len().is_multiple_of(16) {
                 return Err(CryptoError::Decrypt);
             }
             let (iv, ct) = data.split_at(16);

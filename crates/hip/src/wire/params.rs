@@ -325,7 +325,7 @@ pub struct Solution {
 impl ParamBody for Solution {
     const TYPE: u16 = ty::SOLUTION;
     fn decode(c: &[u8]) -> Result<Self, WireError> {
-        if c.len() < 4 || (c.len() - 4) % 2 != 0 || !rhash_len_ok((c.len() - 4) / 2) {
+        if c.len() < 4 || !(c.len() - 4).is_multiple_of(2) || !rhash_len_ok((c.len() - 4) / 2) {
             return Err(bad(Self::TYPE, "#I/#J length is not an RHASH length"));
         }
         let n = (c.len() - 4) / 2;
@@ -367,7 +367,7 @@ pub struct Ack(pub Vec<u32>);
 impl ParamBody for Ack {
     const TYPE: u16 = ty::ACK;
     fn decode(c: &[u8]) -> Result<Self, WireError> {
-        if c.len() % 4 != 0 {
+        if !c.len().is_multiple_of(4) {
             return Err(bad(Self::TYPE, "length not a multiple of 4"));
         }
         Ok(Ack(c.chunks_exact(4).map(|w| be32(w, 0)).collect()))
@@ -415,7 +415,7 @@ pub struct HipCipher(pub Vec<u16>);
 impl ParamBody for HipCipher {
     const TYPE: u16 = ty::HIP_CIPHER;
     fn decode(c: &[u8]) -> Result<Self, WireError> {
-        if c.len() % 2 != 0 || c.is_empty() {
+        if !c.len().is_multiple_of(2) || c.is_empty() {
             return Err(bad(Self::TYPE, "length must be a non-zero even number"));
         }
         Ok(HipCipher(
@@ -646,7 +646,7 @@ pub struct TransportFormatList(pub Vec<u16>);
 impl ParamBody for TransportFormatList {
     const TYPE: u16 = ty::TRANSPORT_FORMAT_LIST;
     fn decode(c: &[u8]) -> Result<Self, WireError> {
-        if c.len() % 2 != 0 {
+        if !c.len().is_multiple_of(2) {
             return Err(bad(Self::TYPE, "odd length"));
         }
         Ok(TransportFormatList(
@@ -667,7 +667,7 @@ pub struct EspTransform(pub Vec<u16>);
 impl ParamBody for EspTransform {
     const TYPE: u16 = ty::ESP_TRANSFORM;
     fn decode(c: &[u8]) -> Result<Self, WireError> {
-        if c.len() < 2 || c.len() % 2 != 0 {
+        if c.len() < 2 || !c.len().is_multiple_of(2) {
             return Err(bad(Self::TYPE, "length must be even and at least 2"));
         }
         Ok(EspTransform(
@@ -737,7 +737,7 @@ pub struct ViaRvs(pub Vec<Ipv6Addr>);
 impl ParamBody for ViaRvs {
     const TYPE: u16 = ty::VIA_RVS;
     fn decode(c: &[u8]) -> Result<Self, WireError> {
-        if c.len() % 16 != 0 {
+        if !c.len().is_multiple_of(16) {
             return Err(bad(Self::TYPE, "length not a multiple of 16"));
         }
         Ok(ViaRvs(

@@ -385,8 +385,7 @@ impl Dest {
         let final_disk = d.paths.vm_disk(&self.vm.name);
         std::fs::create_dir_all(&final_dir)
             .map_err(|e| Error::io(format!("create {}", final_dir.display()), e))?;
-        std::fs::rename(&rt.disk_path, &final_disk)
-            .map_err(|e| Error::io("move received disk into place", e))?;
+        rt.move_disk(&final_disk)?;
         let _ = std::fs::remove_dir_all(d.paths.incoming_dir(&self.vm.name));
         let rec = self.record(final_disk.display().to_string(), VmStatus::Running);
         d.store.put_vm(&rec)?;

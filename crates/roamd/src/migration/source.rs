@@ -118,7 +118,7 @@ impl Source {
         self.rt.agent.reset_gap();
         let conn = tokio::time::timeout(
             Duration::from_secs(15),
-            self.d.endpoint.connect(addr, key.clone()),
+            self.d.endpoint.connect(addr, key),
         )
         .await
         .map_err(|_| self.peer_err(format!("no answer from {addr} within 15 s")))?
@@ -153,7 +153,7 @@ impl Source {
             .await
             .map_err(|e| self.peer_err(e.to_string()))?;
         let file = Arc::new(
-            std::fs::File::open(&self.rt.disk_path)
+            std::fs::File::open(self.rt.disk_path())
                 .map_err(|e| Error::io("open disk for copy", e))?,
         );
         // Subscribe BEFORE reading anything: a write that lands during the bulk copy is
@@ -562,7 +562,7 @@ fn file_ref(path: &str) -> Result<FileRef> {
 
 fn manifest(rec: &crate::state::VmRecord, rt: &RunningVm) -> Result<VmManifest> {
     use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(&rt.disk_path).map_err(|e| Error::io("stat disk", e))?;
+    let meta = std::fs::metadata(rt.disk_path()).map_err(|e| Error::io("stat disk", e))?;
     Ok(VmManifest {
         name: rec.name.clone(),
         memory_mib: rec.memory_mib,
