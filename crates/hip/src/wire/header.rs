@@ -117,7 +117,9 @@ impl Header {
     /// Writes the 40 header bytes for a packet of `total_len` bytes
     /// (a multiple of 8, 40..=2048).
     pub(crate) fn write(&self, total_len: usize, checksum: u16, out: &mut Vec<u8>) {
-        debug_assert!(total_len.is_multiple_of(8) && (HEADER_LEN..=MAX_PACKET_LEN).contains(&total_len));
+        debug_assert!(
+            total_len.is_multiple_of(8) && (HEADER_LEN..=MAX_PACKET_LEN).contains(&total_len)
+        );
         out.push(self.next_header);
         out.push((total_len / 8 - 1) as u8);
         out.push(self.packet_type as u8 & 0x7f);

@@ -116,13 +116,11 @@ impl Source {
         self.meter.phase(Phase::Connect);
         // Guest-visible downtime is the longest heartbeat gap during this migration.
         self.rt.agent.reset_gap();
-        let conn = tokio::time::timeout(
-            Duration::from_secs(15),
-            self.d.endpoint.connect(addr, key),
-        )
-        .await
-        .map_err(|_| self.peer_err(format!("no answer from {addr} within 15 s")))?
-        .map_err(|e| self.peer_err(e.to_string()))?;
+        let conn =
+            tokio::time::timeout(Duration::from_secs(15), self.d.endpoint.connect(addr, key))
+                .await
+                .map_err(|_| self.peer_err(format!("no answer from {addr} within 15 s")))?
+                .map_err(|e| self.peer_err(e.to_string()))?;
         self.conn = Some(conn.clone());
         let (mut ctl_tx, mut ctl_rx) = conn
             .open_stream(StreamKind::Control)
