@@ -1,0 +1,177 @@
+//! `roam-hip`: run a HIP endpoint, make an identity, talk to a running
+//! endpoint, or measure the data plane.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use roam_hipnet::config::{keygen, load_identity};
+use roam_hipnet::{Endpoint, EndpointConfig, PeerSpec};
+
+#[derive(Parser)]
+#[command(
+    name = "roam-hip",
+    about = "HIP endpoint with user-space ESP over UDP on a TUN device"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+// Parsed once at start; the size of `Run` does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run an endpoint until stopped (SIGINT/SIGTERM or `ctl stop`).
+    Run {
+        #[arg(long)]
+        identity: PathBuf,
+        /// UDP address for HIP and ESP (RFC 5770).
+        #[arg(long, default_value = "0.0.0.0:10500")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "hip0")]
+        tun: String,
+        /// No TUN device (a pure rendezvous server carries no data).
+        #[arg(long)]
+        no_tun: bool,
+        /// Offer rendezvous (RFC 8004) to hosts that register with us.
+        #[arg(long)]
+        serve_rvs: bool,
+        /// Register with this rendezvous server: HIT@ADDR:PORT.
+        #[arg(long)]
+        register: Option<PeerSpec>,
+        /// Our LSI (198.19.x.y); derived from the HIT when absent.
+        #[arg(long)]
+        lsi: Option<Ipv4Addr>,
+        /// HIT@ADDR:PORT[/LSI], or HIT[/LSI] to reach it through --rvs.
+        #[arg(long)]
+        peer: Vec<PeerSpec>,
+        /// Rendezvous server (ADDR:PORT) for peers without an address.
+        #[arg(long)]
+        rvs: Option<SocketAddr>,
+        /// Control socket for `roam-hip ctl`.
+        #[arg(long)]
+        control: Option<PathBuf>,
+        /// Start with associations exported by `ctl export` (a hex file).
+        #[arg(long)]
+        import: Option<PathBuf>,
+        #[arg(long, default_value_t = 1400)]
+        mtu: u16,
+    },
+    /// Write a new identity to FILE and print its HIT.
+    Keygen { file: PathBuf },
+    /// Print the HIT and default LSI of an identity file.
+    Show { file: PathBuf },
+    /// Send a request to a running endpoint: `locator ADDR`, `stats`,
+    /// `status`, `export` (stop and print the carried state, hex), `stop`.
+    Ctl {
+        #[arg(long)]
+        control: PathBuf,
+        #[arg(required = true)]
+        request: Vec<String>,
+    },
+    /// Measure user-space ESP against plain UDP on loopback, and the base
+    /// exchange latency.
+    Bench {
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Keygen { file } => {
+            let id = keygen(&file).with_context(|| format!("keygen {}", file.display()))?;
+            println!("{}", id.hit());
+        }
+        Cmd::Show { file } => {
+            let id = load_identity(&file)?;
+            println!(
+                "hit {}\nlsi {}",
+                id.hit(),
+                roam_hipnet::config::default_lsi(&id.hit())
+            );
+        }
+        Cmd::Ctl { control, request } => {
+            let reply = roam_hipnet::control::request(&control, &request.join(" "))
+                .with_context(|| format!("control socket {}", control.display()))?;
+            print!("{reply}");
+            if reply.starts_with("error") {
+                bail!("request failed");
+            }
+        }
+        Cmd::Bench { seconds, rounds } => {
+            let r = roam_hipnet::bench::run(seconds, rounds.max(1))?;
+            print!("{r}");
+        }
+        Cmd::Run {
+            identity,
+            listen,
+            tun,
+            no_tun,
+            serve_rvs,
+            register,
+            lsi,
+            peer,
+            rvs,
+            control,
+            import,
+            mtu,
+        } => {
+            let id = load_identity(&identity)?;
+            let mut cfg = EndpointConfig::new(id, listen, &tun);
+            cfg.lsi = lsi;
+            cfg.peers = peer;
+            cfg.rvs = rvs;
+            cfg.control = control;
+            cfg.mtu = mtu;
+            cfg.serve_rvs = serve_rvs;
+            cfg.register_with = register;
+            if let Some(f) = import {
+                let text = std::fs::read_to_string(&f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                cfg.import = Some(hex::decode(text.trim()).context("state file is not hex")?);
+            }
+            if no_tun {
+                cfg.tun_name = None;
+            }
+            run(cfg)?;
+        }
+    }
+    Ok(())
+}
+
+fn run(cfg: EndpointConfig) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let control = cfg.control.clone();
+        let (handle, mut task) = Endpoint::start(cfg).await?;
+        println!("hit {} lsi {}", handle.hit, handle.lsi);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = &mut task => {}
+            _ = tokio::signal::ctrl_c() => handle.stop().await,
+            _ = term.recv() => handle.stop().await,
+        }
+        if !task.is_finished() {
+            let _ = task.await;
+        }
+        if let Some(p) = control {
+            let _ = std::fs::remove_file(p);
+        }
+        eprint!("{}", handle.stats.render());
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(())
+}

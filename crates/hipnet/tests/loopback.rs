@@ -1,0 +1,141 @@
+//! Two endpoints in one process on 127.0.0.1, their inner packets carried
+//! through channels (the seam roamd uses for a VM's virtual LAN) instead of
+//! TUN devices: needs no privileges.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use roam_hip::HostIdentity;
+use roam_hipnet::beet::internet_checksum;
+use roam_hipnet::config::default_lsi;
+use roam_hipnet::{Endpoint, EndpointConfig, Handle, PacketDev, PeerSpec, UserEsp};
+use tokio::sync::mpsc;
+
+struct Side {
+    h: Handle,
+    to_net: mpsc::Sender<Vec<u8>>,
+    from_net: mpsc::Receiver<Vec<u8>>,
+}
+
+async fn side(id: HostIdentity, peers: Vec<PeerSpec>, import: Option<Vec<u8>>) -> Side {
+    let mut cfg = EndpointConfig::new(id, "127.0.0.1:0".parse().unwrap(), "unused");
+    cfg.tun_name = None;
+    cfg.peers = peers;
+    cfg.import = import;
+    let (to_net, outbound) = mpsc::channel(64);
+    let (inbound, from_net) = mpsc::channel(64);
+    let (h, _task) = Endpoint::start_on(
+        cfg,
+        Box::new(UserEsp::new()),
+        PacketDev::Channel { outbound, inbound },
+    )
+    .await
+    .unwrap();
+    Side {
+        h,
+        to_net,
+        from_net,
+    }
+}
+
+/// An IPv4/UDP packet with valid checksums.
+fn udp4(src: Ipv4Addr, dst: Ipv4Addr, data: &[u8]) -> Vec<u8> {
+    let ulen = 8 + data.len();
+    let mut p = vec![0x45, 0, 0, 0, 0, 1, 0, 0, 64, 17, 0, 0];
+    p[2..4].copy_from_slice(&((20 + ulen) as u16).to_be_bytes());
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let hc = internet_checksum(&p);
+    p[10..12].copy_from_slice(&hc.to_be_bytes());
+    let mut u = vec![0x30, 0x39, 0x13, 0x89];
+    u.extend_from_slice(&(ulen as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(data);
+    let c = udp4_checksum(src, dst, &u);
+    u[6..8].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(&u);
+    p
+}
+
+fn udp4_checksum(src: Ipv4Addr, dst: Ipv4Addr, seg: &[u8]) -> u16 {
+    let mut ph = src.octets().to_vec();
+    ph.extend_from_slice(&dst.octets());
+    ph.extend_from_slice(&[0, 17]);
+    ph.extend_from_slice(&(seg.len() as u16).to_be_bytes());
+    let mut s = seg.to_vec();
+    s[6] = 0;
+    s[7] = 0;
+    ph.extend_from_slice(&s);
+    internet_checksum(&ph)
+}
+
+async fn recv(s: &mut Side) -> Vec<u8> {
+    tokio::time::timeout(Duration::from_secs(10), s.from_net.recv())
+        .await
+        .expect("no packet within 10 s")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn lsi_and_hit_packets_cross_and_survive_a_handover() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_test_writer()
+        .try_init();
+    let (ida, idb) = (HostIdentity::generate(), HostIdentity::generate());
+    let (hit_a, hit_b) = (ida.hit(), idb.hit());
+    let mut b = side(idb, Vec::new(), None).await;
+    // A names B with an LSI of its own choosing: B must still see a packet
+    // to its own LSI, with valid checksums.
+    let b_seen_by_a = Ipv4Addr::new(198, 19, 77, 77);
+    let spec = format!("{hit_b}@{}/{b_seen_by_a}", b.h.listen);
+    let mut a = side(ida.clone(), vec![spec.parse().unwrap()], None).await;
+
+    let pkt = udp4(a.h.lsi, b_seen_by_a, b"over the LSI");
+    a.to_net.send(pkt).await.unwrap();
+    let got = recv(&mut b).await;
+    let (src, dst) = (default_lsi(&hit_a), b.h.lsi);
+    assert_eq!(&got[12..16], &src.octets());
+    assert_eq!(&got[16..20], &dst.octets());
+    assert_eq!(internet_checksum(&got[..20]), 0);
+    assert_eq!(
+        u16::from_be_bytes([got[26], got[27]]),
+        udp4_checksum(src, dst, &got[20..])
+    );
+    assert_eq!(&got[28..], b"over the LSI");
+
+    // B answers by HIT (IPv6, pure BEET).
+    let mut v6 = vec![0x60, 0, 0, 0, 0, 3, 59, 64];
+    v6.extend_from_slice(&hit_b.0);
+    v6.extend_from_slice(&hit_a.0);
+    v6.extend_from_slice(b"hit");
+    b.to_net.send(v6.clone()).await.unwrap();
+    assert_eq!(recv(&mut a).await, v6);
+
+    // A's associations move to a new endpoint on another port.
+    let state = a.h.export_and_stop().await.unwrap();
+    let mut a2 = side(ida, Vec::new(), Some(state)).await;
+    assert_eq!(a2.h.set_locator("127.0.0.1".parse().unwrap()).await, Ok(1));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let pkt = udp4(a2.h.lsi, b_seen_by_a, b"after the move");
+    a2.to_net.send(pkt).await.unwrap();
+    assert_eq!(&recv(&mut b).await[28..], b"after the move");
+    b.to_net.send(v6.clone()).await.unwrap();
+    assert_eq!(recv(&mut a2).await, v6);
+    let st = b.h.status().await;
+    let a2_addr: SocketAddr = a2.h.listen;
+    assert!(st.contains(&a2_addr.to_string()), "{st}");
+    let s = &b.h.stats;
+    assert_eq!(s.get("esp_replayed"), Some(0));
+    assert_eq!(s.get("established"), Some(1));
+    assert_eq!(s.get("peer_moves"), Some(1));
+    assert_eq!(a2.h.stats.get("established"), Some(0));
+
+    // Stopping sends CLOSE: the peer leaves ESTABLISHED.
+    b.h.stop().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let st = a2.h.status().await;
+    assert!(!st.contains("state Established"), "{st}");
+}
