@@ -375,6 +375,10 @@ pub struct MigrationResult {
     /// QEMU settings roamd chose (capabilities, parameters), free-form.
     #[serde(default)]
     pub tuning: serde_json::Value,
+    /// Disk chunks the destination already held (an older copy of this disk), which
+    /// therefore did not cross the WAN; absent when it held none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks_skipped: Option<u64>,
 }
 
 /// Machine-readable class of an [`ApiError`].

@@ -116,6 +116,17 @@ async fn live_migration_of_busy_vm_over_wan_loses_nothing_and_moves_back() {
     let back = lab.migrate("desk", "home", "office", |_| {}).await.unwrap();
     assert_eq!(back.outcome, Outcome::Completed, "{:?}", back.error);
     assert_eq!(back.acked_writes_lost, 0);
+    // office kept its old copy: only what changed since travels back.
+    assert!(
+        back.chunks_skipped.unwrap_or(0) > 0,
+        "no chunk was reused: {back:?}"
+    );
+    assert!(
+        back.bytes.disk * 4 < r.bytes.disk,
+        "return move sent {} disk bytes, the first move {}",
+        back.bytes.disk,
+        r.bytes.disk
+    );
     assert!(heartbeats_flow(&lab, "office", "desk").await);
     let info = lab.host("office").client.vm_show("desk").await.unwrap();
     assert_eq!(info.generation, 3);
@@ -243,5 +254,63 @@ async fn unknown_or_wrong_peer_key_is_refused_before_anything_is_exchanged() {
     assert!(heartbeats_flow(&lab, "office", "desk").await);
     no_debris(&lab, "home").await;
     assert!(lab.host("home").client.vm_list().await.unwrap().is_empty());
+    lab.shutdown().await;
+}
+
+/// The `roam` CLI, as a person runs it, against real daemons.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roam_cli_drives_real_daemons() {
+    let lab = Lab::start(small(wan(1000.0, 2.0, 0.0))).await.unwrap();
+    lab.create_vm("office", "desk").await.unwrap();
+    let roam = roam_lab::bins::find("roam").expect("roam binary built");
+    let sock = lab.host("office").socket.clone();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&roam)
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--json")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, out, err) = run(&["vm", "list"]);
+    assert_eq!(code, Some(0), "{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(list[0]["name"], "desk");
+    assert_eq!(list[0]["state"], "running");
+    let (code, out, _) = run(&["peer", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("home"));
+    // A bad key is refused with a message that names what is wrong.
+    let (code, _, err) = run(&["peer", "add", "x", "198.18.2.2:7000", "ed25519:nope"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("key"), "{err}");
+    let (code, out, err) = run(&["migrate", "desk", "--to", "home"]);
+    assert_eq!(code, Some(0), "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for key in [
+        "vm",
+        "from",
+        "to",
+        "outcome",
+        "total_ms",
+        "downtime_ms",
+        "guest_downtime_ms",
+        "bytes",
+        "link",
+        "acked_writes",
+        "acked_writes_lost",
+        "guest_rebooted",
+        "accel",
+    ] {
+        assert!(r.get(key).is_some(), "result lacks {key}: {out}");
+    }
+    assert_eq!(r["outcome"], "completed");
+    assert_eq!(r["acked_writes_lost"], 0);
     lab.shutdown().await;
 }

@@ -18,6 +18,15 @@
 //!   count as 8 big-endian bytes. The source uses it to know what really arrived (QUIC
 //!   accepts writes long before the peer has them), which is what makes its rate
 //!   measurement and its round decisions honest.
+//! * `Hash` (source → destination): no body; chunk `index` holds content `hash`. Sent for
+//!   every allocated chunk when the destination already holds an older copy of the disk
+//!   (a return move): it compares with what it has and asks only for what differs.
+//! * `Query` (source → destination): no body; `index` = number of `Hash` frames sent.
+//!   The destination answers with one `Want` frame per chunk it lacks, then `WantEnd`
+//!   (`index` = number of wants).
+//!
+//! Frames going back (destination → source, on the same stream) use the same header:
+//! `Sync` (acknowledgement, `index` = chunk frames written), `Want`, `WantEnd`.
 //!
 //! Lengths are checked against `MAX_CHUNK` before anything is allocated, and the hash of
 //! every decoded chunk is checked by the receiver against the bytes it will write.
@@ -38,6 +47,10 @@ pub enum Kind {
     Zero = 3,
     Seal = 4,
     Sync = 5,
+    Hash = 6,
+    Query = 7,
+    Want = 8,
+    WantEnd = 9,
 }
 
 impl Kind {
@@ -48,6 +61,10 @@ impl Kind {
             3 => Kind::Zero,
             4 => Kind::Seal,
             5 => Kind::Sync,
+            6 => Kind::Hash,
+            7 => Kind::Query,
+            8 => Kind::Want,
+            9 => Kind::WantEnd,
             _ => return None,
         })
     }
@@ -119,7 +136,10 @@ impl DiskFrame {
             Kind::Data => body_len > 0 && body_len <= zstd_bound(raw_len),
             Kind::Raw => body_len == raw_len,
             Kind::Zero => body_len == 0,
-            Kind::Seal | Kind::Sync => body_len == 0 && raw_len == 0,
+            Kind::Hash => body_len == 0,
+            Kind::Seal | Kind::Sync | Kind::Query | Kind::Want | Kind::WantEnd => {
+                body_len == 0 && raw_len == 0
+            }
         };
         if !consistent {
             return Err(FrameError::Inconsistent {
@@ -189,12 +209,28 @@ impl DiskFrame {
     }
 
     pub fn sync(frames_sent: u64) -> DiskFrame {
+        DiskFrame::control(Kind::Sync, frames_sent)
+    }
+
+    /// A frame without body or hash (`Sync`, `Query`, `Want`, `WantEnd`).
+    pub fn control(kind: Kind, index: u64) -> DiskFrame {
         DiskFrame {
-            kind: Kind::Sync,
-            index: frames_sent,
+            kind,
+            index,
             raw_len: 0,
             body_len: 0,
             hash: [0; 32],
+        }
+    }
+
+    /// "Chunk `index` of `raw_len` bytes holds content `hash`."
+    pub fn hash_of(index: u64, raw_len: u32, hash: [u8; 32]) -> DiskFrame {
+        DiskFrame {
+            kind: Kind::Hash,
+            index,
+            raw_len,
+            body_len: 0,
+            hash,
         }
     }
 
@@ -209,7 +245,13 @@ impl DiskFrame {
                 }
             })?,
             Kind::Raw => body.to_vec(),
-            Kind::Zero | Kind::Seal | Kind::Sync => return Ok(Vec::new()),
+            Kind::Zero
+            | Kind::Seal
+            | Kind::Sync
+            | Kind::Hash
+            | Kind::Query
+            | Kind::Want
+            | Kind::WantEnd => return Ok(Vec::new()),
         };
         if data.len() != self.raw_len as usize || *blake3::hash(&data).as_bytes() != self.hash {
             return Err(FrameError::HashMismatch { index: self.index });

@@ -59,7 +59,14 @@ pub enum Msg {
         vm: VmManifest,
     },
     /// D → S: ready to receive the disk; QEMU started with `-incoming defer`.
-    Accept { version: u16, free_bytes: u64 },
+    /// `base_chunks` > 0: D starts from an older copy of this disk holding that many
+    /// allocated chunks, so S should offer hashes first and send only what differs.
+    Accept {
+        version: u16,
+        free_bytes: u64,
+        #[serde(default)]
+        base_chunks: u64,
+    },
     /// D → S: will not take this VM; nothing was created.
     Refuse { reason: String },
     /// S → D: set these QEMU migration settings and start listening for the RAM stream.
@@ -143,6 +150,7 @@ mod tests {
             Msg::Accept {
                 version: 1,
                 free_bytes: 5,
+                base_chunks: 0,
             },
             Msg::abort("destination disk full"),
             Msg::DiskVerified {

@@ -153,14 +153,29 @@ impl Dest {
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         let disk_path = dir.join("disk.raw");
+        // A VM coming back: start from the copy this host kept when it left, so that only
+        // what changed since has to cross the WAN. The old copy itself stays untouched
+        // until the new one is complete and running.
+        let seeded = self.seed_from_old_copy(&disk_path)?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(false)
             .open(&disk_path)
             .map_err(|e| Error::io(format!("create {}", disk_path.display()), e))?;
         file.set_len(self.vm.disk_bytes)
             .map_err(|e| Error::io("size incoming disk", e))?;
+        let base = if seeded {
+            super::disk::allocated_chunks(&file, self.vm.disk_bytes, self.vm.chunk_size)
+                .map_err(|e| Error::io("map the old copy", e))?
+        } else {
+            Vec::new()
+        };
+        let base_chunks = base.len() as u64;
+        if seeded {
+            info!(vm = %self.vm.name, base_chunks, "starting from this host's older copy");
+        }
         let file = Arc::new(file);
         let rec = self.record(disk_path.display().to_string(), VmStatus::Stopped);
         let rt = RunningVm::start_with_disk(&d, &rec, disk_path.clone(), true).await?;
@@ -169,7 +184,8 @@ impl Dest {
 
         // Streams the source opens: one disk stream, then the QEMU stream(s).
         let (disk_tx, disk_rx) = oneshot::channel::<Result<SealOutcome>>();
-        let receiver = DiskReceiver::new(file, self.vm.disk_bytes, self.vm.chunk_size);
+        let receiver =
+            DiskReceiver::new(file, self.vm.disk_bytes, self.vm.chunk_size).with_base(base);
         let conn = self.conn.clone();
         let sock = incoming_sock.clone();
         let dispatcher = tokio::spawn(async move {
@@ -214,6 +230,7 @@ impl Dest {
             &Msg::Accept {
                 version: roam_migrate::PROTOCOL_VERSION,
                 free_bytes: free_bytes(&d.paths.state)?,
+                base_chunks,
             },
         )
         .await?;
@@ -358,6 +375,35 @@ impl Dest {
                 }
             }
         }
+    }
+
+    /// Copy the disk this host kept when the VM left (status `moved`), if it has one of
+    /// the right size. Sparse and, where the filesystem can, a reflink: cheap.
+    fn seed_from_old_copy(&self, to: &std::path::Path) -> Result<bool> {
+        let Some(r) = self.d.store.vm(&self.vm.name)? else {
+            return Ok(false);
+        };
+        let old = std::path::PathBuf::from(&r.disk_path);
+        let same_size = std::fs::metadata(&old)
+            .map(|m| m.len() == self.vm.disk_bytes)
+            .unwrap_or(false);
+        if r.status != VmStatus::Moved || !same_size {
+            return Ok(false);
+        }
+        let st = std::process::Command::new("cp")
+            .args(["--sparse=always", "--reflink=auto"])
+            .arg(&old)
+            .arg(to)
+            .status()
+            .map_err(|e| Error::io("run cp", e))?;
+        if !st.success() {
+            let _ = std::fs::remove_file(to);
+            return Err(Error::Disk(format!(
+                "could not copy the old disk {} ({st}); destination disk full?",
+                old.display()
+            )));
+        }
+        Ok(true)
     }
 
     fn record(&self, disk_path: String, status: VmStatus) -> VmRecord {

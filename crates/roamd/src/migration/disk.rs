@@ -154,19 +154,108 @@ impl DiskSender {
             .await
             .map_err(|e| Error::io("send disk sync", e))?;
         loop {
-            let mut b = [0u8; 8];
-            r.read_exact(&mut b)
-                .await
-                .map_err(|e| Error::io("receive disk sync answer", e))?;
-            let n = u64::from_be_bytes(b);
-            if n == self.frames_sent {
-                return Ok(());
+            let f = read_reply(r).await?;
+            match f.kind {
+                Kind::Sync if f.index == self.frames_sent => return Ok(()),
+                Kind::Sync if f.index < self.frames_sent => continue,
+                _ => {
+                    return Err(Error::Disk(format!(
+                        "unexpected {:?} {} while waiting for sync {}",
+                        f.kind, f.index, self.frames_sent
+                    )))
+                }
             }
-            if n > self.frames_sent {
-                return Err(Error::Disk(format!(
-                    "destination claims {n} chunks, only {} were sent",
-                    self.frames_sent
-                )));
+        }
+    }
+
+    /// Offer the hashes of `chunks` to a destination that holds an older copy of the
+    /// disk; return the chunks it lacks (the only ones that then need to travel).
+    /// All-zero chunks are not offered: the destination clears what was not offered.
+    pub async fn negotiate<W, R>(
+        &mut self,
+        w: &mut W,
+        r: &mut R,
+        chunks: Vec<u64>,
+    ) -> Result<Vec<u64>>
+    where
+        W: AsyncWrite + Unpin,
+        R: AsyncRead + Unpin,
+    {
+        let mut hashes = self
+            .hashes
+            .take()
+            .ok_or_else(|| Error::Disk("sender used after a failed round".into()))?;
+        let (tx, mut rx) = mpsc::channel::<Result<[u8; HEADER_LEN]>>(256);
+        let file = self.file.clone();
+        let worker = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; hashes.chunk_size() as usize];
+            for idx in chunks {
+                let Some((off, len)) = hashes.range(idx) else {
+                    let _ = tx.blocking_send(Err(Error::Disk(format!(
+                        "chunk {idx} is beyond the end of the disk"
+                    ))));
+                    break;
+                };
+                let data = &mut buf[..len];
+                if let Err(e) = read_full(&file, data, off) {
+                    let _ = tx.blocking_send(Err(Error::io(format!("read chunk {idx}"), e)));
+                    break;
+                }
+                let hash = *blake3::hash(data).as_bytes();
+                hashes.set(idx, hash);
+                if roam_migrate::frame::is_zero(data) {
+                    continue;
+                }
+                let h = DiskFrame::hash_of(idx, len as u32, hash).encode_header();
+                if tx.blocking_send(Ok(h)).is_err() {
+                    break;
+                }
+            }
+            hashes
+        });
+        let mut offered = 0u64;
+        let mut result: Result<()> = Ok(());
+        while let Some(h) = rx.recv().await {
+            match h {
+                Ok(h) => {
+                    if let Err(e) = w.write_all(&h).await {
+                        result = Err(Error::io("send chunk hashes", e));
+                        break;
+                    }
+                    offered += 1;
+                    self.counters
+                        .stream_bytes
+                        .fetch_add(HEADER_LEN as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        drop(rx);
+        let hashes = worker
+            .await
+            .map_err(|e| Error::Disk(format!("disk reader thread: {e}")))?;
+        self.hashes = Some(hashes);
+        result?;
+        w.write_all(&DiskFrame::control(Kind::Query, offered).encode_header())
+            .await
+            .map_err(|e| Error::io("send chunk query", e))?;
+        w.flush()
+            .await
+            .map_err(|e| Error::io("send chunk query", e))?;
+        let mut wanted = Vec::new();
+        loop {
+            let f = read_reply(r).await?;
+            match f.kind {
+                Kind::Want => wanted.push(f.index),
+                Kind::WantEnd if f.index == wanted.len() as u64 => return Ok(wanted),
+                other => {
+                    return Err(Error::Disk(format!(
+                        "unexpected {other:?} while reading the destination's wants"
+                    )))
+                }
             }
         }
     }
@@ -187,6 +276,14 @@ impl DiskSender {
             .map_err(|e| Error::io("send disk seal", e))?;
         Ok(to_hex(&root))
     }
+}
+
+async fn read_reply<R: AsyncRead + Unpin>(r: &mut R) -> Result<DiskFrame> {
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h)
+        .await
+        .map_err(|e| Error::io("receive from the destination's disk writer", e))?;
+    DiskFrame::decode_header(&h).map_err(|e| Error::Disk(e.to_string()))
 }
 
 async fn write_item<W: AsyncWrite + Unpin>(w: &mut W, item: &Item) -> std::io::Result<()> {
@@ -270,6 +367,8 @@ pub struct SealOutcome {
 pub struct DiskReceiver {
     file: Arc<File>,
     hashes: ChunkHashes,
+    /// Allocated chunks of an older copy the file was seeded with (a return move).
+    base: Vec<u64>,
     pub counters: Arc<DiskCounters>,
 }
 
@@ -278,8 +377,16 @@ impl DiskReceiver {
         DiskReceiver {
             file,
             hashes: ChunkHashes::new_zero(disk_bytes, chunk_size),
+            base: Vec::new(),
             counters: Arc::default(),
         }
+    }
+
+    /// The file already holds an older copy of this disk whose allocated chunks are
+    /// `base`: the source will offer hashes first and send only what differs.
+    pub fn with_base(mut self, base: Vec<u64>) -> DiskReceiver {
+        self.base = base;
+        self
     }
 
     /// Receive frames until the seal; then make the disk durable and compare digests.
@@ -291,10 +398,13 @@ impl DiskReceiver {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let (tx, mut rx) = mpsc::channel::<(DiskFrame, Vec<u8>)>(32);
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<u64>();
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<[u8; HEADER_LEN]>();
         let acker = tokio::spawn(async move {
-            while let Some(n) = ack_rx.recv().await {
-                if ack.write_all(&n.to_be_bytes()).await.is_err() || ack.flush().await.is_err() {
+            while let Some(h) = ack_rx.recv().await {
+                if ack.write_all(&h).await.is_err() {
+                    return;
+                }
+                if ack_rx.is_empty() && ack.flush().await.is_err() {
                     return;
                 }
             }
@@ -302,14 +412,56 @@ impl DiskReceiver {
         let DiskReceiver {
             file,
             mut hashes,
+            base,
             counters,
         } = self;
         let wcounters = counters.clone();
         let writer = tokio::task::spawn_blocking(move || -> Result<Option<SealOutcome>> {
             let mut received = 0u64;
+            let mut offered = vec![false; hashes.len() as usize];
+            let mut wants: Vec<u64> = Vec::new();
+            let mut buf = vec![0u8; hashes.chunk_size() as usize];
             while let Some((frame, body)) = rx.blocking_recv() {
                 if frame.kind == Kind::Sync {
-                    let _ = ack_tx.send(received);
+                    let _ = ack_tx.send(DiskFrame::sync(received).encode_header());
+                    continue;
+                }
+                if frame.kind == Kind::Hash {
+                    // Do we hold this content at this place already?
+                    let (off, len) = hashes.range(frame.index).ok_or_else(|| {
+                        Error::Disk(format!(
+                            "chunk {} is beyond the end of the disk",
+                            frame.index
+                        ))
+                    })?;
+                    if let Some(o) = offered.get_mut(frame.index as usize) {
+                        *o = true;
+                    }
+                    let data = &mut buf[..len];
+                    read_full(&file, data, off).map_err(|e| Error::io("read base chunk", e))?;
+                    if *blake3::hash(data).as_bytes() == frame.hash {
+                        hashes.set(frame.index, frame.hash);
+                    } else {
+                        wants.push(frame.index);
+                    }
+                    continue;
+                }
+                if frame.kind == Kind::Query {
+                    // What the source did not offer is zero there: clear it here.
+                    for &c in &base {
+                        if !offered.get(c as usize).copied().unwrap_or(true) {
+                            if let Some((off, len)) = hashes.range(c) {
+                                clear(&file, off, len).map_err(|e| disk_write_error(c, e))?;
+                                hashes.set(c, zero_hash(len));
+                            }
+                        }
+                    }
+                    for &w in &wants {
+                        let _ = ack_tx.send(DiskFrame::control(Kind::Want, w).encode_header());
+                    }
+                    let end = DiskFrame::control(Kind::WantEnd, wants.len() as u64);
+                    let _ = ack_tx.send(end.encode_header());
+                    wants.clear();
                     continue;
                 }
                 if frame.kind == Kind::Seal {
@@ -493,6 +645,44 @@ mod tests {
         sender.seal(&mut a).await.unwrap();
         let out = recv.await.unwrap().unwrap();
         assert!(!out.ok);
+    }
+
+    #[tokio::test]
+    async fn return_move_sends_only_what_the_old_copy_lacks() {
+        let cs = 4096usize;
+        let n = 64u64;
+        // The destination's old copy: chunks 1..=10 as the source had them, plus chunk 50
+        // that the source has since zeroed (discarded).
+        let old: Vec<(u64, u8)> = (1..=10).map(|i| (i, i as u8)).chain([(50, 9)]).collect();
+        let (_d, dfile) = disk_with(&old, n, cs);
+        // The source now: chunks 3 and 7 rewritten, chunk 20 new, chunk 50 gone.
+        let mut now: Vec<(u64, u8)> = (1..=10).map(|i| (i, i as u8)).collect();
+        now[2].1 = 33;
+        now[6].1 = 77;
+        now.push((20, 20));
+        let (_s, sfile) = disk_with(&now, n, cs);
+        let base = allocated_chunks(&dfile, n * cs as u64, cs as u32).unwrap();
+        assert_eq!(base.len(), 11);
+        let mut sender = DiskSender::new(sfile.clone(), n * cs as u64, cs as u32, 3);
+        let receiver = DiskReceiver::new(dfile.clone(), n * cs as u64, cs as u32).with_base(base);
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (mut ar, mut a) = tokio::io::split(a);
+        let (mut br, bw) = tokio::io::split(b);
+        let recv = tokio::spawn(async move { receiver.run(&mut br, bw).await });
+        let all = allocated_chunks(&sfile, n * cs as u64, cs as u32).unwrap();
+        let wanted = sender.negotiate(&mut a, &mut ar, all).await.unwrap();
+        assert_eq!(wanted, vec![3, 7, 20]);
+        sender.send(&mut a, wanted, false).await.unwrap();
+        sender.sync(&mut a, &mut ar).await.unwrap();
+        sender.seal(&mut a).await.unwrap();
+        let out = recv.await.unwrap().unwrap();
+        assert!(out.ok, "{out:?}");
+        assert_eq!(out.frames_received, 3);
+        let mut x = vec![0u8; n as usize * cs];
+        let mut y = vec![0u8; n as usize * cs];
+        sfile.read_exact_at(&mut x, 0).unwrap();
+        dfile.read_exact_at(&mut y, 0).unwrap();
+        assert!(x == y, "disks differ");
     }
 
     #[test]

@@ -81,6 +81,7 @@ pub async fn migrate(
             accel: api_accel(d.accel),
             phases: Default::default(),
             tuning: serde_json::Value::Null,
+            chunks_skipped: None,
         },
         conn: None,
         qemu_migrating: false,
@@ -137,13 +138,13 @@ impl Source {
             },
         )
         .await?;
-        match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
-            Msg::Accept { .. } => {}
+        let base_chunks = match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
+            Msg::Accept { base_chunks, .. } => base_chunks,
             Msg::Refuse { reason } => {
                 return Err(self.peer_err(format!("refused the VM: {reason}")))
             }
             other => return Err(unexpected("accept", &other)),
-        }
+        };
 
         // --- disk: bulk copy, then rounds on what the guest dirtied ----------------
         let (mut disk_tx, mut disk_rx) = conn
@@ -165,7 +166,17 @@ impl Source {
             .map_err(|e| Error::io("map allocated disk ranges", e))?;
         let t0 = Instant::now();
         let before = conn.stats().tx_bytes;
-        sender.send(&mut disk_tx, bulk, true).await?;
+        if base_chunks > 0 {
+            // The destination holds an older copy: compare hashes, send only what differs.
+            let offered = bulk.len();
+            let wanted = sender.negotiate(&mut disk_tx, &mut disk_rx, bulk).await?;
+            info!(vm = %self.req.vm, offered, wanted = wanted.len(), base_chunks,
+                "destination already holds the rest");
+            self.result.chunks_skipped = Some((offered - wanted.len()) as u64);
+            sender.send(&mut disk_tx, wanted, false).await?;
+        } else {
+            sender.send(&mut disk_tx, bulk, true).await?;
+        }
         // Written is not delivered: wait for the destination to have it all.
         sender.sync(&mut disk_tx, &mut disk_rx).await?;
         let bulk_s = t0.elapsed().as_secs_f64();
