@@ -1,0 +1,1 @@
+//! roam-vlan (stub: being written).
