@@ -82,17 +82,13 @@ impl DiskSender {
         let worker = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; hashes.chunk_size() as usize];
             for idx in chunks {
-                let Some((off, len)) = hashes.range(idx) else {
-                    let _ = tx.blocking_send(Err(Error::Disk(format!(
-                        "chunk {idx} is beyond the end of the disk"
-                    ))));
-                    break;
+                let data = match read_chunk(&file, &hashes, idx, &mut buf) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        break;
+                    }
                 };
-                let data = &mut buf[..len];
-                if let Err(e) = read_full(&file, data, off) {
-                    let _ = tx.blocking_send(Err(Error::io(format!("read chunk {idx}"), e)));
-                    break;
-                }
                 let (frame, body, hash) = DiskFrame::for_chunk(idx, data, level);
                 hashes.set(idx, hash);
                 if frame.kind == Kind::Zero {
@@ -101,7 +97,9 @@ impl DiskSender {
                         continue;
                     }
                 } else {
-                    counters.raw_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    counters
+                        .raw_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
                 let item = Item {
                     header: frame.encode_header(),
@@ -190,23 +188,19 @@ impl DiskSender {
         let worker = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; hashes.chunk_size() as usize];
             for idx in chunks {
-                let Some((off, len)) = hashes.range(idx) else {
-                    let _ = tx.blocking_send(Err(Error::Disk(format!(
-                        "chunk {idx} is beyond the end of the disk"
-                    ))));
-                    break;
+                let data = match read_chunk(&file, &hashes, idx, &mut buf) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        break;
+                    }
                 };
-                let data = &mut buf[..len];
-                if let Err(e) = read_full(&file, data, off) {
-                    let _ = tx.blocking_send(Err(Error::io(format!("read chunk {idx}"), e)));
-                    break;
-                }
                 let hash = *blake3::hash(data).as_bytes();
                 hashes.set(idx, hash);
                 if roam_migrate::frame::is_zero(data) {
                     continue;
                 }
-                let h = DiskFrame::hash_of(idx, len as u32, hash).encode_header();
+                let h = DiskFrame::hash_of(idx, data.len() as u32, hash).encode_header();
                 if tx.blocking_send(Ok(h)).is_err() {
                     break;
                 }
@@ -292,6 +286,22 @@ async fn write_item<W: AsyncWrite + Unpin>(w: &mut W, item: &Item) -> std::io::R
         w.write_all(&item.body).await?;
     }
     Ok(())
+}
+
+/// Read chunk `idx` of the disk into `buf`; the slice holding it (the last chunk may be
+/// short).
+fn read_chunk<'a>(
+    file: &File,
+    hashes: &ChunkHashes,
+    idx: u64,
+    buf: &'a mut [u8],
+) -> Result<&'a mut [u8]> {
+    let (off, len) = hashes
+        .range(idx)
+        .ok_or_else(|| Error::Disk(format!("chunk {idx} is beyond the end of the disk")))?;
+    let data = &mut buf[..len];
+    read_full(file, data, off).map_err(|e| Error::io(format!("read chunk {idx}"), e))?;
+    Ok(data)
 }
 
 fn read_full(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
@@ -683,6 +693,49 @@ mod tests {
         sfile.read_exact_at(&mut x, 0).unwrap();
         dfile.read_exact_at(&mut y, 0).unwrap();
         assert!(x == y, "disks differ");
+    }
+
+    /// A destination whose filesystem fills up mid-copy says so, by name.
+    #[tokio::test]
+    async fn full_destination_disk_is_reported_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "roam-test"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs (tests run as root)");
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let _m = Unmount(dir.path().to_path_buf());
+        let cs = 65536usize;
+        let n = 16u64;
+        let data: Vec<(u64, u8)> = (0..n).map(|i| (i, i as u8 + 1)).collect();
+        let (_s, sfile) = disk_with(&data, n, cs);
+        let dfile = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(dir.path().join("disk.raw"))
+            .unwrap();
+        dfile.set_len(n * cs as u64).unwrap();
+        let dfile = Arc::new(dfile);
+        // Level 0 would still compress constant chunks; the receiver writes them whole.
+        let mut sender = DiskSender::new(sfile.clone(), n * cs as u64, cs as u32, 1);
+        let receiver = DiskReceiver::new(dfile, n * cs as u64, cs as u32);
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let (mut br, bw) = tokio::io::split(b);
+        let recv = tokio::spawn(async move { receiver.run(&mut br, bw).await });
+        let _ = sender.send(&mut a, (0..n).collect(), true).await;
+        let _ = sender.seal(&mut a).await;
+        drop(a);
+        let e = recv.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("disk full"), "{e}");
     }
 
     #[test]
