@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
   bash scripts/setup.sh
   cargo build --release --bins -p roamd -p roam-control -p roam-lab -p roam-agent -p roam-nbd
 } 1>&2
-exec target/release/roam-lab bench "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/roam-lab" bench "$@"
