@@ -245,6 +245,32 @@ impl Lab {
         out
     }
 
+    /// NBD exports the host's roamd serves right now (asked with libnbd's `nbdinfo`).
+    pub fn nbd_exports(&self, host: &str) -> Vec<String> {
+        let h = self.host(host);
+        let sock = h
+            .state
+            .parent()
+            .map(|p| p.join(format!("{}-run", h.name)).join("nbd.sock"))
+            .unwrap_or_default();
+        let out = Command::new("nbdinfo")
+            .args(["--list", "--json"])
+            .arg(format!("nbd+unix:///?socket={}", sock.display()))
+            .output();
+        let Ok(out) = out else {
+            return vec!["<nbdinfo failed to run>".into()];
+        };
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["exports"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e["export-name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// QEMU processes whose command line names this lab's `host` run directory.
     pub fn qemu_processes(&self, host: &str) -> Vec<u32> {
         let marker = format!("{}-run", host);

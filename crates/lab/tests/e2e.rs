@@ -49,27 +49,33 @@ async fn heartbeats_flow(lab: &Lab, host: &str, vm: &str) -> bool {
 }
 
 async fn no_debris(lab: &Lab, host: &str) {
-    // QEMU processes of this host's lab run dir must match the VMs it runs, no more.
-    let running = lab
+    // QEMU processes and NBD exports must match the VMs this host runs, no more.
+    let running: Vec<String> = lab
         .host(host)
         .client
         .vm_list()
         .await
         .map(|v| {
-            v.iter()
+            v.into_iter()
                 .filter(|i| i.state == roam_control::api::VmState::Running)
-                .count()
+                .map(|i| i.name)
+                .collect()
         })
-        .unwrap_or(0);
+        .unwrap_or_default();
     let ok = roam_lab::lab::wait_until(Duration::from_secs(15), || {
-        lab.debris(host).is_empty() && lab.qemu_processes(host).len() == running
+        let mut exports = lab.nbd_exports(host);
+        exports.sort();
+        lab.debris(host).is_empty()
+            && lab.qemu_processes(host).len() == running.len()
+            && exports == running
     })
     .await;
     assert!(
         ok,
-        "{host} left debris: {:?}, QEMU pids {:?} for {running} running VMs",
+        "{host} left debris: {:?}, QEMU pids {:?}, NBD exports {:?}, for running VMs {running:?}",
         lab.debris(host),
-        lab.qemu_processes(host)
+        lab.qemu_processes(host),
+        lab.nbd_exports(host)
     );
 }
 
@@ -154,6 +160,7 @@ async fn link_cut_mid_migration_leaves_vm_running_on_source() {
         .unwrap();
     assert!(cut.load(Ordering::SeqCst), "the link was never cut");
     assert_eq!(r.outcome, Outcome::Aborted);
+    eprintln!("abort reason: {}", r.error.as_deref().unwrap_or("<none>"));
     assert!(r.error.is_some());
     assert!(
         heartbeats_flow(&lab, "office", "desk").await,
@@ -191,6 +198,7 @@ async fn destination_killed_mid_migration_leaves_vm_running_on_source() {
         .unwrap();
     assert!(killed.load(Ordering::SeqCst), "home was never killed");
     assert_eq!(r.outcome, Outcome::Aborted);
+    eprintln!("abort reason: {}", r.error.as_deref().unwrap_or("<none>"));
     assert!(r.error.is_some());
     assert!(
         heartbeats_flow(&lab, "office", "desk").await,
@@ -216,6 +224,7 @@ async fn destination_disk_full_is_refused_and_vm_stays() {
     let r = lab.migrate("desk", "office", "home", |_| {}).await.unwrap();
     assert_eq!(r.outcome, Outcome::Aborted);
     let err = r.error.unwrap_or_default();
+    eprintln!("abort reason: {err}");
     assert!(err.contains("disk full"), "error does not say why: {err}");
     assert!(heartbeats_flow(&lab, "office", "desk").await);
     no_debris(&lab, "home").await;

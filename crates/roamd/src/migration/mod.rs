@@ -120,6 +120,10 @@ impl Meter {
         let _ = self.tx.try_send(snapshot(&self.state, self.start));
     }
 
+    pub fn current_phase(&self) -> Phase {
+        self.lock().phase
+    }
+
     pub fn attach_disk(&self, counters: Arc<DiskCounters>, conn: Connection) {
         let mut s = self.lock();
         s.disk = Some(counters);

@@ -479,9 +479,22 @@ impl Source {
                 }
             }
             Err(e) => {
-                warn!(vm = %self.req.vm, "migration aborted: {e}");
+                // When the channel died, say so first: "send disk chunk: connection lost"
+                // alone does not tell a person that the other host went away.
+                let mut msg = e.to_string();
+                let lost = conn.as_ref().and_then(|c| c.close_reason());
+                if let Some(reason) = lost {
+                    if !msg.contains(&reason.to_string()) {
+                        msg = format!(
+                            "connection to '{}' lost during {}: {reason} ({msg})",
+                            self.req.to,
+                            self.meter.current_phase()
+                        );
+                    }
+                }
+                warn!(vm = %self.req.vm, "migration aborted: {msg}");
                 self.result.outcome = Outcome::Aborted;
-                self.result.error = Some(e.to_string());
+                self.result.error = Some(msg);
                 self.meter.phase(Phase::Aborted);
                 if let Some(c) = &conn {
                     // Best effort: tell the destination to clean up; it also does so when
