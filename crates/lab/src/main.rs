@@ -72,6 +72,14 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Start the two hosts with a VM on office and keep them up until Ctrl-C, printing
+    /// how to reach them with the `roam` CLI (for trying things by hand).
+    Up {
+        #[command(flatten)]
+        link: LinkArgs,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
     /// roam's figures beside their baselines, in one run: NBD against qemu-nbd, and the
     /// demo migration at 100 Mbit/s / 40 ms and at 1 Gbit/s / 10 ms.
     Bench {
@@ -138,6 +146,24 @@ async fn main() -> anyhow::Result<()> {
             if result.outcome != Outcome::Completed {
                 std::process::exit(3);
             }
+            Ok(())
+        }
+        Cmd::Up { link, vm } => {
+            let cfg = lab_config(&link, &vm, true);
+            let lab = Lab::start(cfg).await.context("start the lab")?;
+            lab.create_vm("office", "desk").await?;
+            lab.start_workload("office", "desk").await?;
+            for h in &lab.hosts {
+                println!(
+                    "{:<7} {}  roam --socket {}",
+                    h.name,
+                    h.addr,
+                    h.socket.display()
+                );
+            }
+            println!("VM 'desk' runs on office. Ctrl-C stops everything.");
+            tokio::signal::ctrl_c().await?;
+            lab.shutdown().await;
             Ok(())
         }
         Cmd::Bench { vm, quick, json } => {
