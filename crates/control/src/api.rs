@@ -381,6 +381,54 @@ pub struct MigrationResult {
     pub chunks_skipped: Option<u64>,
 }
 
+/// Where a background replica stands (`roam replica list`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaState {
+    /// The first copy is under way (only what the replica host lacks travels).
+    Seeding,
+    /// The replica holds the disk as of the last FLUSH cut; nothing is pending.
+    InSync,
+    /// Connected, but changes are pending (`lag_bytes` of them).
+    Lagging,
+    /// The replica host cannot be reached; retrying with backoff. The VM is unaffected.
+    Paused,
+    /// Refused (e.g. a stale primary) or failed; `error` says why.
+    Error,
+}
+
+impl fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ReplicaState::Seeding => "seeding",
+            ReplicaState::InSync => "in_sync",
+            ReplicaState::Lagging => "lagging",
+            ReplicaState::Paused => "paused",
+            ReplicaState::Error => "error",
+        })
+    }
+}
+
+/// One replica of a VM's disk on another host (`GET /v1/replicas`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    pub vm: String,
+    /// The host that keeps the replica.
+    pub host: String,
+    pub state: ReplicaState,
+    /// Bytes of the disk changed here and not yet committed at the replica.
+    pub lag_bytes: u64,
+    /// Age of the oldest change the replica has not committed, ms (0 when in sync).
+    pub lag_ms: u64,
+    /// When the replica last committed a batch.
+    #[serde(default)]
+    pub last_sync_unix_ms: Option<u64>,
+    /// The VM's generation (one writer) the replica was last written at.
+    pub generation: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// Machine-readable class of an [`ApiError`].
 /// What the guest agent should do (`POST /v1/vms/{name}/workload`): a synthetic workload
 /// that dirties memory and makes acknowledged, durable disk writes, so that a migration

@@ -155,6 +155,45 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/vms/{name}/replicas/{host}`.
+    pub async fn replica_add(
+        &self,
+        vm: &str,
+        host: &str,
+    ) -> Result<crate::api::ReplicaInfo, ClientError> {
+        validate_name("vm", vm)?;
+        validate_name("host", host)?;
+        self.call(
+            Method::POST,
+            &format!("/v1/vms/{vm}/replicas/{host}"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `DELETE /v1/vms/{name}/replicas/{host}`.
+    pub async fn replica_remove(&self, vm: &str, host: &str) -> Result<(), ClientError> {
+        validate_name("vm", vm)?;
+        validate_name("host", host)?;
+        self.call_empty(Method::DELETE, &format!("/v1/vms/{vm}/replicas/{host}"))
+            .await
+    }
+
+    /// `GET /v1/replicas[?vm=NAME]`.
+    pub async fn replica_list(
+        &self,
+        vm: Option<&str>,
+    ) -> Result<Vec<crate::api::ReplicaInfo>, ClientError> {
+        let path = match vm {
+            Some(v) => {
+                validate_name("vm", v)?;
+                format!("/v1/replicas?vm={v}")
+            }
+            None => "/v1/replicas".to_string(),
+        };
+        self.call(Method::GET, &path, None::<&()>).await
+    }
+
     /// `POST /v1/vms/{name}/start`.
     pub async fn vm_start(&self, name: &str) -> Result<VmInfo, ClientError> {
         validate_name("vm", name)?;

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::api::{
     AgentStatus, ApiError, HostInfo, MigrateRequest, MigrationResult, PeerAdd, PeerInfo, Progress,
-    VmCreate, VmInfo, Workload,
+    ReplicaInfo, VmCreate, VmInfo, Workload,
 };
 
 /// The daemon side of the control API.
@@ -82,6 +82,31 @@ pub trait Host: Send + Sync + 'static {
         let _ = name;
         Err(ApiError::unavailable(
             "agent status is not supported by this roamd",
+        ))
+    }
+
+    /// `POST /v1/vms/{name}/replicas/{host}`: keep a background replica of the VM's disk on
+    /// peer `host`. Returns at once (state `seeding`); the copy runs in the background.
+    async fn replica_add(&self, vm: &str, host: &str) -> Result<ReplicaInfo, ApiError> {
+        let _ = (vm, host);
+        Err(ApiError::unavailable(
+            "replicas are not supported by this roamd",
+        ))
+    }
+
+    /// `DELETE /v1/vms/{name}/replicas/{host}`: stop replicating and delete the replica.
+    async fn replica_remove(&self, vm: &str, host: &str) -> Result<(), ApiError> {
+        let _ = (vm, host);
+        Err(ApiError::unavailable(
+            "replicas are not supported by this roamd",
+        ))
+    }
+
+    /// `GET /v1/replicas[?vm=NAME]`: the replicas this host keeps up to date.
+    async fn replica_list(&self, vm: Option<&str>) -> Result<Vec<ReplicaInfo>, ApiError> {
+        let _ = vm;
+        Err(ApiError::unavailable(
+            "replicas are not supported by this roamd",
         ))
     }
 

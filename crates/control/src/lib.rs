@@ -34,7 +34,8 @@ pub mod wire;
 
 pub use api::{
     Accel, ApiError, ByteCounts, ErrorCode, HostInfo, LinkStats, MigrateRequest, MigrationResult,
-    Outcome, PeerAdd, PeerInfo, Phase, Progress, VmCreate, VmInfo, VmState,
+    Outcome, PeerAdd, PeerInfo, Phase, Progress, ReplicaInfo, ReplicaState, VmCreate, VmInfo,
+    VmState,
 };
 pub use client::{Client, ClientError};
 pub use host::Host;

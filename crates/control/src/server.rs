@@ -16,6 +16,9 @@
 //! | POST   | /v1/vms/{name}/stop     |               | 200 VmInfo                     |
 //! | DELETE | /v1/vms/{name}          |               | 204                            |
 //! | POST   | /v1/vms/{name}/migrate  | MigrateRequest| 200 NDJSON stream (crate::wire)|
+//! | POST   | /v1/vms/{name}/replicas/{host} |        | 201 ReplicaInfo                |
+//! | DELETE | /v1/vms/{name}/replicas/{host} |        | 204                            |
+//! | GET    | /v1/replicas[?vm=NAME]  |               | 200 list of ReplicaInfo        |
 //!
 //! Errors: status from [`ErrorCode::http_status`], body `{"error": {"code", "message"}}`.
 //!
@@ -33,7 +36,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -120,6 +123,11 @@ pub fn router(host: Arc<dyn Host>) -> Router {
         .route("/v1/vms/{name}/migrate", post(migrate))
         .route("/v1/vms/{name}/workload", post(vm_workload))
         .route("/v1/vms/{name}/agent", get(vm_agent))
+        .route(
+            "/v1/vms/{name}/replicas/{host}",
+            post(replica_add).delete(replica_remove),
+        )
+        .route("/v1/replicas", get(replica_list))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY))
         .with_state(host)
@@ -300,6 +308,52 @@ async fn vm_agent(
 ) -> ApiResult<impl IntoResponse> {
     validate_name("vm", &name)?;
     Ok(Json(h.vm_agent(&name).await?))
+}
+
+async fn replica_add(
+    State(h): HostRef,
+    UrlPath((name, host)): UrlPath<(String, String)>,
+) -> ApiResult<impl IntoResponse> {
+    validate_name("vm", &name)?;
+    validate_name("host", &host)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(h.replica_add(&name, &host).await?),
+    ))
+}
+
+async fn replica_remove(
+    State(h): HostRef,
+    UrlPath((name, host)): UrlPath<(String, String)>,
+) -> ApiResult<StatusCode> {
+    validate_name("vm", &name)?;
+    validate_name("host", &host)?;
+    h.replica_remove(&name, &host).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `?vm=NAME` is the only parameter; names are validated, so no percent-decoding is needed.
+async fn replica_list(State(h): HostRef, RawQuery(q): RawQuery) -> ApiResult<impl IntoResponse> {
+    let mut vm = None;
+    for pair in q
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("vm", v)) => {
+                validate_name("vm", v)?;
+                vm = Some(v.to_string());
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter '{pair}' (only vm=NAME)"
+                )))
+            }
+        }
+    }
+    Ok(Json(h.replica_list(vm.as_deref()).await?))
 }
 
 async fn vm_start(

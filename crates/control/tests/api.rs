@@ -422,3 +422,65 @@ async fn no_daemon_gives_a_clear_error() {
     );
     assert!(msg.ends_with("is it running?"), "{msg}");
 }
+
+#[tokio::test]
+async fn replica_routes_round_trip() {
+    let srv = TestServer::start().await;
+    let c = srv.client();
+    // Unknown VM: the daemon's error code comes through.
+    assert_eq!(
+        code(c.replica_add("desk", "home").await.unwrap_err()),
+        ErrorCode::NotFound
+    );
+    c.vm_create(&VmCreate {
+        name: "desk".into(),
+        memory_mib: 512,
+        disk_bytes: 1 << 30,
+        vcpus: 1,
+        disk_image: None,
+    })
+    .await
+    .unwrap();
+    let r = c.replica_add("desk", "home").await.unwrap();
+    assert_eq!(
+        (r.vm.as_str(), r.host.as_str(), r.state),
+        ("desk", "home", ReplicaState::Seeding)
+    );
+    assert_eq!(
+        code(c.replica_add("desk", "home").await.unwrap_err()),
+        ErrorCode::Conflict
+    );
+    c.replica_add("desk", "laptop").await.unwrap();
+    assert_eq!(c.replica_list(None).await.unwrap().len(), 2);
+    assert_eq!(c.replica_list(Some("desk")).await.unwrap().len(), 2);
+    assert!(c.replica_list(Some("other")).await.unwrap().is_empty());
+
+    // The wire format: snake_case state, 201 on add, 400 for an unknown parameter or a bad
+    // name.
+    let (status, _, body) = raw(&srv.socket, "GET", "/v1/replicas?vm=desk", "").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v[0]["state"], "seeding");
+    assert_eq!(v[0]["lag_bytes"], 8u64 << 30);
+    let (status, _, _) = raw(&srv.socket, "GET", "/v1/replicas?host=x", "").await;
+    assert_eq!(status, 400);
+    let (status, _, _) = raw(&srv.socket, "POST", "/v1/vms/desk/replicas/bad%20name", "").await;
+    assert_eq!(status, 400);
+    let (status, _, _) = raw(&srv.socket, "POST", "/v1/vms/desk/replicas/attic", "").await;
+    assert_eq!(status, 201);
+
+    c.replica_remove("desk", "home").await.unwrap();
+    assert_eq!(
+        code(c.replica_remove("desk", "home").await.unwrap_err()),
+        ErrorCode::NotFound
+    );
+    let left: Vec<String> = c
+        .replica_list(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.host)
+        .collect();
+    assert_eq!(left, vec!["laptop".to_string(), "attic".to_string()]);
+    srv.stop().await;
+}

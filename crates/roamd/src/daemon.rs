@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use roam_channel::{ChannelConfig, Endpoint, Identity, PublicKey, TrustSet};
 use roam_control::api::{
     self as api, AgentStatus, ApiError, HostInfo, MigrateRequest, MigrationResult, PeerAdd,
-    PeerInfo, Progress, VmCreate, VmInfo, VmState, Workload,
+    PeerInfo, Progress, ReplicaInfo, VmCreate, VmInfo, VmState, Workload,
 };
 use roam_control::Host;
 use roam_nbd::NbdServer;
@@ -39,6 +39,8 @@ pub struct Daemon {
     /// VMs in a migration (leaving or arriving): no other operation may touch them.
     pub busy: Mutex<HashSet<String>>,
     pub shutdown: CancellationToken,
+    /// Background replicas: links of this host's VMs, replicas held for others.
+    pub replication: crate::replication::Replication,
     /// Lets `&self` trait methods hand an owning handle to long-lived tasks.
     me: std::sync::Weak<Daemon>,
 }
@@ -151,6 +153,7 @@ pub async fn run(state: PathBuf, socket: Option<PathBuf>) -> anyhow::Result<()> 
         vms: Default::default(),
         busy: Default::default(),
         shutdown: shutdown.clone(),
+        replication: Default::default(),
         me: me.clone(),
     });
     info!(
@@ -161,11 +164,13 @@ pub async fn run(state: PathBuf, socket: Option<PathBuf>) -> anyhow::Result<()> 
         "roamd running"
     );
     let peers = tokio::spawn(crate::peer::accept_loop(daemon.clone()));
+    crate::replication::start_saved(&daemon);
     let sock = socket.unwrap_or_else(|| daemon.paths.control_socket());
     let host: Arc<dyn Host> = daemon.clone();
     let served = roam_control::serve(&sock, host, shutdown.clone()).await;
     shutdown.cancel();
     peers.abort();
+    crate::replication::stop_all(&daemon).await;
     daemon.stop_all().await;
     daemon.endpoint.close();
     served.map_err(|e| anyhow::anyhow!("control API on {}: {e}", sock.display()))
@@ -563,6 +568,18 @@ impl Host for Daemon {
             ApiError::conflict(format!("VM '{name}' is not running on this host"))
         })?;
         Ok(agent_status(&rt))
+    }
+
+    async fn replica_add(&self, vm: &str, host: &str) -> Result<ReplicaInfo, ApiError> {
+        crate::replication::add(&self.self_arc(), vm, host).await
+    }
+
+    async fn replica_remove(&self, vm: &str, host: &str) -> Result<(), ApiError> {
+        crate::replication::remove(&self.self_arc(), vm, host).await
+    }
+
+    async fn replica_list(&self, vm: Option<&str>) -> Result<Vec<ReplicaInfo>, ApiError> {
+        Ok(crate::replication::list(self, vm))
     }
 
     async fn shutdown(&self) -> Result<(), ApiError> {

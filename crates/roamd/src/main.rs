@@ -18,6 +18,7 @@ mod daemon;
 mod error;
 mod migration;
 mod peer;
+mod replication;
 mod runtime;
 mod state;
 

@@ -2,7 +2,8 @@
 //!
 //! The channel has already refused every host whose key is not pinned here; what
 //! arrives is from a trusted peer. Each connection's first control stream opens one
-//! conversation; today the only one is an incoming migration.
+//! conversation: an incoming migration (a control stream whose first message is an
+//! `Offer`), or a replication session (a first stream of kind `Replication`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,19 @@ async fn handle(d: Arc<Daemon>, conn: Connection) {
             return;
         }
     };
+    if kind == StreamKind::Replication {
+        let first = tokio::time::timeout(
+            Duration::from_secs(30),
+            rx.recv_msg::<crate::replication::protocol::ReplMsg>(),
+        )
+        .await;
+        match first {
+            Ok(Ok(first)) => crate::replication::replica::serve(d, conn, tx, rx, first).await,
+            Ok(Err(e)) => warn!(peer = %peer, "reading the first replication message: {e}"),
+            Err(_) => warn!(peer = %peer, "no replication message within 30 s"),
+        }
+        return;
+    }
     if kind != StreamKind::Control {
         warn!(peer = %peer, ?kind, "first stream is not a control stream; closing");
         conn.close(3, "expected a control stream");

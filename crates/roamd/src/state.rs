@@ -15,6 +15,10 @@ use crate::error::Error;
 const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers");
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+/// Replicas this host keeps for other hosts' VMs (the receiving side), by VM name.
+const REPLICAS: TableDefinition<&str, &[u8]> = TableDefinition::new("replicas");
+/// Replicas of this host's VMs kept elsewhere (the sending side), by "VM/HOST".
+const REPLICA_LINKS: TableDefinition<&str, &[u8]> = TableDefinition::new("replica_links");
 
 /// Version of the records below.
 const RECORD_VERSION: u32 = 1;
@@ -65,6 +69,37 @@ pub struct VmRecord {
     pub created_at: u64,
 }
 
+/// A replica of another host's VM disk, kept here under `STATE/replicas/NAME/`. The
+/// replica's own files (roam-store's `ReplicaWriter` record) are the authority on what was
+/// committed; this record is what `roamd` lists and what survives a lost directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    pub vm: String,
+    /// The host that last wrote it (the VM's primary at `generation`).
+    pub primary: String,
+    pub disk_bytes: u64,
+    pub chunk_size: u32,
+    /// Highest generation and batch committed.
+    pub generation: u64,
+    pub seq: u64,
+    pub last_sync_unix_ms: Option<u64>,
+    pub dir: String,
+}
+
+/// "Keep VM replicated to HOST": the sending side's wish, restarted with roamd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaLinkRecord {
+    pub vm: String,
+    pub host: String,
+    pub created_unix_ms: u64,
+}
+
+impl ReplicaLinkRecord {
+    pub fn key(vm: &str, host: &str) -> String {
+        format!("{vm}/{host}")
+    }
+}
+
 pub struct Store {
     db: Database,
 }
@@ -108,6 +143,8 @@ impl Store {
         tx.open_table(PEERS).map_err(db_err)?;
         tx.open_table(VMS).map_err(db_err)?;
         tx.open_table(LOG).map_err(db_err)?;
+        tx.open_table(REPLICAS).map_err(db_err)?;
+        tx.open_table(REPLICA_LINKS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Store { db })
     }
@@ -191,6 +228,29 @@ impl Store {
         self.remove(VMS, name)
     }
 
+    pub fn replica(&self, vm: &str) -> Result<Option<ReplicaRecord>, Error> {
+        self.get(REPLICAS, vm)
+    }
+    pub fn replicas(&self) -> Result<Vec<ReplicaRecord>, Error> {
+        self.list(REPLICAS)
+    }
+    pub fn put_replica(&self, r: &ReplicaRecord) -> Result<(), Error> {
+        self.put(REPLICAS, &r.vm, r)
+    }
+    pub fn remove_replica(&self, vm: &str) -> Result<bool, Error> {
+        self.remove(REPLICAS, vm)
+    }
+
+    pub fn replica_links(&self) -> Result<Vec<ReplicaLinkRecord>, Error> {
+        self.list(REPLICA_LINKS)
+    }
+    pub fn put_replica_link(&self, l: &ReplicaLinkRecord) -> Result<(), Error> {
+        self.put(REPLICA_LINKS, &ReplicaLinkRecord::key(&l.vm, &l.host), l)
+    }
+    pub fn remove_replica_link(&self, vm: &str, host: &str) -> Result<bool, Error> {
+        self.remove(REPLICA_LINKS, &ReplicaLinkRecord::key(vm, host))
+    }
+
     /// Append an event to the host's log (ownership changes, forced actions).
     pub fn log(&self, event: &serde_json::Value) -> Result<(), Error> {
         let bytes = encode(event)?;
@@ -249,6 +309,38 @@ mod tests {
         assert_eq!(s.peers().unwrap().len(), 1);
         assert!(s.remove_vm("desk").unwrap());
         assert!(s.vm("desk").unwrap().is_none());
+    }
+
+    #[test]
+    fn replica_records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.redb");
+        let rec = ReplicaRecord {
+            vm: "desk".into(),
+            primary: "office".into(),
+            disk_bytes: 1 << 30,
+            chunk_size: 65536,
+            generation: 2,
+            seq: 7,
+            last_sync_unix_ms: Some(5),
+            dir: "/x".into(),
+        };
+        let link = ReplicaLinkRecord {
+            vm: "desk".into(),
+            host: "home".into(),
+            created_unix_ms: 1,
+        };
+        {
+            let s = Store::open(&p).unwrap();
+            s.put_replica(&rec).unwrap();
+            s.put_replica_link(&link).unwrap();
+        }
+        let s = Store::open(&p).unwrap();
+        assert_eq!(s.replica("desk").unwrap(), Some(rec));
+        assert_eq!(s.replica_links().unwrap(), vec![link]);
+        assert!(s.remove_replica_link("desk", "home").unwrap());
+        assert!(s.remove_replica("desk").unwrap());
+        assert!(s.replicas().unwrap().is_empty());
     }
 
     #[test]

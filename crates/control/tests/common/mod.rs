@@ -26,6 +26,7 @@ pub struct FakeHost {
     pub vms: Mutex<BTreeMap<String, VmInfo>>,
     pub cancel: CancellationToken,
     pub migrated_slow: AtomicBool,
+    pub replicas: Mutex<Vec<ReplicaInfo>>,
 }
 
 impl FakeHost {
@@ -35,6 +36,7 @@ impl FakeHost {
             vms: Mutex::default(),
             cancel,
             migrated_slow: AtomicBool::new(false),
+            replicas: Mutex::default(),
         }
     }
 }
@@ -237,6 +239,47 @@ impl Host for FakeHost {
             }
             other => Err(ApiError::not_found(format!("no vm {other}"))),
         }
+    }
+
+    async fn replica_add(&self, vm: &str, host: &str) -> Result<ReplicaInfo, ApiError> {
+        if !self.vms.lock().unwrap().contains_key(vm) {
+            return Err(ApiError::not_found(format!("no VM {vm}")));
+        }
+        let mut list = self.replicas.lock().unwrap();
+        if list.iter().any(|r| r.vm == vm && r.host == host) {
+            return Err(ApiError::conflict(format!("{vm} is replicated to {host}")));
+        }
+        let r = ReplicaInfo {
+            vm: vm.into(),
+            host: host.into(),
+            state: ReplicaState::Seeding,
+            lag_bytes: 8 << 30,
+            lag_ms: 0,
+            last_sync_unix_ms: None,
+            generation: 1,
+            error: None,
+        };
+        list.push(r.clone());
+        Ok(r)
+    }
+
+    async fn replica_remove(&self, vm: &str, host: &str) -> Result<(), ApiError> {
+        let mut list = self.replicas.lock().unwrap();
+        let before = list.len();
+        list.retain(|r| !(r.vm == vm && r.host == host));
+        if list.len() == before {
+            return Err(ApiError::not_found(format!("no replica of {vm} on {host}")));
+        }
+        Ok(())
+    }
+
+    async fn replica_list(&self, vm: Option<&str>) -> Result<Vec<ReplicaInfo>, ApiError> {
+        let list = self.replicas.lock().unwrap();
+        Ok(list
+            .iter()
+            .filter(|r| vm.is_none_or(|v| r.vm == v))
+            .cloned()
+            .collect())
     }
 
     async fn shutdown(&self) -> Result<(), ApiError> {

@@ -379,7 +379,12 @@ impl Dest {
 
     /// Copy the disk this host kept when the VM left (status `moved`), if it has one of
     /// the right size. Sparse and, where the filesystem can, a reflink: cheap.
+    /// A committed background replica of the VM held here is preferred: it is fresher.
     fn seed_from_old_copy(&self, to: &std::path::Path) -> Result<bool> {
+        let (name, bytes) = (&self.vm.name, self.vm.disk_bytes);
+        if crate::replication::replica::seed_copy(&self.d, name, bytes, to)? {
+            return Ok(true);
+        }
         let Some(r) = self.d.store.vm(&self.vm.name)? else {
             return Ok(false);
         };

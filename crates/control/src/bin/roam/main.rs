@@ -40,6 +40,19 @@ enum Cmd {
     Vm(VmCmd),
     /// Move a running VM to a peer, live.
     Migrate(MigrateArgs),
+    /// Background replicas of a VM's disk on peer hosts.
+    #[command(subcommand)]
+    Replica(ReplicaCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ReplicaCmd {
+    /// Keep a replica of VM's disk on peer HOST, updated in the background.
+    Add { vm: String, host: String },
+    /// Stop replicating VM to HOST and delete the replica there.
+    Remove { vm: String, host: String },
+    /// Show replicas, their state and lag.
+    List { vm: Option<String> },
 }
 
 #[derive(Debug, Subcommand)]
@@ -180,6 +193,22 @@ async fn run(cli: Cli) -> Result<Done, CliError> {
         }
         Cmd::Vm(cmd) => vm(&client, json, cmd).await,
         Cmd::Migrate(args) => migrate(&client, json, args).await,
+        Cmd::Replica(ReplicaCmd::Add { vm, host }) => {
+            let r = client.replica_add(&vm, &host).await?;
+            output::emit(json, &r, || {
+                format!("replicating {} to {} ({})\n", r.vm, r.host, r.state)
+            })
+        }
+        Cmd::Replica(ReplicaCmd::Remove { vm, host }) => {
+            client.replica_remove(&vm, &host).await?;
+            output::emit(json, &output::ok(), || {
+                format!("removed the replica of {vm} on {host}\n")
+            })
+        }
+        Cmd::Replica(ReplicaCmd::List { vm }) => {
+            let list = client.replica_list(vm.as_deref()).await?;
+            output::emit(json, &list, || output::replica_table(&list))
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use roam_control::units::{format_bytes, format_ms, format_unix_utc};
-use roam_control::{HostInfo, MigrationResult, Outcome, PeerInfo, VmInfo};
+use roam_control::{HostInfo, MigrationResult, Outcome, PeerInfo, ReplicaInfo, VmInfo};
 use serde::Serialize;
 
 use crate::{CliError, Done};
@@ -91,6 +91,41 @@ pub fn peer_table(peers: &[PeerInfo]) -> String {
         .map(|p| vec![p.name.clone(), p.addr.clone(), p.key.clone()])
         .collect();
     table(&["NAME", "ADDRESS", "KEY"], &rows)
+}
+
+pub fn replica_table(list: &[ReplicaInfo]) -> String {
+    if list.is_empty() {
+        return "no replicas (add one with: roam replica add VM HOST)\n".into();
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|r| {
+            vec![
+                r.vm.clone(),
+                r.host.clone(),
+                r.state.to_string(),
+                format_bytes(r.lag_bytes),
+                format_ms(r.lag_ms),
+                r.last_sync_unix_ms
+                    .map_or_else(|| "-".to_string(), |ms| format_unix_utc(ms / 1000)),
+                r.generation.to_string(),
+                r.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "VM",
+            "HOST",
+            "STATE",
+            "LAG",
+            "LAG_TIME",
+            "LAST_SYNC",
+            "GEN",
+            "ERROR",
+        ],
+        &rows,
+    )
 }
 
 pub fn vm_table(vms: &[VmInfo]) -> String {

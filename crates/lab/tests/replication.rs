@@ -1,0 +1,309 @@
+//! Background replicas end to end: real roamd hosts in namespaces, a real guest that keeps
+//! writing, the emulated WAN (with an outage), then a migration to the replica host that
+//! starts from the replica, and the replica's removal; and resuming after either roamd
+//! restarts without resending what the replica already holds.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use roam_control::api::{Outcome, ReplicaInfo, ReplicaState, Workload};
+use roam_control::Client;
+use roam_lab::{Lab, LabConfig};
+use roam_wan::LinkParams;
+
+fn config() -> LabConfig {
+    LabConfig {
+        link: LinkParams {
+            bandwidth_mbit: 100.0,
+            rtt_ms: 20.0,
+            loss_pct: 0.0,
+            ..LinkParams::default()
+        },
+        memory_mib: 256,
+        disk_bytes: 1 << 30,
+        data_mib: 64,
+        workload: Workload {
+            mem_dirty_mib_s: 8,
+            mem_working_set_mib: 16,
+            disk_writes_per_s: 40,
+        },
+        home_state_limit_mib: None,
+        keep: std::env::var_os("ROAM_LAB_KEEP").is_some(),
+    }
+}
+
+async fn replica(c: &Client) -> ReplicaInfo {
+    let list = c.replica_list(Some("desk")).await.unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    list.into_iter().next().unwrap()
+}
+
+/// Poll until `ok` holds for the replica (or time out with the last state seen).
+async fn wait_for(
+    lab: &Lab,
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&ReplicaInfo) -> bool,
+) -> ReplicaInfo {
+    let c = &lab.host("office").client;
+    let end = Instant::now() + within;
+    loop {
+        let r = replica(c).await;
+        if ok(&r) {
+            return r;
+        }
+        assert!(
+            Instant::now() < end,
+            "replica never {what}: {r:?}\n--- office log ---\n{}\n--- home log ---\n{}",
+            lab.host("office").log_tail(40),
+            lab.host("home").log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Caught up: in sync, or at most a few chunks behind a commit made after `since_ms`
+/// (the guest writes 40 times a second, so "exactly 0" is a matter of luck).
+fn caught_up(r: &ReplicaInfo, since_ms: u64) -> bool {
+    r.last_sync_unix_ms.is_some_and(|t| t > since_ms)
+        && (r.state == ReplicaState::InSync
+            || (r.state == ReplicaState::Lagging && r.lag_bytes <= 8 << 16 && r.lag_ms < 2000))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+async fn heartbeats_flow(lab: &Lab, host: &str) -> bool {
+    let c = &lab.host(host).client;
+    let Ok(a) = c.vm_agent("desk").await else {
+        return false;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let Ok(b) = c.vm_agent("desk").await else {
+        return false;
+    };
+    b.heartbeats > a.heartbeats + 10
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_follows_the_guest_survives_an_outage_and_seeds_the_move() {
+    let lab = Lab::start(config()).await.unwrap();
+    lab.create_vm("office", "desk").await.unwrap();
+    let office = &lab.host("office").client;
+    let home_dir = lab.host("home").state.join("replicas").join("desk");
+
+    // Add: the seed copies the 64 MiB of data; then in sync.
+    let t0 = now_ms();
+    let r = office.replica_add("desk", "home").await.unwrap();
+    assert_eq!((r.vm.as_str(), r.host.as_str()), ("desk", "home"));
+    let r = wait_for(&lab, Duration::from_secs(90), "in sync", |r| {
+        r.state == ReplicaState::InSync
+    })
+    .await;
+    assert!(r.last_sync_unix_ms.unwrap_or(0) >= t0, "{r:?}");
+    assert_eq!(r.lag_bytes, 0);
+    for f in ["disk", "journal", "record"] {
+        assert!(home_dir.join(f).exists(), "replica file {f} missing");
+    }
+    let allocated = std::fs::metadata(home_dir.join("disk")).unwrap();
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&allocated) * 512 >= 32 << 20,
+        "the replica holds less than half of the guest's data"
+    );
+
+    // The guest writes: lag shows, then comes back to ~0 by itself.
+    lab.start_workload("office", "desk").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t1 = now_ms();
+    wait_for(
+        &lab,
+        Duration::from_secs(30),
+        "caught up with the writes",
+        |r| caught_up(r, t1),
+    )
+    .await;
+
+    // The WAN goes down: replication notices and pauses; the VM does not care.
+    lab.wan().set_outage(true);
+    let r = wait_for(&lab, Duration::from_secs(30), "paused by the outage", |r| {
+        r.state == ReplicaState::Paused
+    })
+    .await;
+    assert!(r.error.is_some(), "{r:?}");
+    assert!(
+        heartbeats_flow(&lab, "office").await,
+        "guest stalled during the outage"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = replica(office).await;
+    eprintln!("during the outage: {during:?}");
+    assert!(
+        matches!(during.state, ReplicaState::Paused | ReplicaState::Lagging),
+        "{during:?}"
+    );
+    assert!(
+        during.lag_bytes > 65536 && during.lag_ms >= 3000,
+        "writes during the outage not counted: {during:?}"
+    );
+    lab.wan().set_outage(false);
+    let t2 = now_ms();
+    wait_for(
+        &lab,
+        Duration::from_secs(45),
+        "caught up after the outage",
+        |r| caught_up(r, t2),
+    )
+    .await;
+
+    // `roam replica list --json`, as a person runs it.
+    let roam = roam_lab::bins::find("roam").expect("roam binary built");
+    let out = std::process::Command::new(&roam)
+        .arg("--socket")
+        .arg(&lab.host("office").socket)
+        .args(["--json", "replica", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["vm"], "desk");
+    assert_eq!(v[0]["host"], "home");
+    assert!(
+        ["in_sync", "lagging"].contains(&v[0]["state"].as_str().unwrap_or("")),
+        "{v}"
+    );
+    assert!(v[0]["lag_bytes"].is_u64() && v[0]["generation"].as_u64() >= Some(1));
+
+    // Move to the replica host: the disk starts from the replica.
+    let m = lab.migrate("desk", "office", "home", |_| {}).await.unwrap();
+    eprintln!(
+        "migration to the replica host: disk {} B, wire {} B, chunks skipped {:?}, total {} ms",
+        m.bytes.disk, m.bytes.wire, m.chunks_skipped, m.total_ms
+    );
+    assert_eq!(m.outcome, Outcome::Completed, "{:?}", m.error);
+    assert_eq!(m.acked_writes_lost, 0);
+    assert!(
+        m.chunks_skipped.unwrap_or(0) > 500,
+        "the replica was not used: {m:?}"
+    );
+    assert!(
+        m.bytes.disk < 8 << 20,
+        "{} disk bytes crossed for 64 MiB of replicated data",
+        m.bytes.disk
+    );
+    assert!(
+        heartbeats_flow(&lab, "home").await,
+        "guest not alive at home"
+    );
+    let r = replica(office).await;
+    assert_eq!(r.state, ReplicaState::Paused, "{r:?}");
+
+    // Remove: the replica's files are gone at home, the link is gone here.
+    office.replica_remove("desk", "home").await.unwrap();
+    assert!(!home_dir.exists(), "replica files left at home");
+    assert!(office.replica_list(None).await.unwrap().is_empty());
+    // The VM at home runs from its own disk, untouched by the removal.
+    assert!(heartbeats_flow(&lab, "home").await);
+    lab.shutdown().await;
+}
+
+/// `(offered, sent)` of every "replica seeded" line in a roamd log.
+fn seeds(log: &std::path::Path) -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut plain = String::with_capacity(text.len());
+    let mut in_escape = false;
+    for ch in text.chars() {
+        match (in_escape, ch) {
+            (false, '\x1b') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, c) => plain.push(c),
+        }
+    }
+    let field = |line: &str, key: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    plain
+        .lines()
+        .filter(|l| l.contains("replica seeded"))
+        .map(|l| (field(l, "offered="), field(l, "sent=")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_resumes_after_either_roamd_restarts_without_resending() {
+    let mut lab = Lab::start(config()).await.unwrap();
+    lab.create_vm("office", "desk").await.unwrap();
+    lab.host("office")
+        .client
+        .replica_add("desk", "home")
+        .await
+        .unwrap();
+    wait_for(&lab, Duration::from_secs(90), "in sync", |r| {
+        r.state == ReplicaState::InSync
+    })
+    .await;
+    lab.start_workload("office", "desk").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The replica host dies in the middle of the stream of batches, then comes back: its
+    // replica reopens at its last committed batch and the primary carries on from there.
+    lab.host_mut("home").kill();
+    wait_for(&lab, Duration::from_secs(30), "paused", |r| {
+        r.state == ReplicaState::Paused
+    })
+    .await;
+    assert!(heartbeats_flow(&lab, "office").await, "guest stalled");
+    lab.host_mut("home").spawn().await.unwrap();
+    let t = now_ms();
+    wait_for(
+        &lab,
+        Duration::from_secs(45),
+        "caught up after home restarted",
+        |r| caught_up(r, t),
+    )
+    .await;
+
+    // The primary's roamd restarts (its QEMU dies with it): the VM starts again and the
+    // replica is compared by hash; only the chunks that differ travel.
+    lab.host_mut("office").kill();
+    lab.host_mut("office").spawn().await.unwrap();
+    lab.host("office").client.vm_start("desk").await.unwrap();
+    lab.start_workload("office", "desk").await.unwrap();
+    let t = now_ms();
+    wait_for(
+        &lab,
+        Duration::from_secs(60),
+        "caught up after office restarted",
+        |r| caught_up(r, t),
+    )
+    .await;
+
+    let seeds = seeds(&lab.host("office").log);
+    eprintln!("seeds (offered, sent): {seeds:?}");
+    assert!(
+        seeds.len() >= 2,
+        "no hash comparison after the restart: {seeds:?}"
+    );
+    assert!(
+        seeds[0].1 >= 500,
+        "the first seed did not carry the data: {seeds:?}"
+    );
+    for &(offered, sent) in &seeds[1..] {
+        assert!(
+            sent < 100 && sent * 10 < offered,
+            "a resumed seed resent what the replica held: {seeds:?}"
+        );
+    }
+    lab.shutdown().await;
+}

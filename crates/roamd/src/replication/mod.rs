@@ -1,0 +1,189 @@
+//! Background replicas: a VM's disk kept fresh on other hosts while the VM runs, so that a
+//! migration to one of them moves only what changed since the last sync.
+//!
+//! ```text
+//!  primary (this VM runs here)                          replica host
+//!  NBD write ─▶ DirtyTracker ─subscribe─▶ Link task ═══ QUIC stream (kind Replication,
+//!                 │ flush_epoch            │ CutBuilder   priority below migration) ═══▶
+//!                 └───────────────────────▶│ DiskSender (hash negotiation for the seed,
+//!                                          │   zstd frames, Sync = committed)
+//!                                          ▼                 replica::serve ─▶ ReplicaWriter
+//!                                     LinkStatus ─▶ `roam replica list`   STATE/replicas/VM/
+//! ```
+//!
+//! * [`source`]: one task per (VM, replica host). Seeds by offering hashes of every
+//!   allocated chunk (the replica says which it lacks), then sends dirty chunks in batches
+//!   cut at FLUSH boundaries (`roam_store::CutBuilder`). On a link outage it pauses and
+//!   retries with backoff; the VM never waits for it (it only reads the disk file and takes
+//!   dirty bits). While a migration runs on this host it yields (migration first).
+//! * [`replica`]: the receiving side; one `ReplicaWriter` per VM, batches committed
+//!   atomically; the generation rule refuses a stale primary.
+//! * [`protocol`]: the messages and the admission rules, pure.
+//!
+//! Resuming: within one roamd life the dirty subscription outlives link outages, so after
+//! reconnecting only what changed is sent. After a restart of the primary's roamd (or when
+//! the replica's committed batch is not the one the primary last saw) the first batch is a
+//! full hash comparison: every chunk is read and hashed here, and only chunks that differ
+//! travel (about 40 bytes per chunk on the wire otherwise).
+
+pub mod protocol;
+pub mod replica;
+pub mod source;
+mod throttle;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use roam_control::api::{ApiError, ReplicaInfo};
+use tracing::{info, warn};
+
+use crate::daemon::{to_api, Daemon};
+use crate::state::{ReplicaLinkRecord, VmStatus};
+pub use replica::HeldReplicas;
+use source::Link;
+use throttle::Bucket;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Per-peer limit for background replication, Mbit/s (0 or unset: no limit). Migration
+/// traffic is not limited by it.
+pub const RATE_ENV: &str = "ROAM_REPLICATION_MBIT";
+
+/// The daemon's replication state: links of this host's VMs and replicas held here.
+#[derive(Default)]
+pub struct Replication {
+    links: Mutex<HashMap<(String, String), Arc<Link>>>,
+    /// One token bucket per peer, shared by every VM replicating to it.
+    buckets: Mutex<HashMap<String, Arc<Bucket>>>,
+    pub held: HeldReplicas,
+}
+
+impl Replication {
+    fn bucket(&self, peer: &str) -> Arc<Bucket> {
+        let mbit: f64 = std::env::var(RATE_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        self.buckets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(peer.to_string())
+            .or_insert_with(|| Arc::new(Bucket::new(mbit * 1e6 / 8.0)))
+            .clone()
+    }
+
+    fn links(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Link>>> {
+        self.links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Start the links recorded in the store (daemon start).
+pub fn start_saved(d: &Arc<Daemon>) {
+    if let Ok(held) = d.store.replicas() {
+        for r in held {
+            info!(vm = %r.vm, primary = %r.primary, generation = r.generation, seq = r.seq,
+                "holding a replica");
+        }
+    }
+    match d.store.replica_links() {
+        Ok(links) => {
+            for l in links {
+                info!(vm = %l.vm, host = %l.host, "resuming replication");
+                start_link(d, &l.vm, &l.host);
+            }
+        }
+        Err(e) => warn!("replica links unreadable: {e}"),
+    }
+}
+
+fn start_link(d: &Arc<Daemon>, vm: &str, host: &str) -> Arc<Link> {
+    let link = Link::start(d.clone(), vm, host, d.replication.bucket(host));
+    d.replication
+        .links()
+        .insert((vm.to_string(), host.to_string()), link.clone());
+    link
+}
+
+pub async fn add(d: &Arc<Daemon>, vm: &str, host: &str) -> Result<ReplicaInfo, ApiError> {
+    let rec = d.vm_record(vm).map_err(to_api)?;
+    if rec.status == VmStatus::Moved {
+        return Err(ApiError::conflict(format!(
+            "VM '{vm}' moved to '{}'; add replicas where it runs",
+            rec.moved_to.as_deref().unwrap_or("?")
+        )));
+    }
+    if host == d.cfg.name {
+        return Err(ApiError::bad_request(format!(
+            "'{host}' is this host; a replica lives on a peer"
+        )));
+    }
+    d.peer_record(host).map_err(to_api)?;
+    if d.replication
+        .links()
+        .contains_key(&(vm.to_string(), host.to_string()))
+    {
+        return Err(ApiError::conflict(format!(
+            "VM '{vm}' is already replicated to '{host}'"
+        )));
+    }
+    d.store
+        .put_replica_link(&ReplicaLinkRecord {
+            vm: vm.to_string(),
+            host: host.to_string(),
+            created_unix_ms: now_ms(),
+        })
+        .map_err(to_api)?;
+    let _ = d.store.log(&serde_json::json!({
+        "event": "replica_added", "vm": vm, "host": host, "unix_ms": now_ms(),
+    }));
+    let link = start_link(d, vm, host);
+    Ok(link.info())
+}
+
+pub async fn remove(d: &Arc<Daemon>, vm: &str, host: &str) -> Result<(), ApiError> {
+    let key = (vm.to_string(), host.to_string());
+    let link = d
+        .replication
+        .links()
+        .remove(&key)
+        .ok_or_else(|| ApiError::not_found(format!("VM '{vm}' has no replica on '{host}'")))?;
+    link.stop().await;
+    if let Err(e) = source::remove_remote(d, vm, host).await {
+        // Keep replicating rather than forget a replica that still exists over there.
+        start_link(d, vm, host);
+        return Err(ApiError::unavailable(format!(
+            "could not remove the replica on '{host}' (replication continues): {e}"
+        )));
+    }
+    d.store.remove_replica_link(vm, host).map_err(to_api)?;
+    let _ = d.store.log(&serde_json::json!({
+        "event": "replica_removed", "vm": vm, "host": host, "unix_ms": now_ms(),
+    }));
+    Ok(())
+}
+
+pub fn list(d: &Daemon, vm: Option<&str>) -> Vec<ReplicaInfo> {
+    let mut out: Vec<ReplicaInfo> = d
+        .replication
+        .links()
+        .values()
+        .filter(|l| vm.is_none_or(|v| l.vm == v))
+        .map(|l| l.info())
+        .collect();
+    out.sort_by(|a, b| (&a.vm, &a.host).cmp(&(&b.vm, &b.host)));
+    out
+}
+
+/// Stop every link task (daemon shutdown).
+pub async fn stop_all(d: &Daemon) {
+    let all: Vec<Arc<Link>> = d.replication.links().values().cloned().collect();
+    for l in all {
+        l.stop().await;
+    }
+}

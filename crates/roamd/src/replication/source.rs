@@ -1,0 +1,448 @@
+//! The primary's side: one task per (VM, replica host) that keeps the replica fresh.
+//!
+//! ```text
+//!  loop:  VM runs here, no migration under way?  ── no ─▶ paused (retry in 1 s)
+//!           │ yes
+//!         session: connect ─ Hello ─ Welcome{applied}
+//!           │  seed = the replica's committed batch is not the one this task last saw
+//!           ▼
+//!         batches: Begin ─ passes (take dirty, read, send) until no FLUSH completed
+//!                  during a pass ─ Sync (= committed) ─ lag 0 if nothing new
+//!           │ error: paused, backoff 1 → 8 s      refused as stale: error, retry in 30 s
+//! ```
+//!
+//! The dirty subscription outlives sessions: a link outage only makes the dirty bitmap
+//! denser (memory is one bit per chunk whatever the outage length), and the chunks of a
+//! batch that never committed stay pending for the next one.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use roam_channel::{Connection, PublicKey, RecvStream, StreamKind};
+use roam_control::api::{ReplicaInfo, ReplicaState};
+use roam_nbd::{DirtySubscription, DirtyTracker, InitialState};
+use roam_store::{CutBuilder, PassEnd, Version};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::now_ms;
+use super::protocol::{needs_seed, next_seq, ReplMsg, REPL_VERSION};
+use super::throttle::{Bucket, Throttled};
+use crate::daemon::Daemon;
+use crate::migration::disk::{allocated_chunks, DiskSender};
+use crate::runtime::{RunningVm, CHUNK_SIZE};
+use crate::state::VmStatus;
+
+/// Below migration streams (0) and control (1): QUIC sends these bytes last.
+const REPLICATION_PRIORITY: i32 = -1;
+/// Ungated passes of one batch before the cut rule asks for a FLUSH gate (which the NBD
+/// server does not offer yet: we keep passing, see `docs/storage.md`).
+const MAX_PASSES: u32 = 8;
+const IDLE_POLL: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
+const STALE_RETRY: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct Status {
+    state: ReplicaState,
+    lag_bytes: u64,
+    pending_since: Option<Instant>,
+    last_sync_unix_ms: Option<u64>,
+    generation: u64,
+    error: Option<String>,
+}
+
+/// One replica of one VM, as the primary sees it.
+pub struct Link {
+    pub vm: String,
+    pub host: String,
+    status: Mutex<Status>,
+    stop: CancellationToken,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+enum SessErr {
+    /// The replica host refused us as a stale primary (one writer).
+    Stale(String),
+    Other(String),
+}
+
+impl<E: std::fmt::Display> From<E> for SessErr {
+    fn from(e: E) -> Self {
+        SessErr::Other(e.to_string())
+    }
+}
+
+/// What the dirty tracking of one running VM has seen, across sessions.
+struct Tracking {
+    tracker: Arc<DirtyTracker>,
+    sub: DirtySubscription,
+    /// Taken from the subscription but not yet committed at the replica.
+    pending: BTreeSet<u64>,
+    /// The replica's committed batch as of this task's last commit.
+    synced_to: Option<Version>,
+}
+
+impl Link {
+    pub fn start(d: Arc<Daemon>, vm: &str, host: &str, bucket: Arc<Bucket>) -> Arc<Link> {
+        let link = Arc::new(Link {
+            vm: vm.to_string(),
+            host: host.to_string(),
+            status: Mutex::new(Status {
+                state: ReplicaState::Seeding,
+                lag_bytes: 0,
+                pending_since: None,
+                last_sync_unix_ms: None,
+                generation: 0,
+                error: None,
+            }),
+            stop: d.shutdown.child_token(),
+            task: Mutex::new(None),
+        });
+        let h = tokio::spawn(run(link.clone(), d, bucket));
+        *link.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+        link
+    }
+
+    /// Stop the task and wait (briefly) for it to say goodbye.
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        let h = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut h) = h {
+            if tokio::time::timeout(Duration::from_secs(5), &mut h)
+                .await
+                .is_err()
+            {
+                h.abort();
+            }
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn pause(&self, why: String) {
+        self.update(|s| {
+            if s.state != ReplicaState::Paused || s.error.as_deref() != Some(why.as_str()) {
+                info!(vm = %self.vm, host = %self.host, "replication paused: {why}");
+            }
+            s.state = ReplicaState::Paused;
+            s.error = Some(why);
+        });
+    }
+
+    fn progress(&self, state: ReplicaState, pending_chunks: u64) {
+        self.update(|s| {
+            s.state = state;
+            s.error = None;
+            s.lag_bytes = pending_chunks * u64::from(CHUNK_SIZE);
+            if pending_chunks == 0 && state == ReplicaState::InSync {
+                s.pending_since = None;
+            } else if s.pending_since.is_none() {
+                s.pending_since = Some(Instant::now());
+            }
+        });
+    }
+
+    fn committed(&self, generation: u64, batch_started: Instant, still_dirty: u64) {
+        self.update(|s| {
+            s.last_sync_unix_ms = Some(now_ms());
+            s.generation = generation;
+            s.lag_bytes = still_dirty * u64::from(CHUNK_SIZE);
+            s.pending_since = (still_dirty > 0).then_some(batch_started);
+            s.state = if still_dirty == 0 {
+                ReplicaState::InSync
+            } else {
+                ReplicaState::Lagging
+            };
+            s.error = None;
+        });
+    }
+
+    pub fn info(&self) -> ReplicaInfo {
+        let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        ReplicaInfo {
+            vm: self.vm.clone(),
+            host: self.host.clone(),
+            state: s.state,
+            lag_bytes: s.lag_bytes,
+            lag_ms: s
+                .pending_since
+                .map_or(0, |t| t.elapsed().as_millis() as u64),
+            last_sync_unix_ms: s.last_sync_unix_ms,
+            generation: s.generation,
+            error: s.error.clone(),
+        }
+    }
+}
+
+/// The VM, if it runs here and no migration is under way on this host (migration first).
+async fn ready(d: &Daemon, vm: &str) -> Result<Arc<RunningVm>, String> {
+    if !d.busy.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+        return Err("a migration is under way on this host; replication yields".into());
+    }
+    match d.store.vm(vm) {
+        Ok(Some(r)) if r.status == VmStatus::Moved => {
+            return Err(format!(
+                "VM moved to '{}'",
+                r.moved_to.as_deref().unwrap_or("?")
+            ))
+        }
+        Ok(Some(r)) if r.status == VmStatus::Running => {}
+        Ok(Some(_)) => return Err("VM is not running".into()),
+        Ok(None) => return Err("VM is not defined on this host".into()),
+        Err(e) => return Err(e.to_string()),
+    }
+    d.running(vm)
+        .await
+        .ok_or_else(|| "VM is not running".to_string())
+}
+
+async fn sleep_or_stop(stop: &CancellationToken, t: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(t) => {}
+        _ = stop.cancelled() => {}
+    }
+}
+
+async fn run(link: Arc<Link>, d: Arc<Daemon>, bucket: Arc<Bucket>) {
+    let mut tr: Option<Tracking> = None;
+    let mut backoff = Duration::from_secs(1);
+    while !link.stop.is_cancelled() {
+        let rt = match ready(&d, &link.vm).await {
+            Ok(rt) => rt,
+            Err(why) => {
+                link.pause(why);
+                sleep_or_stop(&link.stop, Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        // A new QEMU/export (the VM restarted): its dirty bits start over, so must we.
+        if !tr
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(&t.tracker, &rt.tracker))
+        {
+            tr = Some(Tracking {
+                tracker: rt.tracker.clone(),
+                sub: rt.tracker.subscribe(InitialState::Clean),
+                pending: BTreeSet::new(),
+                synced_to: None,
+            });
+        }
+        let Some(t) = tr.as_mut() else { continue };
+        match session(&d, &link, &rt, t, &bucket).await {
+            Ok(()) => backoff = Duration::from_secs(1),
+            Err(SessErr::Stale(why)) => {
+                warn!(vm = %link.vm, host = %link.host, "replica refuses this host: {why}");
+                link.update(|s| {
+                    s.state = ReplicaState::Error;
+                    s.error = Some(why);
+                });
+                sleep_or_stop(&link.stop, STALE_RETRY).await;
+            }
+            Err(SessErr::Other(why)) => {
+                link.pause(format!("link: {why}"));
+                // Keep the lag figures live while the link is down.
+                let until = Instant::now() + backoff;
+                while Instant::now() < until && !link.stop.is_cancelled() {
+                    let n = t.sub.count() + t.pending.len() as u64;
+                    link.update(|s| {
+                        s.lag_bytes = n * u64::from(CHUNK_SIZE);
+                        if n > 0 && s.pending_since.is_none() {
+                            s.pending_since = Some(Instant::now());
+                        }
+                    });
+                    sleep_or_stop(&link.stop, IDLE_POLL).await;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+async fn connect(d: &Daemon, host: &str) -> Result<Connection, SessErr> {
+    let peer = d.peer_record(host)?;
+    let key: PublicKey = peer.key.parse()?;
+    let addr: std::net::SocketAddr = peer.addr.parse()?;
+    let conn = tokio::time::timeout(Duration::from_secs(10), d.endpoint.connect(addr, key))
+        .await
+        .map_err(|_| SessErr::Other(format!("no answer from '{host}' within 10 s")))??;
+    Ok(conn)
+}
+
+async fn recv(rx: &mut RecvStream, within: Duration) -> Result<ReplMsg, SessErr> {
+    match tokio::time::timeout(within, rx.recv_msg::<ReplMsg>()).await {
+        Err(_) => Err(SessErr::Other("the replica host did not answer".into())),
+        Ok(r) => Ok(r?),
+    }
+}
+
+fn refused(reason: String, stale: bool) -> SessErr {
+    if stale {
+        SessErr::Stale(reason)
+    } else {
+        SessErr::Other(format!("refused: {reason}"))
+    }
+}
+
+async fn session(
+    d: &Daemon,
+    link: &Link,
+    rt: &Arc<RunningVm>,
+    tr: &mut Tracking,
+    bucket: &Bucket,
+) -> Result<(), SessErr> {
+    let conn = connect(d, &link.host).await?;
+    let (tx, mut rx) = conn.open_stream(StreamKind::Replication).await?;
+    tx.set_priority(REPLICATION_PRIORITY)?;
+    let rec = d.vm_record(&link.vm)?;
+    let generation = rec.generation;
+    let mut w = Throttled::new(tx, bucket);
+    w.inner
+        .send_msg(&ReplMsg::Hello {
+            version: REPL_VERSION,
+            vm: link.vm.clone(),
+            source_host: d.cfg.name.clone(),
+            generation,
+            disk_bytes: rec.disk_bytes,
+            chunk_size: CHUNK_SIZE,
+        })
+        .await?;
+    let applied = match recv(&mut rx, Duration::from_secs(60)).await? {
+        ReplMsg::Welcome {
+            applied_generation,
+            applied_seq,
+            ..
+        } => Version {
+            generation: applied_generation,
+            seq: applied_seq,
+        },
+        ReplMsg::Refuse { reason, stale } => return Err(refused(reason, stale)),
+        other => return Err(SessErr::Other(format!("unexpected {other:?}"))),
+    };
+    let mut seed = needs_seed(tr.synced_to, applied);
+    let mut seq = next_seq(generation, applied) - 1;
+    link.update(|s| s.generation = applied.generation);
+    let file = Arc::new(std::fs::File::open(rt.disk_path())?);
+    let mut sender = DiskSender::new(file.clone(), rec.disk_bytes, CHUNK_SIZE, 3);
+    let r = async {
+        loop {
+            // Wait for something to send (or a reason to end the session).
+            loop {
+                if link.stop.is_cancelled() || ready(d, &link.vm).await.is_err() {
+                    return Ok(());
+                }
+                if let Some(e) = conn.close_reason() {
+                    return Err(SessErr::Other(e.to_string()));
+                }
+                let n = tr.sub.count() + tr.pending.len() as u64;
+                if seed {
+                    link.progress(ReplicaState::Seeding, n.max(1));
+                    break;
+                }
+                if n > 0 {
+                    link.progress(ReplicaState::Lagging, n);
+                    break;
+                }
+                link.progress(ReplicaState::InSync, 0);
+                sleep_or_stop(&link.stop, IDLE_POLL).await;
+            }
+            let started = Instant::now();
+            seq += 1;
+            w.inner
+                .send_msg(&ReplMsg::Begin {
+                    generation,
+                    seq,
+                    flush_epoch: rt.tracker.flush_epoch(),
+                    seed,
+                })
+                .await?;
+            match recv(&mut rx, Duration::from_secs(60)).await? {
+                ReplMsg::Ready => {}
+                ReplMsg::Refuse { reason, stale } => return Err(refused(reason, stale)),
+                other => return Err(SessErr::Other(format!("unexpected {other:?}"))),
+            }
+            // Passes until one saw no FLUSH complete: then the batch is a state the disk
+            // had (see roam_store::cut).
+            let mut cut = CutBuilder::new(MAX_PASSES);
+            let mut seed_stats = (0usize, 0usize);
+            let mut first = true;
+            loop {
+                cut.begin_pass(rt.tracker.flush_epoch());
+                let taken = tr.sub.take();
+                tr.pending.extend(taken.iter().copied());
+                if first && seed {
+                    // Everything the primary holds, by hash: the replica says what it lacks.
+                    let all = allocated_chunks(&file, rec.disk_bytes, CHUNK_SIZE)?;
+                    let offered = all.len();
+                    let wanted = sender.negotiate(&mut w, &mut rx, all).await?;
+                    seed_stats = (offered, wanted.len());
+                    sender.send(&mut w, wanted, false).await?;
+                } else if first {
+                    let all: Vec<u64> = tr.pending.iter().copied().collect();
+                    sender.send(&mut w, all, false).await?;
+                } else {
+                    sender.send(&mut w, taken, false).await?;
+                }
+                first = false;
+                match cut.end_pass(rt.tracker.flush_epoch()) {
+                    PassEnd::Consistent { .. } => break,
+                    PassEnd::Again | PassEnd::Gate => {
+                        if cut.passes().is_multiple_of(64) {
+                            warn!(vm = %link.vm, passes = cut.passes(),
+                                "the guest flushes during every pass; the batch waits for a quiet moment");
+                        }
+                    }
+                }
+            }
+            sender.sync(&mut w, &mut rx).await?; // answered once committed
+            tr.pending.clear();
+            tr.synced_to = Some(Version { generation, seq });
+            if seed {
+                // "sent" = chunks the replica lacked; the rest it already held.
+                info!(vm = %link.vm, host = %link.host, seq, offered = seed_stats.0,
+                    sent = seed_stats.1, passes = cut.passes(), "replica seeded");
+            }
+            seed = false;
+            link.committed(generation, started, tr.sub.count());
+            // Let writes gather a little: one batch per ~100 ms at most.
+            sleep_or_stop(&link.stop, Duration::from_millis(100)).await;
+        }
+    }
+    .await;
+    if r.is_ok() {
+        let _ = w.inner.send_msg(&ReplMsg::Bye).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), w.inner.finish_and_wait()).await;
+    }
+    conn.close(0u32, "replication session over");
+    r
+}
+
+/// Ask `host` to delete its replica of `vm`.
+pub async fn remove_remote(d: &Daemon, vm: &str, host: &str) -> Result<(), String> {
+    let r: Result<(), SessErr> = async {
+        let conn = connect(d, host).await?;
+        let (mut tx, mut rx) = conn.open_stream(StreamKind::Replication).await?;
+        let generation = d.store.vm(vm)?.map_or(0, |r| r.generation);
+        tx.send_msg(&ReplMsg::Remove {
+            vm: vm.to_string(),
+            source_host: d.cfg.name.clone(),
+            generation,
+        })
+        .await?;
+        let m = recv(&mut rx, Duration::from_secs(60)).await;
+        conn.close(0u32, "done");
+        match m? {
+            ReplMsg::Removed => Ok(()),
+            ReplMsg::Refuse { reason, stale } => Err(refused(reason, stale)),
+            other => Err(SessErr::Other(format!("unexpected {other:?}"))),
+        }
+    }
+    .await;
+    r.map_err(|e| match e {
+        SessErr::Stale(m) | SessErr::Other(m) => m,
+    })
+}

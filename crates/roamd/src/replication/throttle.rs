@@ -1,0 +1,154 @@
+//! A per-peer token bucket and a writer that obeys it: background replication never takes
+//! more than its share of a link, whatever the number of VMs replicating to that peer.
+
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWrite;
+
+/// Tokens are bytes. `rate == 0` means no limit.
+#[derive(Debug)]
+pub struct Bucket {
+    rate: f64,
+    burst: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Bucket {
+    pub fn new(bytes_per_s: f64) -> Bucket {
+        let rate = if bytes_per_s.is_finite() && bytes_per_s > 0.0 {
+            bytes_per_s
+        } else {
+            0.0
+        };
+        // A tenth of a second of burst, at least one chunk frame.
+        let burst = (rate / 10.0).max(80.0 * 1024.0);
+        Bucket {
+            rate,
+            burst,
+            state: Mutex::new((burst, Instant::now())),
+        }
+    }
+
+    pub fn unlimited(&self) -> bool {
+        self.rate == 0.0
+    }
+
+    /// Take up to `want` bytes now; `Err(wait)` if none are available yet.
+    pub fn take(&self, want: usize, now: Instant) -> Result<usize, Duration> {
+        if self.unlimited() {
+            return Ok(want);
+        }
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, last) = *s;
+        let tokens = (tokens + now.saturating_duration_since(last).as_secs_f64() * self.rate)
+            .min(self.burst);
+        if tokens < 1.0 {
+            *s = (tokens, now);
+            let need = (want as f64).min(self.burst / 2.0) - tokens;
+            return Err(Duration::from_secs_f64(need.max(1.0) / self.rate));
+        }
+        let n = (tokens as usize).min(want);
+        *s = (tokens - n as f64, now);
+        Ok(n)
+    }
+
+    /// Give back what was taken but not written.
+    pub fn refund(&self, n: usize) {
+        if self.unlimited() || n == 0 {
+            return;
+        }
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.0 = (s.0 + n as f64).min(self.burst);
+    }
+}
+
+/// `inner`, paced by `bucket`.
+pub struct Throttled<'a, W> {
+    pub inner: W,
+    bucket: &'a Bucket,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<'a, W> Throttled<'a, W> {
+    pub fn new(inner: W, bucket: &'a Bucket) -> Self {
+        Throttled {
+            inner,
+            bucket,
+            sleep: None,
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Throttled<'_, W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        loop {
+            if let Some(s) = this.sleep.as_mut() {
+                if s.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.sleep = None;
+            }
+            match this.bucket.take(buf.len(), Instant::now()) {
+                Ok(n) => {
+                    let r = Pin::new(&mut this.inner).poll_write(cx, &buf[..n]);
+                    match &r {
+                        Poll::Ready(Ok(w)) => this.bucket.refund(n - w),
+                        _ => this.bucket.refund(n),
+                    }
+                    return r;
+                }
+                Err(wait) => {
+                    this.sleep = Some(Box::pin(tokio::time::sleep(wait)));
+                }
+            }
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+use std::future::Future;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn bucket_refills_at_its_rate_and_caps_at_its_burst() {
+        let b = Bucket::new(1_000_000.0);
+        let t0 = Instant::now();
+        let first = b.take(10_000_000, t0).unwrap();
+        assert_eq!(first, 100_000); // the burst
+        assert!(b.take(10, t0).is_err());
+        let later = b.take(10_000_000, t0 + Duration::from_millis(50)).unwrap();
+        assert!((49_000..=51_000).contains(&later), "{later}");
+        assert!(Bucket::new(0.0).take(usize::MAX, t0).is_ok());
+    }
+
+    #[tokio::test]
+    async fn throttled_writer_keeps_to_the_rate() {
+        let b = Bucket::new(4_000_000.0); // 4 MB/s, burst 400 kB
+        let mut w = Throttled::new(tokio::io::sink(), &b);
+        let t0 = Instant::now();
+        let data = vec![1u8; 1_200_000];
+        w.write_all(&data).await.unwrap();
+        let took = t0.elapsed().as_secs_f64();
+        // (1.2 MB − 0.4 MB burst) / 4 MB/s = 0.2 s.
+        assert!((0.17..0.5).contains(&took), "{took}");
+    }
+}
