@@ -93,6 +93,20 @@ SCRIPT
     ) &
 fi
 
+# A TCP echo service on port 7 when the kernel command line asks for it
+# (roamd adds roam.echo=1 for VMs with a NIC): the lab's proof that a
+# correspondent's connection survives a migration. busybox nc -ll -e forks
+# one `cat` per connection and keeps listening.
+if grep -qw roam.echo=1 /proc/cmdline; then
+    (
+        while true; do
+            nc -ll -p 7 -e /bin/cat
+            sleep 0.2
+        done
+    ) >/dev/null 2>&1 &
+    echo "ROAM-NET: echo service on tcp port 7"
+fi
+
 echo "ROAM-GUEST-READY"
 while true; do
     setsid cttyhack sh -l

@@ -101,6 +101,10 @@ pub struct VmCreate {
     /// an empty disk. The path is read by roamd, so it must be absolute.
     #[serde(default)]
     pub disk_image: Option<PathBuf>,
+    /// HIP correspondents the VM's endpoint knows from the start, `HIT@ADDR:PORT`
+    /// (others may still open associations to it).
+    #[serde(default)]
+    pub hip_peers: Vec<String>,
 }
 
 /// Life-cycle state of a VM on one host.
@@ -164,6 +168,30 @@ pub struct VmInfo {
     pub generation: u64,
     /// Creation time, seconds since the Unix epoch (UTC).
     pub created_at: u64,
+    /// The VM's network identity (HIP) and guest LAN; `None` for VMs without a NIC.
+    #[serde(default)]
+    pub net: Option<VmNetInfo>,
+}
+
+/// A VM's network: its HIP identity, the names peers reach it by, and its guest LAN.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmNetInfo {
+    /// Host Identity Tag (RFC 7343 ORCHIDv2, IPv6 notation).
+    pub hit: String,
+    /// IPv4 local-scope identifier (198.19.0.0/16) derived from the HIT.
+    pub lsi: String,
+    /// The guest NIC's MAC.
+    pub mac: String,
+    /// The guest's address on its virtual LAN, `IP/PREFIX`.
+    pub guest_ip: String,
+    pub gateway: String,
+    pub mtu: u16,
+    /// HIP correspondents configured at create (`HIT@ADDR:PORT`).
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// UDP port of the VM's HIP endpoint on this host, while it runs.
+    #[serde(default)]
+    pub hip_port: Option<u16>,
 }
 
 /// `POST /v1/vms/{name}/migrate`: move a running VM to a peer.

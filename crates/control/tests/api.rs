@@ -80,6 +80,7 @@ async fn every_route_round_trips() {
         disk_bytes: 8 << 30,
         vcpus: 2,
         disk_image: Some("/srv/images/debian.qcow2".into()),
+        hip_peers: Vec::new(),
     };
     let v = c.vm_create(&create).await.unwrap();
     assert_eq!(
@@ -137,6 +138,7 @@ async fn errors_map_to_codes_and_statuses() {
         disk_bytes: 1 << 30,
         vcpus: 1,
         disk_image: None,
+        hip_peers: Vec::new(),
     };
     c.vm_create(&create).await.unwrap();
     let e = c.vm_create(&create).await.unwrap_err();
@@ -438,6 +440,7 @@ async fn replica_routes_round_trip() {
         disk_bytes: 1 << 30,
         vcpus: 1,
         disk_image: None,
+        hip_peers: Vec::new(),
     })
     .await
     .unwrap();

@@ -47,6 +47,9 @@ pub struct LabConfig {
     pub home_state_limit_mib: Option<u64>,
     /// Keep the lab's directory (logs, state) after the end.
     pub keep: bool,
+    /// Add a third namespace, "correspondent" (198.18.3.2/24), on the WAN: a machine
+    /// that runs roam's HIP endpoint (`roam-hip`) and talks to VMs by HIT or LSI.
+    pub correspondent: bool,
 }
 
 impl Default for LabConfig {
@@ -68,12 +71,17 @@ impl Default for LabConfig {
             },
             home_state_limit_mib: None,
             keep: false,
+            correspondent: false,
         }
     }
 }
 
 /// Host names and their WAN addresses (each on its own subnet).
 pub const HOSTS: [(&str, &str); 2] = [("office", "198.18.1.2"), ("home", "198.18.2.2")];
+/// The correspondent's WAN address (its own subnet), when the lab has one.
+pub const CORRESPONDENT_IP: &str = "198.18.3.2";
+/// Its HIP endpoint's UDP port.
+pub const CORRESPONDENT_PORT: u16 = 10500;
 
 pub struct Lab {
     pub cfg: LabConfig,
@@ -82,6 +90,8 @@ pub struct Lab {
     pub wan: Option<WanHandle>,
     tmpfs: Option<PathBuf>,
     namespaces: Vec<NetNs>,
+    /// The correspondent's `roam-hip run` process.
+    correspondent: Option<std::process::Child>,
 }
 
 impl Lab {
@@ -102,6 +112,7 @@ impl Lab {
             wan: None,
             tmpfs: None,
             namespaces: Vec::new(),
+            correspondent: None,
         };
         let mut ports = Vec::new();
         for (name, ip) in HOSTS {
@@ -111,6 +122,15 @@ impl Lab {
                 .parse()
                 .map_err(|e| LabError::Net(format!("{e}")))?;
             ports.push(PortConfig::new(name, ns.name(), cidr));
+            lab.namespaces.push(ns);
+        }
+        if cfg.correspondent {
+            let ns = NetNs::create(&netns::unique_name("roam-corr"))
+                .map_err(|e| LabError::Net(e.to_string()))?;
+            let cidr = format!("{CORRESPONDENT_IP}/24")
+                .parse()
+                .map_err(|e| LabError::Net(format!("{e}")))?;
+            ports.push(PortConfig::new("correspondent", ns.name(), cidr));
             lab.namespaces.push(ns);
         }
         let wan = Wan::start(WanConfig::new(ports, cfg.link))
@@ -182,6 +202,7 @@ impl Lab {
                 disk_bytes: self.cfg.disk_bytes,
                 vcpus: 1,
                 disk_image: Some(image.clone()),
+                hip_peers: Vec::new(),
             })
             .await?;
         let _ = std::fs::remove_file(&image);
@@ -293,7 +314,88 @@ impl Lab {
         pids
     }
 
+    /// The correspondent's namespace, when the lab has one.
+    pub fn correspondent_ns(&self) -> Option<&str> {
+        self.cfg
+            .correspondent
+            .then(|| self.namespaces.get(HOSTS.len()).map(|n| n.name()))
+            .flatten()
+    }
+
+    /// Start roam's HIP endpoint in the correspondent namespace with a new identity, a
+    /// TUN device and `peers` (`HIT@ADDR:PORT`); returns its control socket. Its log is
+    /// `ROOT/correspondent.log`.
+    pub async fn start_correspondent(&mut self, peers: &[String]) -> Result<PathBuf, LabError> {
+        let ns = self
+            .correspondent_ns()
+            .ok_or_else(|| LabError::Net("the lab has no correspondent".into()))?
+            .to_string();
+        let hip =
+            bins::find("roam-hip").ok_or_else(|| LabError::MissingBinary("roam-hip".into()))?;
+        let id = self.root.join("correspondent.id");
+        let _ = std::fs::remove_file(&id);
+        let out = Command::new(&hip)
+            .arg("keygen")
+            .arg(&id)
+            .output()
+            .map_err(|e| LabError::Io(format!("run roam-hip keygen: {e}")))?;
+        if !out.status.success() {
+            return Err(LabError::Io(format!(
+                "roam-hip keygen: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        let control = self.root.join("correspondent.sock");
+        let log_path = self.root.join("correspondent.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| LabError::Io(format!("create {}: {e}", log_path.display())))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| LabError::Io(format!("log: {e}")))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ns])
+            .arg(&hip)
+            .arg("run")
+            .arg("--identity")
+            .arg(&id)
+            .arg("--listen")
+            .arg(format!("{CORRESPONDENT_IP}:{CORRESPONDENT_PORT}"))
+            .arg("--tun")
+            .arg("hipc0")
+            .arg("--control")
+            .arg(&control);
+        for p in peers {
+            cmd.arg("--peer").arg(p);
+        }
+        let child = cmd
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| LabError::Io(format!("spawn roam-hip: {e}")))?;
+        self.correspondent = Some(child);
+        if !wait_until(Duration::from_secs(10), || control.exists()).await {
+            return Err(LabError::Net(format!(
+                "the correspondent's endpoint did not start; see {}",
+                log_path.display()
+            )));
+        }
+        Ok(control)
+    }
+
+    fn stop_correspondent(&mut self) {
+        if let Some(mut c) = self.correspondent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub async fn shutdown(mut self) {
+        self.stop_correspondent();
         for h in self.hosts.iter_mut() {
             h.stop().await;
         }
@@ -302,6 +404,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        self.stop_correspondent();
         for h in self.hosts.iter_mut() {
             h.kill();
         }

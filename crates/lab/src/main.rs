@@ -117,6 +117,7 @@ fn lab_config(link: &LinkArgs, vm: &VmArgs, keep: bool) -> LabConfig {
         },
         home_state_limit_mib: None,
         keep,
+        correspondent: false,
     }
 }
 

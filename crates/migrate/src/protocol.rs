@@ -7,7 +7,12 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the migration conversation. Bump when a message changes meaning.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// 2: `VmManifest::net` (the VM's HIP identity and guest LAN) and `Msg::Associations`
+/// (the VM's HIP association state, sent by the source at pre-switchover when the
+/// manifest has `net`). A version-1 source sends neither; a destination then runs the
+/// VM without network state, as version 1 did.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Oldest version a destination still accepts ("current plus previous").
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
@@ -40,7 +45,36 @@ pub struct VmManifest {
     /// the only one allowed to run the VM.
     pub generation: u64,
     pub created_at: String,
+    /// The VM's network identity and guest LAN; absent for VMs without a NIC (and from
+    /// version-1 sources).
+    /// (Boxed: it is large and most messages are small.)
+    #[serde(default)]
+    pub net: Option<Box<NetSpec>>,
 }
+
+/// A VM's network identity: its HIP host identity and the LAN its guest sees. It is
+/// part of the VM's definition, so it travels with the VM unchanged. The secret key only
+/// ever crosses the encrypted, mutually authenticated host channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSpec {
+    /// The ECDSA P-256 secret scalar of the VM's HIP host identity, 64 hex digits.
+    pub hip_secret: String,
+    /// The guest NIC's MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// The guest's address on its virtual LAN and the LAN's prefix length.
+    pub guest_ip: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+    /// The virtual LAN's gateway (served by the hosting roamd).
+    pub gateway_ip: std::net::Ipv4Addr,
+    pub mtu: u16,
+    /// HIP correspondents the VM's endpoint knows in advance: `HIT@ADDR:PORT`.
+    #[serde(default)]
+    pub peers: Vec<String>,
+}
+
+/// Largest association state `Msg::Associations` may carry (roam-hipnet's container of
+/// every association; each is at most 8 KiB).
+pub const MAX_ASSOCIATIONS_BYTES: usize = 256 * 1024;
 
 /// Why a migration stopped, as both sides report it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,6 +135,11 @@ pub enum Msg {
         boot_id: Option<String>,
         detail: Option<String>,
     },
+    /// S → D (version ≥ 2, VMs with `net`), at pre-switchover while the guest is paused:
+    /// the VM's HIP associations (roam-hipnet's handover container, hex; empty when the
+    /// source had none to hand over). D starts the VM's HIP endpoint from it and
+    /// announces its own locator once the guest runs.
+    Associations { state: String },
     /// S → D: the source QEMU has quit; D owns the VM at this generation.
     Commit { generation: u64 },
     /// D → S: ownership recorded.
@@ -128,6 +167,7 @@ impl Msg {
             Msg::Running { .. } => "running",
             Msg::Verify { .. } => "verify",
             Msg::VerifyReport { .. } => "verify_report",
+            Msg::Associations { .. } => "associations",
             Msg::Commit { .. } => "commit",
             Msg::Committed => "committed",
             Msg::Abort(_) => "abort",
@@ -160,6 +200,9 @@ mod tests {
                 detail: None,
             },
             Msg::MemoryReady,
+            Msg::Associations {
+                state: "52484950".into(),
+            },
         ];
         for m in msgs {
             let s = serde_json::to_string(&m).unwrap();

@@ -231,6 +231,15 @@ impl Daemon {
             pid: rt.and_then(|v| v.pid()),
             generation: r.generation,
             created_at: r.created_at,
+            net: r.net.as_ref().and_then(|n| {
+                let port = rt
+                    .and_then(|v| v.net.as_ref())
+                    .and_then(|n| n.listen())
+                    .map(|a| a.port());
+                crate::net::info(n, port)
+                    .map_err(|e| warn!(vm = %r.name, "network identity: {e}"))
+                    .ok()
+            }),
         }
     }
 
@@ -421,6 +430,11 @@ impl Host for Daemon {
                 )));
             }
         }
+        for p in &req.hip_peers {
+            p.parse::<roam_hipnet::PeerSpec>().map_err(|e| {
+                ApiError::bad_request(format!("HIP peer '{p}': {e} (expected HIT@ADDR:PORT)"))
+            })?;
+        }
         let dir = self.paths.vm_dir(&req.name);
         let disk = self.paths.vm_disk(&req.name);
         let made: Result<()> = (|| {
@@ -463,6 +477,10 @@ impl Host for Daemon {
             generation: 1,
             moved_to: None,
             created_at: now_secs(),
+            net: Some(roam_migrate::protocol::NetSpec {
+                peers: req.hip_peers.clone(),
+                ..crate::net::new_spec()
+            }),
         };
         self.store.put_vm(&rec).map_err(to_api)?;
         Ok(self.info(&rec, None, false))

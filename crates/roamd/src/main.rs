@@ -17,6 +17,7 @@ mod config;
 mod daemon;
 mod error;
 mod migration;
+mod net;
 mod peer;
 mod replication;
 mod runtime;

@@ -38,6 +38,8 @@ pub struct RunningVm {
     pub export: String,
     /// The synthetic workload last asked of the guest agent (it migrates with the guest).
     pub workload: std::sync::Mutex<roam_control::api::Workload>,
+    /// The guest's LAN and HIP endpoint, for VMs with a network.
+    pub net: Option<Arc<crate::net::VmNet>>,
 }
 
 impl RunningVm {
@@ -67,11 +69,33 @@ impl RunningVm {
             .map_err(|e| Error::Disk(format!("NBD export '{export}': {e}")))?;
         let run_dir = d.paths.vm_run(&r.name);
         let _ = std::fs::remove_dir_all(&run_dir);
+        // The LAN is served before QEMU starts (QEMU connects to it). The HIP endpoint of
+        // an arriving VM starts only at the switch, from the source's associations.
+        let net = match &r.net {
+            Some(spec) => match start_net(d, spec, &run_dir, !incoming).await {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    let _ = remove_export(&d.nbd, &export).await;
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         let mut config = VmConfig::new(&r.name, &run_dir, &r.kernel, d.accel);
         config.memory_mib = r.memory_mib as u32;
         config.vcpus = r.vcpus as u16;
         config.initrd = Some(PathBuf::from(&r.initrd));
         config.cmdline = r.cmdline.clone();
+        if let (Some(spec), Some(n)) = (&r.net, &net) {
+            config.nic = Some(roam_vm::NicConfig {
+                socket: n.socket.clone(),
+                mac: roam_vm::MacAddr(crate::net::parse_mac(&spec.mac)?),
+            });
+            // The image's init starts its echo service (port 7) when asked to.
+            config.cmdline = format!("{} roam.echo=1", config.cmdline.trim())
+                .trim()
+                .to_string();
+        }
         config.disk = Some(DiskConfig {
             socket: d.paths.nbd_socket(),
             export: export.clone(),
@@ -83,6 +107,9 @@ impl RunningVm {
             Ok(vm) => vm,
             Err(e) => {
                 let _ = remove_export(&d.nbd, &export).await;
+                if let Some(n) = &net {
+                    n.net.stop().await;
+                }
                 return Err(Error::Vm(format!("start QEMU for '{}': {e}", r.name)));
             }
         };
@@ -98,6 +125,7 @@ impl RunningVm {
             disk_path: std::sync::RwLock::new(disk_path),
             export,
             workload: Default::default(),
+            net: net.map(|n| n.net),
         }))
     }
 
@@ -143,6 +171,9 @@ impl RunningVm {
             None => Ok(()),
         };
         self.agent.stop();
+        if let Some(n) = &self.net {
+            n.stop().await;
+        }
         remove_export(nbd, &self.export).await?;
         quit.map_err(|e| Error::Vm(format!("quit QEMU of '{}': {e}", self.name)))
     }
@@ -163,4 +194,30 @@ pub async fn remove_export(nbd: &Arc<NbdServer>, export: &str) -> Result<()> {
             Err(Error::Disk(format!("remove NBD export '{export}': {e}")))
         }
     }
+}
+
+struct StartedNet {
+    net: Arc<crate::net::VmNet>,
+    socket: PathBuf,
+}
+
+/// Serve the VM's LAN in its run directory and, unless it is arriving, start its HIP
+/// endpoint on the host's WAN address.
+async fn start_net(
+    d: &Daemon,
+    spec: &roam_migrate::protocol::NetSpec,
+    run_dir: &std::path::Path,
+    endpoint: bool,
+) -> Result<StartedNet> {
+    std::fs::create_dir_all(run_dir)
+        .map_err(|e| Error::io(format!("create {}", run_dir.display()), e))?;
+    let socket = run_dir.join("net.sock");
+    let net = crate::net::VmNet::serve(spec, &socket).await?;
+    if endpoint {
+        if let Err(e) = net.start_endpoint(d.cfg.listen.ip(), None).await {
+            net.stop().await;
+            return Err(e);
+        }
+    }
+    Ok(StartedNet { net, socket })
 }

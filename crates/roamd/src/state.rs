@@ -67,6 +67,10 @@ pub struct VmRecord {
     /// Host the VM moved to, when `status` is `Moved`.
     pub moved_to: Option<String>,
     pub created_at: u64,
+    /// The VM's HIP identity and guest LAN (it gets a NIC); records written before
+    /// roamd gave VMs a network have none.
+    #[serde(default)]
+    pub net: Option<roam_migrate::protocol::NetSpec>,
 }
 
 /// A replica of another host's VM disk, kept here under `STATE/replicas/NAME/`. The
@@ -286,6 +290,7 @@ mod tests {
             generation: 1,
             moved_to: None,
             created_at: 1,
+            net: None,
         }
     }
 
@@ -341,6 +346,20 @@ mod tests {
         assert!(s.remove_replica_link("desk", "home").unwrap());
         assert!(s.remove_replica("desk").unwrap());
         assert!(s.replicas().unwrap().is_empty());
+    }
+
+    #[test]
+    fn records_without_a_network_still_load() {
+        // A VmRecord as roamd wrote it before VMs had a HIP identity.
+        let old = br#"{"v":1,"name":"desk","memory_mib":512,"vcpus":1,"disk_bytes":1073741824,
+            "disk_path":"/x","kernel":"k","initrd":"i","cmdline":"c","status":"stopped",
+            "generation":1,"moved_to":null,"created_at":1}"#;
+        let r: VmRecord = decode("desk", old).unwrap();
+        assert_eq!(r, vm("desk"));
+        let mut with = vm("desk");
+        with.net = Some(crate::net::new_spec());
+        let back: VmRecord = decode("desk", &encode(&with).unwrap()).unwrap();
+        assert_eq!(back, with);
     }
 
     #[test]

@@ -150,6 +150,7 @@ impl Host for FakeHost {
             pid: None,
             generation: 1,
             created_at: 1_795_000_000,
+            net: None,
         };
         vms.insert(req.name, v.clone());
         Ok(v)

@@ -54,6 +54,7 @@ pub async fn serve(
         d: d.clone(),
         conn: conn.clone(),
         vm,
+        version,
         rt: None,
         owned: false,
         _guard: guard,
@@ -139,6 +140,8 @@ struct Dest {
     d: Arc<Daemon>,
     conn: Connection,
     vm: VmManifest,
+    /// The migration protocol version the source speaks.
+    version: u16,
     rt: Option<Arc<RunningVm>>,
     /// The guest runs here and this host recorded itself as its owner.
     owned: bool,
@@ -280,6 +283,33 @@ impl Dest {
         if !ok {
             return Err(Error::Migration("disk digest mismatch".into()));
         }
+        // A VM with a network: its associations come next (the guest is paused at the
+        // source). Start its endpoint here from them; peers learn our locator once the
+        // guest runs.
+        if let (Some(net), true) = (&rt.net, self.vm.net.is_some() && self.version >= 2) {
+            let state = match recv_ctl(ctl_rx, STEP_TIMEOUT).await? {
+                Msg::Associations { state } => state,
+                Msg::Abort(r) => {
+                    return Err(Error::Migration(format!("source aborted: {}", r.message)))
+                }
+                other => {
+                    return Err(Error::Migration(format!(
+                        "protocol: expected associations, got {}",
+                        other.name()
+                    )))
+                }
+            };
+            if state.len() > 2 * roam_migrate::protocol::MAX_ASSOCIATIONS_BYTES {
+                return Err(Error::Migration(format!(
+                    "association state of {} hex digits exceeds the cap",
+                    state.len()
+                )));
+            }
+            let bytes = hex::decode(&state)
+                .map_err(|e| Error::Migration(format!("association state: {e}")))?;
+            let import = (!bytes.is_empty()).then_some(bytes);
+            net.start_endpoint(d.cfg.listen.ip(), import).await?;
+        }
 
         // QEMU finishes loading and runs the guest (autostart).
         let st = rt
@@ -314,6 +344,12 @@ impl Dest {
                 .cont()
                 .await
                 .map_err(|e| Error::Vm(format!("start guest: {e}")))?;
+        }
+        if let Some(net) = &rt.net {
+            match net.set_locator(d.cfg.listen.ip()).await {
+                Ok(n) => info!(vm = %self.vm.name, peers = n, "HIP: UPDATE with our locator sent"),
+                Err(e) => warn!(vm = %self.vm.name, "HIP locator update: {e}"),
+            }
         }
         // The guest runs here now: take ownership at once, so that a source that
         // vanishes from here on cannot take the VM (and its new writes) with it.
@@ -425,6 +461,7 @@ impl Dest {
             generation: self.vm.generation + 1,
             moved_to: None,
             created_at: self.vm.created_at.parse().unwrap_or(0),
+            net: self.vm.net.as_deref().cloned(),
         }
     }
 

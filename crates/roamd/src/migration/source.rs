@@ -86,6 +86,7 @@ pub async fn migrate(
         conn: None,
         qemu_migrating: false,
         continued: false,
+        hip_export: None,
     };
     info!(vm = %req.vm, to = %req.to, "migration starting");
     let outcome = m.run(addr, key, &rec).await;
@@ -104,6 +105,10 @@ struct Source {
     qemu_migrating: bool,
     /// `migrate-continue` was sent: from here the guest may already run at the destination.
     continued: bool,
+    /// The VM's HIP associations, exported (and the endpoint stopped) at pre-switchover.
+    /// An abort before `migrate-continue` restarts the endpoint here from them: the
+    /// peers never heard of the move, so nothing else has to be undone.
+    hip_export: Option<Vec<u8>>,
 }
 
 impl Source {
@@ -298,6 +303,20 @@ impl Source {
                 )));
             }
             other => return Err(unexpected("disk_verified", &other)),
+        }
+        // The guest is paused: freeze its HIP endpoint here (no sequence number may be
+        // used twice) and hand its associations to the destination, which announces its
+        // own locator once the guest runs there.
+        if let (Some(_), Some(net)) = (&rec.net, &self.rt.net) {
+            let state = net.export_and_stop().await?;
+            self.hip_export = Some(state.clone());
+            send_ctl(
+                &mut ctl_tx,
+                &Msg::Associations {
+                    state: hex::encode(&state),
+                },
+            )
+            .await?;
         }
         let disk_sync_ms = paused_at.elapsed().as_millis() as u64;
         self.rt
@@ -547,6 +566,12 @@ impl Source {
             }
             return;
         }
+        if let (Some(state), Some(net)) = (self.hip_export.take(), &self.rt.net) {
+            let import = (!state.is_empty()).then_some(state);
+            if let Err(e) = net.start_endpoint(self.d.cfg.listen.ip(), import).await {
+                warn!(vm = %self.req.vm, "restart the HIP endpoint after the abort: {e}");
+            }
+        }
         match vm.query_status().await {
             Ok(roam_vm::RunState::Paused) => {
                 if let Err(e) = vm.cont().await {
@@ -597,5 +622,6 @@ fn manifest(rec: &crate::state::VmRecord, rt: &RunningVm) -> Result<VmManifest> 
         chunk_size: CHUNK_SIZE,
         generation: rec.generation,
         created_at: rec.created_at.to_string(),
+        net: rec.net.clone().map(Box::new),
     })
 }

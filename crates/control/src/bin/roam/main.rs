@@ -98,6 +98,9 @@ enum VmCmd {
         /// Disk image (raw or qcow2) to copy into the new disk.
         #[arg(long, value_name = "PATH")]
         image: Option<PathBuf>,
+        /// A HIP correspondent the VM's endpoint knows from the start (repeatable).
+        #[arg(long = "hip-peer", value_name = "HIT@ADDR:PORT")]
+        hip_peers: Vec<String>,
     },
     /// Start a VM.
     Start { name: String },
@@ -220,6 +223,7 @@ async fn vm(client: &Client, json: bool, cmd: VmCmd) -> Result<Done, CliError> {
             disk,
             vcpus,
             image,
+            hip_peers,
         } => {
             let memory_mib = memory_mib(&memory)?;
             let disk_bytes = parse_size(&disk)
@@ -239,6 +243,7 @@ async fn vm(client: &Client, json: bool, cmd: VmCmd) -> Result<Done, CliError> {
                 disk_bytes,
                 vcpus,
                 disk_image,
+                hip_peers,
             };
             let v = client.vm_create(&req).await?;
             output::emit(json, &v, || output::vm_created(&v))

@@ -157,7 +157,7 @@ pub fn vm_table(vms: &[VmInfo]) -> String {
 }
 
 pub fn vm_details(v: &VmInfo) -> String {
-    pairs(&[
+    let mut rows = vec![
         ("name", v.name.clone()),
         ("state", v.state.to_string()),
         ("host", v.host.clone()),
@@ -175,7 +175,32 @@ pub fn vm_details(v: &VmInfo) -> String {
         ("pid", opt(v.pid)),
         ("generation", v.generation.to_string()),
         ("created", format!("{} UTC", format_unix_utc(v.created_at))),
-    ])
+    ];
+    if let Some(n) = &v.net {
+        rows.extend(net_rows(n));
+    }
+    pairs(&rows)
+}
+
+fn net_rows(n: &roam_control::api::VmNetInfo) -> Vec<(&'static str, String)> {
+    vec![
+        ("hit", n.hit.clone()),
+        ("lsi", n.lsi.clone()),
+        ("mac", n.mac.clone()),
+        (
+            "guest lan",
+            format!("{} via {} mtu {}", n.guest_ip, n.gateway, n.mtu),
+        ),
+        ("hip port", opt(n.hip_port)),
+        (
+            "hip peers",
+            if n.peers.is_empty() {
+                "-".into()
+            } else {
+                n.peers.join(", ")
+            },
+        ),
+    ]
 }
 
 pub fn vm_created(v: &VmInfo) -> String {
