@@ -228,6 +228,12 @@ impl VmNet {
 
     /// Tell every peer our new locator (after the guest resumed on this host).
     pub async fn set_locator(&self, ip: IpAddr) -> Result<usize> {
+        if ip.is_unspecified() {
+            // roamd listens on every address: it cannot tell peers which one is ours.
+            return Err(Error::Vm(format!(
+                "cannot announce {ip} as a locator; give roamd a specific --listen address"
+            )));
+        }
         let h = self.endpoint.lock().await.clone();
         match h {
             Some(h) => h
