@@ -118,6 +118,34 @@ async fn live_migration_of_busy_vm_over_wan_loses_nothing_and_moves_back() {
     assert!(office.disk_path.exists());
     no_debris(&lab, "office").await;
     no_debris(&lab, "home").await;
+    // The old host's copy became a replica, kept fresh by the new primary.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let reps = lab
+            .host("home")
+            .client
+            .replica_list(Some("desk"))
+            .await
+            .unwrap();
+        // The guest keeps writing, so "lagging" by a chunk or two is the steady state.
+        if reps.iter().any(|r| {
+            r.host == "office"
+                && matches!(
+                    r.state,
+                    roam_control::api::ReplicaState::InSync
+                        | roam_control::api::ReplicaState::Lagging
+                )
+                && r.last_sync_unix_ms.is_some()
+                && r.lag_bytes < 8 << 20
+        }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "office never caught up as a replica: {reps:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 
     // And back: the old host accepts its VM again at a higher generation.
     let back = lab.migrate("desk", "home", "office", |_| {}).await.unwrap();

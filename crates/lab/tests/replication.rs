@@ -203,13 +203,35 @@ async fn replica_follows_the_guest_survives_an_outage_and_seeds_the_move() {
         heartbeats_flow(&lab, "home").await,
         "guest not alive at home"
     );
-    let r = replica(office).await;
-    assert_eq!(r.state, ReplicaState::Paused, "{r:?}");
-
-    // Remove: the replica's files are gone at home, the link is gone here.
-    office.replica_remove("desk", "home").await.unwrap();
-    assert!(!home_dir.exists(), "replica files left at home");
+    // Replication followed the VM: office's link was handed over, home (the new primary)
+    // dropped the replica it held (its own disk is the VM's now) and replicates to
+    // office, whose kept disk became the replica.
     assert!(office.replica_list(None).await.unwrap().is_empty());
+    assert!(!home_dir.exists(), "superseded replica left at home");
+    let home = &lab.host("home").client;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let l = home.replica_list(Some("desk")).await.unwrap();
+        if l.iter().any(|r| {
+            r.host == "office"
+                && matches!(r.state, ReplicaState::InSync | ReplicaState::Lagging)
+                && r.last_sync_unix_ms.is_some()
+        }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "office never caught up: {l:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Remove: the replica's files are gone at office, the link is gone at home.
+    let office_dir = lab.host("office").state.join("replicas").join("desk");
+    assert!(office_dir.exists());
+    home.replica_remove("desk", "office").await.unwrap();
+    assert!(!office_dir.exists(), "replica files left at office");
+    assert!(home.replica_list(None).await.unwrap().is_empty());
     // The VM at home runs from its own disk, untouched by the removal.
     assert!(heartbeats_flow(&lab, "home").await);
     lab.shutdown().await;

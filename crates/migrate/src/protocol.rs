@@ -141,7 +141,14 @@ pub enum Msg {
     /// announces its own locator once the guest runs.
     Associations { state: String },
     /// S → D: the source QEMU has quit; D owns the VM at this generation.
-    Commit { generation: u64 },
+    Commit {
+        generation: u64,
+        /// Hosts that should hold replicas of the VM from now on: the source itself (its
+        /// kept disk becomes a replica) and the replicas it had. The destination starts
+        /// replicating to them; older sources send none.
+        #[serde(default)]
+        replicas: Vec<String>,
+    },
     /// D → S: ownership recorded.
     Committed,
     /// Either way: stop now; the source keeps running the VM.

@@ -401,11 +401,20 @@ impl Dest {
                     };
                     send_ctl(ctl_tx, &msg).await?;
                 }
-                Ok(Msg::Commit { generation }) => {
+                Ok(Msg::Commit {
+                    generation,
+                    replicas,
+                }) => {
                     let mut r = d.vm_record(&self.vm.name)?;
                     r.generation = r.generation.max(generation);
                     d.store.put_vm(&r)?;
                     let _ = send_ctl(ctl_tx, &Msg::Committed).await;
+                    // Only the source's name comes from the source; each entry must still be a
+                    // peer pinned here, which `adopt` checks.
+                    let (d2, vm) = (d.clone(), self.vm.name.clone());
+                    tokio::spawn(async move {
+                        crate::replication::adopt(&d2, &vm, &replicas).await;
+                    });
                     info!(vm = %self.vm.name, generation, "migration committed");
                     return Ok(());
                 }
@@ -491,6 +500,7 @@ impl Dest {
         }))?;
         d.vms.lock().await.insert(self.vm.name.clone(), rt.clone());
         self.owned = true;
+        crate::replication::replica::drop_held(d, &self.vm.name).await;
         Ok(())
     }
 

@@ -419,10 +419,16 @@ impl Source {
             "generation": r.generation,
             "unix_ms": now_ms(),
         }))?;
+        // Replication follows the VM: this host's links stop here, the new primary
+        // takes them over, and this host's kept disk becomes one of its replicas.
+        let mut replicas = crate::replication::hand_over(&self.d, &self.req.vm).await;
+        replicas.retain(|h| h != &self.req.to);
+        replicas.push(self.d.cfg.name.clone());
         send_ctl(
             &mut ctl_tx,
             &Msg::Commit {
                 generation: r.generation,
+                replicas,
             },
         )
         .await?;

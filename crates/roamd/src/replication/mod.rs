@@ -168,6 +168,42 @@ pub async fn remove(d: &Arc<Daemon>, vm: &str, host: &str) -> Result<(), ApiErro
     Ok(())
 }
 
+/// A VM leaves this host: stop its links here (the replicas stay where they are) and
+/// return their hosts, for the new primary to adopt.
+pub async fn hand_over(d: &Arc<Daemon>, vm: &str) -> Vec<String> {
+    let links: Vec<((String, String), Arc<Link>)> = {
+        let mut all = d.replication.links();
+        let keys: Vec<_> = all.keys().filter(|(v, _)| v == vm).cloned().collect();
+        keys.into_iter()
+            .filter_map(|k| all.remove(&k).map(|l| (k, l)))
+            .collect()
+    };
+    let mut hosts = Vec::new();
+    for ((v, host), link) in links {
+        link.stop().await;
+        let _ = d.store.remove_replica_link(&v, &host);
+        hosts.push(host);
+    }
+    hosts
+}
+
+/// A VM arrived here: replicate it to `hosts` (the old primary, whose kept copy becomes a
+/// replica, and the replicas the old primary had). Hosts this roamd does not know as
+/// peers are skipped with a warning; so is this host itself.
+pub async fn adopt(d: &Arc<Daemon>, vm: &str, hosts: &[String]) {
+    for host in hosts {
+        if host == &d.cfg.name {
+            continue;
+        }
+        match add(d, vm, host).await {
+            Ok(_) => info!(vm, host = %host, "replication follows the VM"),
+            Err(e) => {
+                warn!(vm, host = %host, "cannot replicate the arrived VM there: {}", e.message)
+            }
+        }
+    }
+}
+
 pub fn list(d: &Daemon, vm: Option<&str>) -> Vec<ReplicaInfo> {
     let mut out: Vec<ReplicaInfo> = d
         .replication

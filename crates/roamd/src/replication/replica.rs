@@ -84,6 +84,7 @@ fn ensure_open(
     slot: &mut Option<ReplicaWriter>,
     dir: &Path,
     create: Option<(u64, u32)>,
+    prefill: Option<PathBuf>,
 ) -> Result<bool> {
     if slot.is_some() {
         return Ok(true);
@@ -95,6 +96,9 @@ fn ensure_open(
         // A directory without a record is a creation that did not finish: start over.
         let _ = std::fs::remove_dir_all(dir);
         ReplicaWriter::create(dir, bytes, cs).map_err(store_err)?;
+        if let Some(old) = prefill {
+            prefill_from(&old, &dir.join("disk"), bytes);
+        }
     }
     let (w, rec) =
         ReplicaWriter::open(dir, Box::new(roam_store::replica::NoFaults)).map_err(store_err)?;
@@ -106,6 +110,38 @@ fn ensure_open(
     Ok(true)
 }
 
+/// Start a new replica from the disk this host kept when the VM left it, so that the
+/// seed (which compares hashes first) sends only what changed since. Best effort: on any
+/// problem the replica starts empty and the seed sends everything.
+fn prefill_from(old: &Path, disk: &Path, bytes: u64) {
+    let same_size = std::fs::metadata(old)
+        .map(|m| m.len() == bytes)
+        .unwrap_or(false);
+    if !same_size {
+        return;
+    }
+    let ok = std::process::Command::new("cp")
+        .args(["--sparse=always", "--reflink=auto"])
+        .arg(old)
+        .arg(disk)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok {
+        info!(from = %old.display(), "new replica starts from the copy kept here");
+    } else {
+        warn!(from = %old.display(), "could not start the replica from the kept copy");
+    }
+}
+
+/// The disk this host kept when `vm` moved away, if any.
+fn kept_copy(d: &Daemon, vm: &str) -> Option<PathBuf> {
+    match d.store.vm(vm) {
+        Ok(Some(r)) if r.status == VmStatus::Moved => Some(PathBuf::from(r.disk_path)),
+        _ => None,
+    }
+}
+
 /// Copy the committed state of this host's replica of `vm` to `to` (sparse, reflinked
 /// where possible), for a migration arriving here. `false` if there is none to use.
 pub fn seed_copy(d: &Daemon, vm: &str, disk_bytes: u64, to: &Path) -> Result<bool> {
@@ -115,7 +151,7 @@ pub fn seed_copy(d: &Daemon, vm: &str, disk_bytes: u64, to: &Path) -> Result<boo
     }
     let slot = d.replication.held.slot(vm);
     let mut g = lock(&slot.writer);
-    if !ensure_open(&mut g, &dir, None)? {
+    if !ensure_open(&mut g, &dir, None, None)? {
         return Ok(false);
     }
     let Some(w) = g.as_ref() else {
@@ -207,6 +243,28 @@ fn local_vm(d: &Daemon, vm: &str) -> Result<LocalVm> {
     })
 }
 
+/// The VM now runs here: a replica of it held here is superseded by the VM's own disk.
+pub async fn drop_held(d: &Arc<Daemon>, vm: &str) {
+    if !replica_dir(d, vm).exists() {
+        return;
+    }
+    let slot = d.replication.held.slot(vm);
+    if let Some(t) = lock(&slot.session).take() {
+        t.cancel();
+    }
+    let dir = replica_dir(d, vm);
+    let (d2, vm2) = (d.clone(), vm.to_string());
+    let _ = tokio::task::spawn_blocking(move || {
+        let mut g = lock(&slot.writer);
+        *g = None;
+        let _ = std::fs::remove_dir_all(&dir);
+        d2.replication.held.forget(&vm2);
+    })
+    .await;
+    let _ = d.store.remove_replica(vm);
+    info!(vm, "replica held here dropped: the VM runs here now");
+}
+
 async fn remove(
     d: &Arc<Daemon>,
     tx: &mut SendStream,
@@ -284,6 +342,7 @@ async fn session(d: &Arc<Daemon>, tx: &mut SendStream, mut rx: RecvStream, h: He
         (h.disk_bytes, h.chunk_size),
         h.vm.clone(),
     );
+    let prefill = kept_copy(d, &h.vm);
     let refusal = admit_hello(
         h.version,
         h.generation,
@@ -297,7 +356,7 @@ async fn session(d: &Arc<Daemon>, tx: &mut SendStream, mut rx: RecvStream, h: He
     }
     let held: Result<Held> = tokio::task::spawn_blocking(move || {
         let mut g = lock(&s2.writer);
-        ensure_open(&mut g, &dir2, Some(geo))?;
+        ensure_open(&mut g, &dir2, Some(geo), prefill)?;
         let w = g
             .as_ref()
             .ok_or_else(|| Error::Disk(format!("replica of '{name}' did not open")))?;
@@ -658,7 +717,13 @@ mod tests {
     /// Run the worker over `events` against a real ReplicaWriter; return the replies.
     fn run(dir: &Path, events: Vec<Event>) -> (Result<()>, Vec<Reply>, u64) {
         let slot = Slot::default();
-        ensure_open(&mut lock(&slot.writer), dir, Some((N * CS as u64, CS))).unwrap();
+        ensure_open(
+            &mut lock(&slot.writer),
+            dir,
+            Some((N * CS as u64, CS)),
+            None,
+        )
+        .unwrap();
         let (tx, rx) = mpsc::channel(64);
         for e in events {
             tx.try_send(e).ok().unwrap();
