@@ -3,6 +3,9 @@
 //! VM migrates office → home. Real roamd hosts, real QEMU guest, real `roam-hip` endpoint
 //! with a TUN device in the correspondent's namespace, the emulated WAN between them.
 
+// Tests and their helpers may unwrap (project rule).
+#![allow(clippy::unwrap_used)]
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -75,7 +78,7 @@ fn stream(to: SocketAddr, echo: Arc<Echo>) -> Result<(), String> {
                 let gap = now - last;
                 last = now;
                 {
-                    let mut g = echo.max_gap.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut g = echo.max_gap.lock().unwrap();
                     if at > 0 && gap > g.0 {
                         *g = (gap, Some(now));
                     }
@@ -83,7 +86,7 @@ fn stream(to: SocketAddr, echo: Arc<Echo>) -> Result<(), String> {
                 for (k, b) in buf[..n].iter().enumerate() {
                     let i = at + k as u64;
                     if *b != pattern(i) {
-                        let mut m = echo.mismatch.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut m = echo.mismatch.lock().unwrap();
                         if m.is_none() {
                             *m = Some(format!("byte {i}: got {b:#04x}, want {:#04x}", pattern(i)));
                         }
@@ -139,8 +142,10 @@ async fn wait_received(echo: &Echo, at_least: u64, timeout: Duration) -> bool {
     false
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_connection_to_a_vm_survives_its_migration() {
+type Client = std::thread::JoinHandle<Result<Result<(), String>, roam_wan::netns::NetnsError>>;
+
+/// A lab with a VM on office and a correspondent streaming through the VM's echo service.
+async fn streaming_lab() -> (Lab, Arc<Echo>, Client, roam_control::api::VmNetInfo) {
     let mut lab = Lab::start(config()).await.unwrap();
     lab.create_vm("office", "desk").await.unwrap();
     let info = lab.host("office").client.vm_show("desk").await.unwrap();
@@ -155,7 +160,6 @@ async fn tcp_connection_to_a_vm_survives_its_migration() {
     let ns = lab.correspondent_ns().unwrap().to_string();
     let e2 = echo.clone();
     let client = roam_wan::netns::spawn_in(&ns, move || stream(to, e2)).unwrap();
-
     // The stream runs before the move.
     if !wait_received(&echo, 100 << 10, Duration::from_secs(90)).await {
         // The echo service comes from the guest image's init: an image published from an
@@ -175,6 +179,32 @@ async fn tcp_connection_to_a_vm_survives_its_migration() {
             serial.display()
         );
     }
+    (lab, echo, client, net)
+}
+
+/// Stops writing and checks that every byte sent came back exactly once, in order.
+async fn finish_stream(echo: &Echo, client: Client) -> u64 {
+    echo.stop_writing.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sent = echo.sent.load(Ordering::Relaxed);
+    let all_back = wait_received(echo, sent, Duration::from_secs(20)).await;
+    echo.done.store(true, Ordering::Relaxed);
+    let res = tokio::task::spawn_blocking(move || client.join())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    res.unwrap_or_else(|e| panic!("stream: {e}"));
+    let received = echo.received.load(Ordering::Relaxed);
+    assert!(all_back, "sent {sent} bytes, {received} came back");
+    assert_eq!(received, sent, "bytes duplicated or lost");
+    assert_eq!(*echo.mismatch.lock().unwrap(), None);
+    sent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connection_to_a_vm_survives_its_migration() {
+    let (lab, echo, client, net) = streaming_lab().await;
     let before = echo.received.load(Ordering::Relaxed);
     let r = lab.migrate("desk", "office", "home", |_| {}).await.unwrap();
     assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
@@ -191,22 +221,8 @@ async fn tcp_connection_to_a_vm_survives_its_migration() {
     assert_eq!(home.net.as_ref().map(|n| &n.hit), Some(&net.hit));
 
     // Stop writing; everything sent must come back exactly once, in order.
-    echo.stop_writing.store(true, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let sent = echo.sent.load(Ordering::Relaxed);
-    let all_back = wait_received(&echo, sent, Duration::from_secs(20)).await;
-    echo.done.store(true, Ordering::Relaxed);
-    let res = tokio::task::spawn_blocking(move || client.join())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    res.unwrap_or_else(|e| panic!("stream: {e}"));
-    let received = echo.received.load(Ordering::Relaxed);
-    assert!(all_back, "sent {sent} bytes, {received} came back");
-    assert_eq!(received, sent, "bytes duplicated or lost");
-    assert_eq!(*echo.mismatch.lock().unwrap(), None);
-    let (gap, gap_at) = *echo.max_gap.lock().unwrap_or_else(|p| p.into_inner());
+    let sent = finish_stream(&echo, client).await;
+    let (gap, gap_at) = *echo.max_gap.lock().unwrap();
     println!(
         "HIP handover: {sent} bytes each way ({before} before the move), longest gap between \
          received bytes {} ms (it ended {:?} before the migration call returned), \
@@ -219,6 +235,40 @@ async fn tcp_connection_to_a_vm_survives_its_migration() {
     assert!(
         gap < Duration::from_secs(10),
         "the stream stopped for {gap:?}"
+    );
+    lab.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connection_to_a_vm_survives_an_aborted_migration() {
+    let (mut lab, echo, client, _net) = streaming_lab().await;
+    let home_pid = lab.host_mut("home").pid().expect("home roamd runs");
+    let killed = AtomicBool::new(false);
+    let r = lab
+        .migrate("desk", "office", "home", |p| {
+            if p.phase == roam_control::api::Phase::DiskBulk
+                && p.disk_sent_bytes > 2 << 20
+                && !killed.swap(true, Ordering::SeqCst)
+            {
+                // SAFETY: kill(2) on a pid the lab spawned and has not reaped.
+                unsafe { libc::kill(home_pid as i32, libc::SIGKILL) };
+            }
+        })
+        .await
+        .unwrap();
+    assert!(killed.load(Ordering::SeqCst), "home was never killed");
+    assert_eq!(r.outcome, Outcome::Aborted);
+    // The VM stayed on office, and so did its endpoint: the stream goes on.
+    let after = echo.received.load(Ordering::Relaxed);
+    assert!(
+        wait_received(&echo, after + (100 << 10), Duration::from_secs(30)).await,
+        "the connection stalled after the abort"
+    );
+    let sent = finish_stream(&echo, client).await;
+    let (gap, _) = *echo.max_gap.lock().unwrap();
+    println!(
+        "aborted migration: {sent} bytes each way, longest gap {} ms",
+        gap.as_millis()
     );
     lab.shutdown().await;
 }
