@@ -196,8 +196,11 @@ impl Source {
         // nothing deep sits in buffers when the guest pauses.
         let bdp = rate * (rtt_ms.max(1) as f64) / 1000.0;
         conn.set_send_window((2.5 * bdp) as u64);
-        // Faster links leave less time per byte to compress: trade ratio for speed.
-        sender.set_level(if rate > 50e6 { 1 } else { 3 });
+        // Faster links leave less time per byte to compress: trade ratio for speed
+        // (roam-store's rule: least wire time + CPU time per byte at this rate).
+        sender.set_level(roam_store::level::choose_level(
+            roam_store::level::LevelInput::link(rate * 8.0),
+        ));
         info!(vm = %self.req.vm, mbit = rate * 8.0 / 1e6, rtt_ms, "link measured by the bulk copy");
         self.meter.phase(Phase::DiskIterate);
         self.iterate_disk(&sub, &mut sender, &mut disk_tx, &mut disk_rx, rate)
