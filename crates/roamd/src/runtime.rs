@@ -80,6 +80,9 @@ impl RunningVm {
         });
         config.agent = true;
         config.incoming = incoming;
+        // A destination never runs the guest by itself: roamd does, once the disk is
+        // proven equal (see migration/dest.rs).
+        config.start_paused = incoming;
         let vm = match Vm::spawn(config.clone()).await {
             Ok(vm) => vm,
             Err(e) => {

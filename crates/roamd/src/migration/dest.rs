@@ -302,6 +302,11 @@ impl Dest {
                 st.error_desc.unwrap_or_default()
             )));
         }
+        // The disk is proven equal and the device state loaded; the guest is still held
+        // (-S). Record this host as the owner first — everything that can fail here fails
+        // before the guest runs, so a refusal still leaves the source free to resume —
+        // then let it run.
+        self.take_ownership(&rt).await?;
         let status = rt
             .vm()
             .await?
@@ -309,15 +314,13 @@ impl Dest {
             .await
             .map_err(|e| Error::Vm(format!("query-status: {e}")))?;
         if status != roam_vm::RunState::Running {
-            rt.vm()
-                .await?
-                .cont()
-                .await
-                .map_err(|e| Error::Vm(format!("start guest: {e}")))?;
+            if let Err(e) = rt.vm().await?.cont().await {
+                // Owned but not running: better a paused VM here than two copies; the
+                // source stays paused too (it saw no `Running`). Say it loudly.
+                warn!(vm = %self.vm.name, "cont after migration failed: {e}; VM held paused here");
+                return Ok(());
+            }
         }
-        // The guest runs here now: take ownership at once, so that a source that
-        // vanishes from here on cannot take the VM (and its new writes) with it.
-        self.take_ownership(&rt).await?;
         let hb = rt
             .agent
             .wait_heartbeat_after(0, Duration::from_secs(30))

@@ -86,6 +86,7 @@ pub async fn migrate(
         conn: None,
         qemu_migrating: false,
         continued: false,
+        refused: false,
     };
     info!(vm = %req.vm, to = %req.to, "migration starting");
     let outcome = m.run(addr, key, &rec).await;
@@ -104,6 +105,9 @@ struct Source {
     qemu_migrating: bool,
     /// `migrate-continue` was sent: from here the guest may already run at the destination.
     continued: bool,
+    /// After `migrate-continue`, the destination refused the handover before running the
+    /// guest (its QEMU is held with -S until the disk digest matches).
+    refused: bool,
 }
 
 impl Source {
@@ -286,22 +290,10 @@ impl Source {
         let paused_at = Instant::now();
         let last = sub.take();
         sender.send(&mut disk_tx, last, false).await?;
+        // The destination checks the digest while the device state travels: its QEMU
+        // was started with -S and runs the guest only once the disks are proven equal,
+        // so the check costs the downtime about a millisecond of hashing, not a round trip.
         let root = sender.seal(&mut disk_tx).await?;
-        match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
-            Msg::DiskVerified { ok: true, .. } => {}
-            Msg::DiskVerified {
-                ok: false,
-                root: theirs,
-                detail,
-                ..
-            } => {
-                return Err(Error::Migration(format!(
-                    "destination disk does not match (ours {root}, theirs {theirs}{}); not switching",
-                    detail.map(|d| format!(": {d}")).unwrap_or_default()
-                )));
-            }
-            other => return Err(unexpected("disk_verified", &other)),
-        }
         let disk_sync_ms = paused_at.elapsed().as_millis() as u64;
         self.rt
             .vm()
@@ -332,6 +324,27 @@ impl Source {
                 "QEMU's final switchover failed: {}",
                 st.error_desc.unwrap_or_else(|| format!("{:?}", st.status))
             )));
+        }
+        // Until the destination confirms the disks, it has not run the guest: a refusal
+        // here means the guest is safe to resume on this host.
+        match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
+            Msg::DiskVerified { ok: true, .. } => {}
+            Msg::DiskVerified {
+                ok: false,
+                root: theirs,
+                detail,
+                ..
+            } => {
+                self.refused = true;
+                return Err(Error::Migration(format!(
+                    "destination disk does not match (ours {root}, theirs {theirs}{}); not switching",
+                    detail.map(|d| format!(": {d}")).unwrap_or_default()
+                )));
+            }
+            other => {
+                self.refused = matches!(other, Msg::Abort(_));
+                return Err(unexpected("disk_verified", &other));
+            }
         }
         info!(vm = %self.req.vm, disk_sync_ms, downtime_ms = ?st.downtime_ms, "switched over");
 
@@ -544,6 +557,19 @@ impl Source {
                     Duration::from_secs(30),
                 )
                 .await;
+        }
+        if self.continued && self.refused {
+            // The destination never ran the guest (it refused before `cont`): resume here.
+            match vm.query_status().await {
+                Ok(roam_vm::RunState::Postmigrate) | Ok(roam_vm::RunState::Paused) => {
+                    if let Err(e) = vm.resume_after_refused_handover().await {
+                        warn!("resume after a refused handover: {e}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => warn!("query-status after a refused handover: {e}"),
+            }
+            return;
         }
         if self.continued {
             // QEMU completed but the destination never confirmed: the guest may run there.
