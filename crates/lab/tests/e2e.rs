@@ -352,3 +352,29 @@ async fn roam_cli_drives_real_daemons() {
     assert_eq!(r["acked_writes_lost"], 0);
     lab.shutdown().await;
 }
+
+/// roamd supervises QEMU: a QEMU that dies on its own is noticed, its disk export is
+/// released, the VM is recorded as stopped, and it can be started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_that_dies_is_noticed_and_the_vm_can_start_again() {
+    let lab = Lab::start(small(wan(1000.0, 2.0, 0.0))).await.unwrap();
+    lab.create_vm("office", "desk").await.unwrap();
+    let c = &lab.host("office").client;
+    let pid = c.vm_show("desk").await.unwrap().pid.expect("QEMU pid");
+    // SAFETY: kill(2) on the QEMU pid roamd reported.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = c.vm_show("desk").await.unwrap();
+        if v.state == roam_control::api::VmState::Stopped {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {:?}", v.state);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    no_debris(&lab, "office").await;
+    let v = c.vm_start("desk").await.unwrap();
+    assert_eq!(v.state, roam_control::api::VmState::Running);
+    assert!(heartbeats_flow(&lab, "office", "desk").await);
+    lab.shutdown().await;
+}

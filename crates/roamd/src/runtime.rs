@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use roam_agent::host::AgentMonitor;
 use roam_nbd::{Backend, DirtyTracker, FileBackend, NbdServer, TrackedBackend};
+use roam_vm::VmEvent;
 use roam_vm::{DiskConfig, Vm, VmConfig};
-use tokio::sync::{RwLock, RwLockReadGuard};
+use tokio::sync::{broadcast, RwLock, RwLockReadGuard};
 use tracing::{info, warn};
 
 use crate::daemon::Daemon;
 use crate::error::{Error, Result};
-use crate::state::VmRecord;
+use crate::state::{VmRecord, VmStatus};
 
 /// Chunk size of dirty tracking and of the disk copy (one BLAKE3 hash per chunk).
 pub const CHUNK_SIZE: u32 = 64 * 1024;
@@ -103,6 +104,9 @@ impl RunningVm {
         });
         config.agent = true;
         config.incoming = incoming;
+        // A destination never runs the guest by itself: roamd does, once the disk is
+        // proven equal (see migration/dest.rs).
+        config.start_paused = incoming;
         let vm = match Vm::spawn(config.clone()).await {
             Ok(vm) => vm,
             Err(e) => {
@@ -115,7 +119,8 @@ impl RunningVm {
         };
         let agent = AgentMonitor::start(config.paths().agent.clone());
         info!(vm = %r.name, incoming, pid = ?vm.pid(), "QEMU started");
-        Ok(Arc::new(RunningVm {
+        let events = vm.subscribe();
+        let rt = Arc::new(RunningVm {
             name: r.name.clone(),
             pid: vm.pid(),
             vm: RwLock::new(Some(vm)),
@@ -126,7 +131,9 @@ impl RunningVm {
             export,
             workload: Default::default(),
             net: net.map(|n| n.net),
-        }))
+        });
+        supervise(d.self_arc(), &rt, events);
+        Ok(rt)
     }
 
     pub fn disk_path(&self) -> PathBuf {
@@ -177,6 +184,50 @@ impl RunningVm {
         remove_export(nbd, &self.export).await?;
         quit.map_err(|e| Error::Vm(format!("quit QEMU of '{}': {e}", self.name)))
     }
+}
+
+/// Watch QEMU: if it exits on its own (guest power-off, crash, killed) while it is this
+/// host's running VM, say so, release its disk export and record the VM as stopped.
+/// Intentional stops remove the VM from the running set first, so they are not reported.
+fn supervise(d: Arc<Daemon>, rt: &Arc<RunningVm>, mut events: broadcast::Receiver<VmEvent>) {
+    let weak = Arc::downgrade(rt);
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(VmEvent::QmpClosed) | Err(broadcast::error::RecvError::Closed) => break,
+                _ => {}
+            }
+        }
+        let Some(rt) = weak.upgrade() else {
+            return;
+        };
+        let mine = {
+            let mut vms = d.vms.lock().await;
+            match vms.get(&rt.name) {
+                Some(x) if Arc::ptr_eq(x, &rt) => {
+                    vms.remove(&rt.name);
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !mine {
+            return;
+        }
+        warn!(vm = %rt.name, "QEMU exited on its own; the VM is now stopped");
+        if let Err(e) = rt.stop(&d.nbd).await {
+            warn!(vm = %rt.name, "after QEMU exited: {e}");
+        }
+        if let Ok(Some(mut r)) = d.store.vm(&rt.name) {
+            if r.status == VmStatus::Running {
+                r.status = VmStatus::Stopped;
+                let _ = d.store.put_vm(&r);
+                let _ = d.store.log(&serde_json::json!({
+                    "event": "vm_exited", "vm": r.name,
+                }));
+            }
+        }
+    });
 }
 
 /// Removing an export waits for its clients to drain, which blocks.

@@ -92,6 +92,11 @@ pub struct VmConfig {
     pub agent: bool,
     /// Start as a migration destination (`-incoming defer`, then `migrate-incoming`).
     pub incoming: bool,
+    /// Do not run the guest by itself (`-S`): for a destination, the guest stays paused
+    /// after the incoming migration completes until `cont` — so the caller can check
+    /// something (roam: the disk digest) before the guest runs there.
+    #[serde(default)]
+    pub start_paused: bool,
     /// Keep the run directory after the VM ends (for post-mortems).
     pub keep_run_dir: bool,
 }
@@ -120,6 +125,7 @@ impl VmConfig {
             nic: None,
             agent: true,
             incoming: false,
+            start_paused: false,
             keep_run_dir: false,
         }
     }
@@ -212,6 +218,9 @@ impl VmConfig {
             ]);
         }
 
+        if self.start_paused {
+            push(&["-S"]);
+        }
         if self.incoming {
             push(&["-incoming", "defer"]);
         }

@@ -235,6 +235,15 @@ impl Vm {
         Ok(())
     }
 
+    /// Resume a source whose outgoing migration completed but whose destination provably
+    /// never ran the guest (it refused the handover before `cont`). This is the one case
+    /// where running the source again after `postmigrate` is safe: QEMU re-activates the
+    /// disk, and there is still exactly one running copy.
+    pub async fn resume_after_refused_handover(&self) -> Result<()> {
+        self.qmp().execute(qmp::cont {}).await?;
+        Ok(())
+    }
+
     /// Asks QEMU to quit, waits for it to exit (killing it after [`QUIT_TIMEOUT`]),
     /// reaps it and cleans the run directory.
     pub async fn quit(mut self) -> Result<ExitStatus> {

@@ -329,3 +329,50 @@ async fn guest_disk_survives_nbd_server_restart() {
     vm.quit().await.unwrap();
     drop(nbd);
 }
+
+/// roam's handover rule: a destination started with `-S` loads the migration but does not
+/// run the guest; if it then refuses (roam: the disk digests differ), the completed source
+/// can be resumed — the one safe `cont` after `postmigrate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_destination_refuses_and_the_source_resumes() {
+    let _heavy = HEAVY.lock().await;
+    let tmp = scratch();
+    let nbd = NbdServer::start(tmp.path(), 64 << 20);
+    let src_cfg = vm_config("held", &tmp.path().join("src"), Some(nbd.disk()));
+    let mut dst_cfg = destination(&src_cfg, &tmp.path().join("dst"));
+    dst_cfg.start_paused = true;
+    let uri = format!("unix:{}", tmp.path().join("mig.sock").display());
+    let tuning = MigrationTuning::default();
+
+    let src = boot(src_cfg).await;
+    let dst = Vm::spawn(dst_cfg).await.unwrap();
+    dst.apply_tuning(&tuning).await.unwrap();
+    dst.migrate_incoming(&uri).await.unwrap();
+    src.apply_tuning(&tuning).await.unwrap();
+    src.migrate(&uri).await.unwrap();
+    if tuning.pause_before_switchover {
+        src.wait_migration_status(&[MigrationStatus::PreSwitchover], MIGRATE)
+            .await
+            .unwrap();
+        src.migrate_continue_pre_switchover().await.unwrap();
+    }
+    src.wait_migration_status(&[MigrationStatus::Completed], MIGRATE)
+        .await
+        .unwrap();
+    dst.wait_migration_status(&[MigrationStatus::Completed], MIGRATE)
+        .await
+        .unwrap();
+    // Held: the guest state is there, but it does not run.
+    let held = dst.query_status().await.unwrap();
+    assert_ne!(held, RunState::Running, "-S must hold the guest");
+    assert_eq!(src.query_status().await.unwrap(), RunState::Postmigrate);
+    // The destination refuses; the source takes the guest back.
+    dst.kill().await.unwrap();
+    assert!(src.cont().await.is_err(), "plain cont stays refused");
+    src.resume_after_refused_handover().await.unwrap();
+    assert_eq!(
+        wait_run_state(&src, RunState::Running).await,
+        RunState::Running
+    );
+    src.quit().await.unwrap();
+}

@@ -299,9 +299,8 @@ impl Dest {
                     )))
                 }
             };
-            // The source switches without waiting for us from here on: failing now would
-            // leave the guest paused there. A guest without its connections is the
-            // lesser harm; say so loudly.
+            // A state we cannot use is no reason to refuse the VM: a guest without its
+            // connections is the lesser harm. Say so loudly.
             let import = if state.len() > 2 * roam_migrate::protocol::MAX_ASSOCIATIONS_BYTES {
                 warn!(vm = %self.vm.name, len = state.len(), "association state exceeds the cap; dropped");
                 None
@@ -340,6 +339,11 @@ impl Dest {
                 st.error_desc.unwrap_or_default()
             )));
         }
+        // The disk is proven equal and the device state loaded; the guest is still held
+        // (-S). Record this host as the owner first — everything that can fail here fails
+        // before the guest runs, so a refusal still leaves the source free to resume —
+        // then let it run.
+        self.take_ownership(&rt).await?;
         let status = rt
             .vm()
             .await?
@@ -347,21 +351,20 @@ impl Dest {
             .await
             .map_err(|e| Error::Vm(format!("query-status: {e}")))?;
         if status != roam_vm::RunState::Running {
-            rt.vm()
-                .await?
-                .cont()
-                .await
-                .map_err(|e| Error::Vm(format!("start guest: {e}")))?;
+            if let Err(e) = rt.vm().await?.cont().await {
+                // Owned but not running: better a paused VM here than two copies; the
+                // source stays paused too (it saw no `Running`). Say it loudly.
+                warn!(vm = %self.vm.name, "cont after migration failed: {e}; VM held paused here");
+                return Ok(());
+            }
         }
+        // The guest runs here: tell its HIP peers where it is now.
         if let Some(net) = &rt.net {
             match net.set_locator(d.cfg.listen.ip()).await {
                 Ok(n) => info!(vm = %self.vm.name, peers = n, "HIP: UPDATE with our locator sent"),
                 Err(e) => warn!(vm = %self.vm.name, "HIP locator update: {e}"),
             }
         }
-        // The guest runs here now: take ownership at once, so that a source that
-        // vanishes from here on cannot take the VM (and its new writes) with it.
-        self.take_ownership(&rt).await?;
         let hb = rt
             .agent
             .wait_heartbeat_after(0, Duration::from_secs(30))
@@ -509,6 +512,11 @@ impl Dest {
             return; // the guest runs here: nothing to undo
         }
         if let Some(rt) = self.rt.take() {
+            // The associations we imported are the source's again: drop them without
+            // the CLOSE a stopping endpoint sends, or the peers would tear them down.
+            if let Some(net) = &rt.net {
+                let _ = net.export_and_stop().await;
+            }
             if let Err(e) = rt.stop(&self.d.nbd).await {
                 warn!("cleanup of incoming VM: {e}");
             }

@@ -87,6 +87,7 @@ pub async fn migrate(
         qemu_migrating: false,
         continued: false,
         hip_export: None,
+        refused: false,
     };
     info!(vm = %req.vm, to = %req.to, "migration starting");
     let outcome = m.run(addr, key, &rec).await;
@@ -106,9 +107,13 @@ struct Source {
     /// `migrate-continue` was sent: from here the guest may already run at the destination.
     continued: bool,
     /// The VM's HIP associations, exported (and the endpoint stopped) at pre-switchover.
-    /// An abort before `migrate-continue` restarts the endpoint here from them: the
-    /// peers never heard of the move, so nothing else has to be undone.
+    /// When the guest resumes here after an abort (before `migrate-continue`, or on a
+    /// refused handover) the endpoint restarts from them: the peers never heard of a
+    /// move, so nothing else has to be undone.
     hip_export: Option<Vec<u8>>,
+    /// After `migrate-continue`, the destination refused the handover before running the
+    /// guest (its QEMU is held with -S until the disk digest matches).
+    refused: bool,
 }
 
 impl Source {
@@ -201,8 +206,11 @@ impl Source {
         // nothing deep sits in buffers when the guest pauses.
         let bdp = rate * (rtt_ms.max(1) as f64) / 1000.0;
         conn.set_send_window((2.5 * bdp) as u64);
-        // Faster links leave less time per byte to compress: trade ratio for speed.
-        sender.set_level(if rate > 50e6 { 1 } else { 3 });
+        // Faster links leave less time per byte to compress: trade ratio for speed
+        // (roam-store's rule: least wire time + CPU time per byte at this rate).
+        sender.set_level(roam_store::level::choose_level(
+            roam_store::level::LevelInput::link(rate * 8.0),
+        ));
         info!(vm = %self.req.vm, mbit = rate * 8.0 / 1e6, rtt_ms, "link measured by the bulk copy");
         self.meter.phase(Phase::DiskIterate);
         self.iterate_disk(&sub, &mut sender, &mut disk_tx, &mut disk_rx, rate)
@@ -288,22 +296,10 @@ impl Source {
         let paused_at = Instant::now();
         let last = sub.take();
         sender.send(&mut disk_tx, last, false).await?;
+        // The destination checks the digest while the device state travels: its QEMU
+        // was started with -S and runs the guest only once the disks are proven equal,
+        // so the check costs the downtime about a millisecond of hashing, not a round trip.
         let root = sender.seal(&mut disk_tx).await?;
-        match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
-            Msg::DiskVerified { ok: true, .. } => {}
-            Msg::DiskVerified {
-                ok: false,
-                root: theirs,
-                detail,
-                ..
-            } => {
-                return Err(Error::Migration(format!(
-                    "destination disk does not match (ours {root}, theirs {theirs}{}); not switching",
-                    detail.map(|d| format!(": {d}")).unwrap_or_default()
-                )));
-            }
-            other => return Err(unexpected("disk_verified", &other)),
-        }
         // The guest is paused: freeze its HIP endpoint here (no sequence number may be
         // used twice) and hand its associations to the destination, which announces its
         // own locator once the guest runs there.
@@ -348,6 +344,27 @@ impl Source {
                 "QEMU's final switchover failed: {}",
                 st.error_desc.unwrap_or_else(|| format!("{:?}", st.status))
             )));
+        }
+        // Until the destination confirms the disks, it has not run the guest: a refusal
+        // here means the guest is safe to resume on this host.
+        match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
+            Msg::DiskVerified { ok: true, .. } => {}
+            Msg::DiskVerified {
+                ok: false,
+                root: theirs,
+                detail,
+                ..
+            } => {
+                self.refused = true;
+                return Err(Error::Migration(format!(
+                    "destination disk does not match (ours {root}, theirs {theirs}{}); not switching",
+                    detail.map(|d| format!(": {d}")).unwrap_or_default()
+                )));
+            }
+            other => {
+                self.refused = matches!(other, Msg::Abort(_));
+                return Err(unexpected("disk_verified", &other));
+            }
         }
         info!(vm = %self.req.vm, disk_sync_ms, downtime_ms = ?st.downtime_ms, "switched over");
 
@@ -537,8 +554,20 @@ impl Source {
         }
     }
 
+    /// The guest resumes here: so does its HIP endpoint, from the associations exported
+    /// at pre-switchover (when it got that far).
+    async fn restart_hip(&self, export: Option<Vec<u8>>) {
+        if let (Some(state), Some(net)) = (export, &self.rt.net) {
+            let import = (!state.is_empty()).then_some(state);
+            if let Err(e) = net.start_endpoint(self.d.cfg.listen.ip(), import).await {
+                warn!(vm = %self.req.vm, "restart the HIP endpoint after the abort: {e}");
+            }
+        }
+    }
+
     /// After a failure: the VM must be running here, as it was.
     async fn recover(&mut self) {
+        let mut hip_export = self.hip_export.take();
         let vm = match self.rt.vm().await {
             Ok(vm) => vm,
             Err(e) => {
@@ -561,6 +590,20 @@ impl Source {
                 )
                 .await;
         }
+        if self.continued && self.refused {
+            // The destination never ran the guest (it refused before `cont`): resume here.
+            self.restart_hip(hip_export.take()).await;
+            match vm.query_status().await {
+                Ok(roam_vm::RunState::Postmigrate) | Ok(roam_vm::RunState::Paused) => {
+                    if let Err(e) = vm.resume_after_refused_handover().await {
+                        warn!("resume after a refused handover: {e}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => warn!("query-status after a refused handover: {e}"),
+            }
+            return;
+        }
         if self.continued {
             // QEMU completed but the destination never confirmed: the guest may run there.
             // Resuming here could make two copies; stay paused and say so.
@@ -572,12 +615,7 @@ impl Source {
             }
             return;
         }
-        if let (Some(state), Some(net)) = (self.hip_export.take(), &self.rt.net) {
-            let import = (!state.is_empty()).then_some(state);
-            if let Err(e) = net.start_endpoint(self.d.cfg.listen.ip(), import).await {
-                warn!(vm = %self.req.vm, "restart the HIP endpoint after the abort: {e}");
-            }
-        }
+        self.restart_hip(hip_export.take()).await;
         match vm.query_status().await {
             Ok(roam_vm::RunState::Paused) => {
                 if let Err(e) = vm.cont().await {
