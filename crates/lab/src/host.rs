@@ -72,6 +72,14 @@ impl Host {
         Ok(h)
     }
 
+    /// The daemon's run directory (sockets, per-VM dirs): where its control socket is.
+    pub fn run_dir(&self) -> PathBuf {
+        self.socket
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+
     pub fn pid(&mut self) -> Option<u32> {
         if self.is_running() {
             self.child.as_ref().map(|c| c.id())

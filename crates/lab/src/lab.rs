@@ -245,21 +245,19 @@ impl Lab {
                 out.push(format!("incoming file: {}", e.path().display()));
             }
         }
-        let vms_run = h
-            .state
-            .parent()
-            .map(|p| p.join(format!("{}-run", h.name)).join("vms"));
-        if let Some(dir) = vms_run {
-            if let Ok(rd) = std::fs::read_dir(&dir) {
-                for e in rd.flatten() {
-                    if let Ok(inner) = std::fs::read_dir(e.path()) {
-                        for f in inner.flatten() {
-                            let n = f.file_name().to_string_lossy().to_string();
-                            if n.starts_with("migrate-") {
-                                out.push(format!("migration socket: {}", f.path().display()));
-                            }
-                        }
-                    }
+        // Migration sockets left in any VM's run directory.
+        let vm_dirs = std::fs::read_dir(h.run_dir().join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        for vm_dir in vm_dirs {
+            let files = std::fs::read_dir(vm_dir.path())
+                .into_iter()
+                .flatten()
+                .flatten();
+            for f in files {
+                if f.file_name().to_string_lossy().starts_with("migrate-") {
+                    out.push(format!("migration socket: {}", f.path().display()));
                 }
             }
         }
@@ -269,11 +267,7 @@ impl Lab {
     /// NBD exports the host's roamd serves right now (asked with libnbd's `nbdinfo`).
     pub fn nbd_exports(&self, host: &str) -> Vec<String> {
         let h = self.host(host);
-        let sock = h
-            .state
-            .parent()
-            .map(|p| p.join(format!("{}-run", h.name)).join("nbd.sock"))
-            .unwrap_or_default();
+        let sock = h.run_dir().join("nbd.sock");
         let out = Command::new("nbdinfo")
             .args(["--list", "--json"])
             .arg(format!("nbd+unix:///?socket={}", sock.display()))
@@ -294,8 +288,7 @@ impl Lab {
 
     /// QEMU processes whose command line names this lab's `host` run directory.
     pub fn qemu_processes(&self, host: &str) -> Vec<u32> {
-        let marker = format!("{}-run", host);
-        let root = self.root.display().to_string();
+        let run_dir = self.host(host).run_dir().display().to_string();
         let mut pids = Vec::new();
         if let Ok(rd) = std::fs::read_dir("/proc") {
             for e in rd.flatten() {
@@ -306,7 +299,7 @@ impl Lab {
                     continue;
                 };
                 let cmd = String::from_utf8_lossy(&cmd);
-                if cmd.contains("qemu-system") && cmd.contains(&root) && cmd.contains(&marker) {
+                if cmd.contains("qemu-system") && cmd.contains(&run_dir) {
                     pids.push(pid);
                 }
             }

@@ -83,6 +83,13 @@ pub fn init(
     })
 }
 
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -309,21 +316,37 @@ pub fn to_api(e: Error) -> ApiError {
     }
 }
 
-/// Copy a disk image without filling its holes (`cp --sparse=always` does this well).
-fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
+/// Copy a disk file without filling its holes (and as a reflink where the filesystem
+/// can): `cp` does both well. A partial copy is removed.
+pub fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
     let st = std::process::Command::new("cp")
-        .arg("--sparse=always")
+        .args(["--sparse=always", "--reflink=auto"])
         .arg(from)
         .arg(to)
         .status()
         .map_err(|e| Error::io("run cp", e))?;
     if !st.success() {
+        let _ = std::fs::remove_file(to);
         return Err(Error::Disk(format!(
-            "copying image {} failed ({st})",
-            from.display()
+            "copying {} to {} failed ({st}); disk full?",
+            from.display(),
+            to.display()
         )));
     }
     Ok(())
+}
+
+/// The disk this host kept when `vm` moved away, if it has one of `disk_bytes` bytes.
+pub fn kept_disk(d: &Daemon, vm: &str, disk_bytes: u64) -> Option<PathBuf> {
+    let r = d.store.vm(vm).ok()??;
+    if r.status != VmStatus::Moved {
+        return None;
+    }
+    let path = PathBuf::from(r.disk_path);
+    let same_size = std::fs::metadata(&path)
+        .map(|m| m.len() == disk_bytes)
+        .unwrap_or(false);
+    same_size.then_some(path)
 }
 
 #[async_trait]

@@ -296,14 +296,9 @@ pub fn check_geometry(disk_bytes: u64, chunk_size: u32) -> Result<u64> {
     Ok(count)
 }
 
-/// Whether every byte is zero (a word at a time: this runs over whole disks).
-pub fn is_zero(data: &[u8]) -> bool {
-    let mut words = data.chunks_exact(8);
-    let body = words
-        .by_ref()
-        .all(|c| <[u8; 8]>::try_from(c).is_ok_and(|w| u64::from_ne_bytes(w) == 0));
-    body && words.remainder().iter().all(|&b| b == 0)
-}
+/// Whether every byte is zero: the migration's own test, so both paths agree on what
+/// a zero chunk is.
+pub use roam_migrate::frame::is_zero;
 
 #[cfg(test)]
 mod tests {

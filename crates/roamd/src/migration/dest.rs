@@ -7,7 +7,7 @@
 //! export, no socket, no file is left behind.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use roam_channel::{Connection, RecvStream, SendStream, StreamKind};
 use roam_migrate::protocol::{version_accepted, FileRef, Msg, VmManifest};
@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use super::disk::{DiskReceiver, SealOutcome};
 use super::relay;
 use super::{recv_ctl, send_ctl, send_last};
-use crate::daemon::{BusyGuard, Daemon};
+use crate::daemon::{now_ms, BusyGuard, Daemon};
 use crate::error::{Error, Result};
 use crate::runtime::RunningVm;
 use crate::state::{VmRecord, VmStatus};
@@ -111,10 +111,10 @@ fn admit(d: &Arc<Daemon>, vm: &VmManifest, version: u16) -> Result<BusyGuard> {
 }
 
 fn check_file(f: &FileRef) -> Result<()> {
-    let data = std::fs::read(&f.path).map_err(|e| {
+    let here = super::file_ref(&f.path).map_err(|e| {
         Error::BadRequest(format!("guest file {} is not on this host: {e}", f.path))
     })?;
-    if blake3::hash(&data).to_hex().as_str() != f.blake3 {
+    if here.blake3 != f.blake3 {
         return Err(Error::BadRequest(format!(
             "guest file {} differs from the source's",
             f.path
@@ -127,13 +127,6 @@ fn free_bytes(path: &std::path::Path) -> Result<u64> {
     let st = nix::sys::statvfs::statvfs(path)
         .map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?;
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 struct Dest {
@@ -441,29 +434,10 @@ impl Dest {
         if crate::replication::replica::seed_copy(&self.d, name, bytes, to)? {
             return Ok(true);
         }
-        let Some(r) = self.d.store.vm(&self.vm.name)? else {
+        let Some(old) = crate::daemon::kept_disk(&self.d, &self.vm.name, self.vm.disk_bytes) else {
             return Ok(false);
         };
-        let old = std::path::PathBuf::from(&r.disk_path);
-        let same_size = std::fs::metadata(&old)
-            .map(|m| m.len() == self.vm.disk_bytes)
-            .unwrap_or(false);
-        if r.status != VmStatus::Moved || !same_size {
-            return Ok(false);
-        }
-        let st = std::process::Command::new("cp")
-            .args(["--sparse=always", "--reflink=auto"])
-            .arg(&old)
-            .arg(to)
-            .status()
-            .map_err(|e| Error::io("run cp", e))?;
-        if !st.success() {
-            let _ = std::fs::remove_file(to);
-            return Err(Error::Disk(format!(
-                "could not copy the old disk {} ({st}); destination disk full?",
-                old.display()
-            )));
-        }
+        crate::daemon::copy_sparse(&old, to)?;
         Ok(true)
     }
 

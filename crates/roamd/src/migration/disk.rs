@@ -438,18 +438,12 @@ impl DiskReceiver {
                 }
                 if frame.kind == Kind::Hash {
                     // Do we hold this content at this place already?
-                    let (off, len) = hashes.range(frame.index).ok_or_else(|| {
-                        Error::Disk(format!(
-                            "chunk {} is beyond the end of the disk",
-                            frame.index
-                        ))
-                    })?;
+                    let data = read_chunk(&file, &hashes, frame.index, &mut buf)?;
+                    let held = *blake3::hash(data).as_bytes() == frame.hash;
                     if let Some(o) = offered.get_mut(frame.index as usize) {
                         *o = true;
                     }
-                    let data = &mut buf[..len];
-                    read_full(&file, data, off).map_err(|e| Error::io("read base chunk", e))?;
-                    if *blake3::hash(data).as_bytes() == frame.hash {
+                    if held {
                         hashes.set(frame.index, frame.hash);
                     } else {
                         wants.push(frame.index);

@@ -27,6 +27,18 @@ pub async fn send_ctl(tx: &mut SendStream, msg: &Msg) -> Result<()> {
         .map_err(|e| Error::Migration(format!("send {}: {e}", msg.name())))
 }
 
+/// A guest file (kernel, initramfs) named by content: hashed as a stream, the same way
+/// on both hosts, so they compare what they each have.
+pub fn file_ref(path: &str) -> Result<roam_migrate::protocol::FileRef> {
+    let (size, hash) = roam_agent::manifest::hash_file(std::path::Path::new(path))
+        .map_err(|e| Error::io(format!("read {path}"), e))?;
+    Ok(roam_migrate::protocol::FileRef {
+        path: path.to_string(),
+        size,
+        blake3: blake3::Hash::from(hash).to_hex().to_string(),
+    })
+}
+
 /// Send a conversation's last message and wait (briefly) until the peer has it: closing
 /// the connection right after a write would discard it, and "refused: destination disk
 /// full" is worth delivering.

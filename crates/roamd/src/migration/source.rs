@@ -5,14 +5,14 @@
 //! guest keeps running here; the destination removes what it built.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use roam_channel::{Connection, PublicKey, SendStream, StreamKind};
 use roam_control::api::{
     ApiError, ByteCounts, LinkStats, MigrateRequest, MigrationResult, Outcome, Phase, Progress,
 };
 use roam_migrate::plan::{self, Decision, RoundStats};
-use roam_migrate::protocol::{FileRef, Msg, VmManifest, PROTOCOL_VERSION};
+use roam_migrate::protocol::{Msg, VmManifest, PROTOCOL_VERSION};
 use roam_nbd::{DirtySubscription, InitialState};
 use roam_vm::{LinkFigures, MigrationStatus};
 use tokio::sync::mpsc;
@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use super::disk::{allocated_chunks, DiskSender};
 use super::relay::Relay;
 use super::{recv_ctl, send_ctl, Meter};
-use crate::daemon::{api_accel, to_api, Daemon};
+use crate::daemon::{api_accel, now_ms, to_api, Daemon};
 use crate::error::{Error, Result};
 use crate::runtime::{RunningVm, CHUNK_SIZE};
 use crate::state::VmStatus;
@@ -635,22 +635,6 @@ fn unexpected(wanted: &str, got: &Msg) -> Error {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn file_ref(path: &str) -> Result<FileRef> {
-    let data = std::fs::read(path).map_err(|e| Error::io(format!("read {path}"), e))?;
-    Ok(FileRef {
-        path: path.to_string(),
-        size: data.len() as u64,
-        blake3: blake3::hash(&data).to_hex().to_string(),
-    })
-}
-
 fn manifest(rec: &crate::state::VmRecord, rt: &RunningVm) -> Result<VmManifest> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(rt.disk_path()).map_err(|e| Error::io("stat disk", e))?;
@@ -658,8 +642,8 @@ fn manifest(rec: &crate::state::VmRecord, rt: &RunningVm) -> Result<VmManifest> 
         name: rec.name.clone(),
         memory_mib: rec.memory_mib,
         vcpus: rec.vcpus,
-        kernel: file_ref(&rec.kernel)?,
-        initrd: file_ref(&rec.initrd)?,
+        kernel: super::file_ref(&rec.kernel)?,
+        initrd: super::file_ref(&rec.initrd)?,
         cmdline: rec.cmdline.clone(),
         disk_bytes: rec.disk_bytes,
         disk_allocated_bytes: meta.blocks() * 512,

@@ -33,7 +33,6 @@ mod throttle;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use roam_control::api::{ApiError, ReplicaInfo};
 use tracing::{info, warn};
@@ -44,12 +43,7 @@ pub use replica::HeldReplicas;
 use source::Link;
 use throttle::Bucket;
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::daemon::now_ms;
 
 /// Per-peer limit for background replication, Mbit/s (0 or unset: no limit). Migration
 /// traffic is not limited by it.

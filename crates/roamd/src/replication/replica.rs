@@ -97,7 +97,7 @@ fn ensure_open(
         let _ = std::fs::remove_dir_all(dir);
         ReplicaWriter::create(dir, bytes, cs).map_err(store_err)?;
         if let Some(old) = prefill {
-            prefill_from(&old, &dir.join("disk"), bytes);
+            prefill_from(&old, &dir.join("disk"));
         }
     }
     let (w, rec) =
@@ -113,32 +113,17 @@ fn ensure_open(
 /// Start a new replica from the disk this host kept when the VM left it, so that the
 /// seed (which compares hashes first) sends only what changed since. Best effort: on any
 /// problem the replica starts empty and the seed sends everything.
-fn prefill_from(old: &Path, disk: &Path, bytes: u64) {
-    let same_size = std::fs::metadata(old)
-        .map(|m| m.len() == bytes)
-        .unwrap_or(false);
-    if !same_size {
-        return;
-    }
-    let ok = std::process::Command::new("cp")
-        .args(["--sparse=always", "--reflink=auto"])
-        .arg(old)
-        .arg(disk)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if ok {
-        info!(from = %old.display(), "new replica starts from the copy kept here");
-    } else {
-        warn!(from = %old.display(), "could not start the replica from the kept copy");
-    }
-}
-
-/// The disk this host kept when `vm` moved away, if any.
-fn kept_copy(d: &Daemon, vm: &str) -> Option<PathBuf> {
-    match d.store.vm(vm) {
-        Ok(Some(r)) if r.status == VmStatus::Moved => Some(PathBuf::from(r.disk_path)),
-        _ => None,
+fn prefill_from(old: &Path, disk: &Path) {
+    // Through a temporary file: a failed copy must leave the writer's (empty) disk intact.
+    let tmp = disk.with_extension("prefill");
+    let copied = crate::daemon::copy_sparse(old, &tmp)
+        .and_then(|()| std::fs::rename(&tmp, disk).map_err(|e| Error::io("prefill replica", e)));
+    match copied {
+        Ok(()) => info!(from = %old.display(), "new replica starts from the copy kept here"),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            warn!(from = %old.display(), "could not start the replica from the kept copy: {e}")
+        }
     }
 }
 
@@ -160,19 +145,7 @@ pub fn seed_copy(d: &Daemon, vm: &str, disk_bytes: u64, to: &Path) -> Result<boo
     if w.disk_bytes() != disk_bytes || w.applied().version == Version::default() {
         return Ok(false);
     }
-    let st = std::process::Command::new("cp")
-        .args(["--sparse=always", "--reflink=auto"])
-        .arg(w.disk_path())
-        .arg(to)
-        .status()
-        .map_err(|e| Error::io("run cp", e))?;
-    if !st.success() {
-        let _ = std::fs::remove_file(to);
-        return Err(Error::Disk(format!(
-            "could not copy the replica {} ({st}); disk full?",
-            w.disk_path().display()
-        )));
-    }
+    crate::daemon::copy_sparse(&w.disk_path(), to)?;
     info!(vm, applied = ?w.applied().version, "incoming migration seeded from the replica");
     Ok(true)
 }
@@ -342,7 +315,7 @@ async fn session(d: &Arc<Daemon>, tx: &mut SendStream, mut rx: RecvStream, h: He
         (h.disk_bytes, h.chunk_size),
         h.vm.clone(),
     );
-    let prefill = kept_copy(d, &h.vm);
+    let prefill = crate::daemon::kept_disk(d, &h.vm, h.disk_bytes);
     let refusal = admit_hello(
         h.version,
         h.generation,
