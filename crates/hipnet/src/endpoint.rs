@@ -277,6 +277,7 @@ impl Endpoint {
         };
         if let Some(state) = &cfg.import {
             ep.import(state)?;
+            ep.host.advance_update_ids(cfg.import_update_skip);
         }
         ep.handle(first);
         let task = tokio::spawn(ep.run(rx));

@@ -281,6 +281,12 @@ fn print_summary(r: &MigrationResult) {
     }
     println!("  total time         {:.2} s", r.total_ms as f64 / 1000.0);
     println!(
+        "  guest paused       {}",
+        r.pause_ms.map_or("-".into(), |d| format!(
+            "{d} ms (stop at source → run at destination)"
+        ))
+    );
+    println!(
         "  downtime (QEMU)    {}",
         r.downtime_ms.map_or("-".into(), |d| format!("{d} ms"))
     );

@@ -226,9 +226,10 @@ async fn tcp_connection_to_a_vm_survives_its_migration() {
     println!(
         "HIP handover: {sent} bytes each way ({before} before the move), longest gap between \
          received bytes {} ms (it ended {:?} before the migration call returned), \
-         migration downtime {:?} ms, guest downtime {:?} ms",
+         guest paused {:?} ms (QEMU's downtime figure {:?} ms, heartbeat gap {:?} ms)",
         gap.as_millis(),
         gap_at.map(|t| moved_at.saturating_duration_since(t)),
+        r.pause_ms,
         r.downtime_ms,
         r.guest_downtime_ms
     );
@@ -268,6 +269,41 @@ async fn tcp_connection_to_a_vm_survives_an_aborted_migration() {
     let (gap, _) = *echo.max_gap.lock().unwrap();
     println!(
         "aborted migration: {sent} bytes each way, longest gap {} ms",
+        gap.as_millis()
+    );
+    lab.shutdown().await;
+}
+
+/// The destination announces its locator before its guest runs; if it then calls
+/// the handover off, the source must take the identity back and bring the peers back
+/// to itself — with an UPDATE the peer does not discard as a repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connection_survives_a_handover_refused_after_the_update() {
+    let (mut lab, echo, client, _net) = streaming_lab().await;
+    let home = lab.host_mut("home");
+    home.env
+        .push(("ROAM_FAULTS".into(), "refuse-handover".into()));
+    home.spawn().await.unwrap();
+    let r = lab.migrate("desk", "office", "home", |_| {}).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Aborted, "the fault must abort the move");
+    let home_log = std::fs::read_to_string(&lab.host("home").log).unwrap();
+    assert!(
+        home_log.contains("HIP: UPDATE with our locator sent"),
+        "home never announced itself, so the move back was not exercised"
+    );
+    let office = lab.host("office").client.vm_show("desk").await.unwrap();
+    assert_eq!(office.state, roam_control::api::VmState::Running);
+    // The VM stayed on office and the peer came back to it: the stream goes on.
+    let after = echo.received.load(Ordering::Relaxed);
+    assert!(
+        wait_received(&echo, after + (100 << 10), Duration::from_secs(30)).await,
+        "the connection stalled after the refused handover ({} bytes, {after} at the abort)",
+        echo.received.load(Ordering::Relaxed)
+    );
+    let sent = finish_stream(&echo, client).await;
+    let (gap, _) = *echo.max_gap.lock().unwrap();
+    println!(
+        "refused handover: {sent} bytes each way, longest gap {} ms",
         gap.as_millis()
     );
     lab.shutdown().await;
