@@ -91,7 +91,18 @@ enum Cmd {
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
+        /// Run only these parts (comma-separated): nbd, migration, net. Default: all.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<BenchPart>,
     },
+}
+
+/// The parts of `roam-lab bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchPart {
+    Nbd,
+    Migration,
+    Net,
 }
 
 fn link_params(l: &LinkArgs) -> LinkParams {
@@ -167,14 +178,29 @@ async fn main() -> anyhow::Result<()> {
             lab.shutdown().await;
             Ok(())
         }
-        Cmd::Bench { vm, quick, json } => {
-            eprintln!("roam-lab bench: NBD, roam against qemu-nbd");
-            let nbd = roam_lab::bench::nbd_bench(quick)?;
+        Cmd::Bench {
+            vm,
+            quick,
+            json,
+            only,
+        } => {
+            let run = |p: BenchPart| only.is_empty() || only.contains(&p);
+            let nbd = if run(BenchPart::Nbd) {
+                eprintln!("roam-lab bench: NBD, roam against qemu-nbd");
+                roam_lab::bench::nbd_bench(quick)?
+            } else {
+                serde_json::Value::Null
+            };
             let mut migrations = Vec::new();
-            for (label, mbit, rtt, loss) in [
-                ("100 Mbit/s, 40 ms", 100.0, 40.0, 0.1),
-                ("1 Gbit/s, 10 ms", 1000.0, 10.0, 0.0),
-            ] {
+            let links: &[(&str, f64, f64, f64)] = if run(BenchPart::Migration) {
+                &[
+                    ("100 Mbit/s, 40 ms", 100.0, 40.0, 0.1),
+                    ("1 Gbit/s, 10 ms", 1000.0, 10.0, 0.0),
+                ]
+            } else {
+                &[]
+            };
+            for &(label, mbit, rtt, loss) in links {
                 eprintln!("roam-lab bench: migration over {label}, {loss}% loss");
                 let link = LinkArgs {
                     bandwidth_mbit: mbit,
@@ -185,10 +211,26 @@ async fn main() -> anyhow::Result<()> {
                 let cfg = lab_config(&link, &vm, false);
                 migrations.push(roam_lab::bench::migration(label, cfg).await?);
             }
-            let checks = roam_lab::bench::checks(&nbd, &migrations);
+            let net = if run(BenchPart::Net) {
+                eprintln!("roam-lab bench: user-space ESP and base exchange on loopback");
+                let esp =
+                    tokio::task::spawn_blocking(move || roam_lab::bench_net::esp(quick)).await??;
+                eprintln!("roam-lab bench: HIP handover of a live TCP stream, 100 Mbit/s, 40 ms");
+                let handover =
+                    roam_lab::bench_net::handover(roam_lab::bench_net::handover_config(false))
+                        .await?;
+                Some(roam_lab::bench_net::NetFigures { handover, esp })
+            } else {
+                None
+            };
+            let mut checks = roam_lab::bench::checks(&nbd, &migrations);
+            if let Some(n) = &net {
+                checks.extend(roam_lab::bench_net::checks(n));
+            }
             let report = roam_lab::bench::BenchReport {
                 nbd,
                 migrations,
+                net,
                 checks,
             };
             if json {
