@@ -14,7 +14,7 @@ use crate::wire::params::*;
 use crate::wire::{Hit, Packet, PacketType};
 
 impl Host {
-    fn signed_with_mac(&self, peer: &Hit, mut p: Packet) -> Result<Packet, Error> {
+    pub(crate) fn signed_with_mac(&self, peer: &Hit, mut p: Packet) -> Result<Packet, Error> {
         let a = self
             .assocs
             .get(peer)
@@ -201,7 +201,7 @@ impl Host {
 
     pub(crate) fn on_update(
         &mut self,
-        _now: Instant,
+        now: Instant,
         from: SocketAddr,
         p: &Packet,
     ) -> Result<Vec<Output>, Error> {
@@ -217,6 +217,9 @@ impl Host {
             return Err(Error::Unexpected("UPDATE without SEQ or ACK"));
         }
         self.verify_mac_sig(&peer, p)?;
+        // The answer to an address check first: a wrong one changes nothing.
+        let echo: Option<EchoResponseSigned> = p.get()?;
+        let verified = self.echo_answer(&peer, ack.as_ref(), echo.as_ref().map(|e| &e.0[..]))?;
         let mut out = Vec::new();
         {
             let a = self
@@ -239,6 +242,9 @@ impl Host {
                 }
             }
         }
+        if let Some(addr) = verified {
+            out.extend(self.address_verified(peer, addr));
+        }
         if let Some(Seq(id)) = seq {
             let fresh = {
                 let a = self
@@ -253,26 +259,20 @@ impl Host {
                 }
                 fresh
             };
-            if fresh {
-                if let Some(locators) = p.get::<LocatorSet>()? {
-                    out.push(Output::PeerLocators {
-                        peer,
-                        from,
-                        locators,
-                    });
-                }
+            let locators = if fresh { p.get::<LocatorSet>()? } else { None };
+            if let Some(locators) = &locators {
+                out.push(Output::PeerLocators {
+                    peer,
+                    from,
+                    locators: locators.clone(),
+                });
             }
-            // Duplicates are ACKed again but not reprocessed (§6.12.1).
-            let mut reply = Packet::new(PacketType::Update, self.id.hit(), peer);
-            reply.add(&Ack(vec![id]))?;
-            if let Some(e) = p.get::<EchoRequestSigned>()? {
-                reply.add(&EchoResponseSigned(e.0))?;
-            }
-            let reply = self.signed_with_mac(&peer, reply)?;
-            out.push(Output::Send {
-                to: from,
-                packet: reply,
-            });
+            // Duplicates are ACKed again but not reprocessed (§6.12.1); an
+            // echo request is answered every time.
+            let echo_req = p.get::<EchoRequestSigned>()?.map(|e| e.0);
+            let (reply, to) =
+                self.update_reply(now, peer, from, id, locators.as_ref(), echo_req)?;
+            out.push(Output::Send { to, packet: reply });
         }
         Ok(out)
     }
