@@ -297,6 +297,13 @@ impl Host {
             .and_then(|a| a.keys.as_ref())
     }
 
+    /// Keys of the association with `peer` in any state that has them,
+    /// I2-SENT included (diagnostics and interop tests: compare KEYMAT with
+    /// another implementation before R2).
+    pub fn negotiated_keys(&self, peer: &Hit) -> Option<&AssociationKeys> {
+        self.assocs.get(peer).and_then(|a| a.keys.as_ref())
+    }
+
     /// Peers registered with us as a registrar, with the granted types and
     /// lifetime (a rendezvous server relays I1s for these HITs).
     pub fn registrations(&self) -> Vec<(Hit, Vec<u8>, u8)> {
