@@ -50,7 +50,9 @@
 //!   raised under an I1 flood, CLOSE/CLOSE_ACK, NOTIFY, UPDATE with SEQ/ACK
 //!   and LOCATOR_SET; return routability of a new peer locator
 //!   (ECHO_REQUEST_SIGNED / ECHO_RESPONSE_SIGNED, RFC 8046 §5.4) with
-//!   credit-based authorisation for data sent before it is verified.
+//!   credit-based authorisation for data sent before it is verified;
+//!   rekeying the ESP SAs through UPDATE with ESP_INFO (RFC 7402 §3.3,
+//!   keys drawn further along the KEYMAT, no new DH).
 //! - ESP suite 8 (AES-128-CBC, HMAC-SHA-256-128) in BEET semantics with a
 //!   64-packet anti-replay window.
 //! - Registration (RFC 8003) inside the base exchange: REG_INFO in R1,
@@ -65,7 +67,7 @@
 //!
 //! ## Not implemented
 //! DSA host identities, ECDSA P-384 and ECDSA_LOW, DH groups 4, 8, 9, 10, 11, opportunistic mode,
-//! CERT, rekeying through UPDATE/ESP_INFO, multihoming (RFC 8047), registration through UPDATE, cancellation and
+//! CERT, rekeying with a new Diffie-Hellman, multihoming (RFC 8047), registration through UPDATE, cancellation and
 //! expiry (RFC 8003 §3.3-3.4),
 //! ICMP error generation, the RVS's own registration bookkeeping, ESP suites other than 8 and extended sequence
 //! numbers.

@@ -582,6 +582,14 @@ impl Endpoint {
                     Stats::bump(&self.stats.rr_failed);
                     self.flush_queue(peer);
                 }
+                Output::Rekeyed { peer, keys } => {
+                    // New SPIs and keys (RFC 7402 §3.3); packets still in
+                    // flight on the old inbound SA are lost.
+                    match self.esp.install(peer, &keys) {
+                        Ok(()) => info!(%peer, spi = keys.our_spi, "rekeyed"),
+                        Err(e) => warn!(%peer, "installing rekeyed SAs: {e}"),
+                    }
+                }
                 Output::UpdateAcked { peer, update_id } => {
                     info!(%peer, update_id, "UPDATE acknowledged")
                 }

@@ -221,6 +221,7 @@ impl Host {
         let echo: Option<EchoResponseSigned> = p.get()?;
         let verified = self.echo_answer(&peer, ack.as_ref(), echo.as_ref().map(|e| &e.0[..]))?;
         let mut out = Vec::new();
+        let mut acked = None;
         {
             let a = self
                 .assocs
@@ -235,6 +236,7 @@ impl Host {
                 if ack.0.contains(&pending) {
                     a.update_pending = None;
                     a.retransmit = None;
+                    acked = Some(pending);
                     out.push(Output::UpdateAcked {
                         peer,
                         update_id: pending,
@@ -245,20 +247,38 @@ impl Host {
         if let Some(addr) = verified {
             out.extend(self.address_verified(peer, addr));
         }
+        if let Some(id) = acked {
+            out.extend(self.rekey_acked(peer, id)?);
+        }
         if let Some(Seq(id)) = seq {
-            let fresh = {
+            let (fresh, prev) = {
                 let a = self
                     .assocs
                     .get_mut(&peer)
                     .ok_or(Error::Unexpected("no association"))?;
-                let fresh = a
-                    .peer_update_id
-                    .is_none_or(|last| id.wrapping_sub(last) as i32 > 0);
+                let prev = a.peer_update_id;
+                let fresh = prev.is_none_or(|last| id.wrapping_sub(last) as i32 > 0);
                 if fresh {
                     a.peer_update_id = Some(id);
                 }
-                fresh
+                (fresh, prev)
             };
+            if fresh {
+                if let Some(info) = p.get::<EspInfo>()? {
+                    match self.on_esp_info(now, peer, from, id, &info, ack.as_ref()) {
+                        Ok(o) => out.extend(o),
+                        Err(e) => {
+                            // Unprocessed: its retransmission must not be
+                            // taken for a duplicate.
+                            if let Some(a) = self.assocs.get_mut(&peer) {
+                                a.peer_update_id = prev;
+                            }
+                            return Err(e);
+                        }
+                    }
+                    return Ok(out);
+                }
+            }
             let locators = if fresh { p.get::<LocatorSet>()? } else { None };
             if let Some(locators) = &locators {
                 out.push(Output::PeerLocators {

@@ -17,6 +17,7 @@ mod close;
 mod initiator;
 mod mobility;
 mod persist;
+mod rekey;
 mod responder;
 
 use std::collections::HashMap;
@@ -161,6 +162,12 @@ pub enum Output {
         addr: SocketAddr,
         fallback: SocketAddr,
     },
+    /// The ESP SAs were rekeyed (RFC 7402 §3.3): install these keys (new
+    /// SPIs, keys drawn at the new `esp_keymat_index`).
+    Rekeyed {
+        peer: Hit,
+        keys: Box<AssociationKeys>,
+    },
     /// The peer acknowledged our UPDATE.
     UpdateAcked { peer: Hit, update_id: u32 },
     /// A registrar granted (REG_RESPONSE) or refused (REG_FAILED) services.
@@ -219,6 +226,8 @@ pub(crate) struct Association {
     pub verification: Option<mobility::Verification>,
     /// Credit-based authorisation for an unverified `peer_addr`.
     pub credit: mobility::Credit,
+    /// A rekey of the ESP SAs in progress.
+    pub rekey: Option<rekey::Rekey>,
 }
 
 impl Association {
@@ -244,6 +253,7 @@ impl Association {
             addr_state: AddrState::Active,
             verification: None,
             credit: mobility::Credit::default(),
+            rekey: None,
         }
     }
 }
