@@ -26,6 +26,7 @@ fn config() -> LabConfig {
             mem_dirty_mib_s: 8,
             mem_working_set_mib: 16,
             disk_writes_per_s: 40,
+            ..Default::default()
         },
         home_state_limit_mib: None,
         keep: std::env::var_os("ROAM_LAB_KEEP").is_some(),
