@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use roam_channel::{ChannelConfig, Endpoint, Identity, PublicKey, TrustSet};
+use roam_channel::{Endpoint, Identity, PublicKey, TrustSet};
 use roam_control::api::{
     self as api, AgentStatus, ApiError, HostInfo, MigrateRequest, MigrationResult, PeerAdd,
     PeerInfo, Progress, ReplicaInfo, VmCreate, VmInfo, VmState, Workload,
@@ -128,7 +128,7 @@ pub async fn run(state: PathBuf, socket: Option<PathBuf>) -> anyhow::Result<()> 
         cfg.listen,
         identity.clone(),
         trust.clone(),
-        ChannelConfig::default(),
+        crate::replication::testhooks::channel_config(),
     )
     .map_err(|e| anyhow::anyhow!("peer channel on {}: {e}", cfg.listen))?;
     let nbd = Arc::new(

@@ -160,7 +160,10 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert!(!names.is_empty() && names.len() as u64 <= FILES, "{names:?}");
+        assert!(
+            !names.is_empty() && names.len() as u64 <= FILES,
+            "{names:?}"
+        );
         assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
         let total: u64 = std::fs::read_dir(d.path())
             .unwrap()
