@@ -531,6 +531,7 @@ async fn replica_is_always_a_flushed_state_with_a_clean_ext4_across_50_interrupt
     );
     assert!(
         churn.contains("f0") || churn.contains("f1") || churn.contains("f2"),
-        "no churn files on the replica's ext4: {churn}"
+        "no churn files on the replica's ext4 (a guest image older than the agent's file \
+         workload? scripts/setup.sh rebuilds it): {churn}"
     );
 }
