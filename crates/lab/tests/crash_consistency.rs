@@ -157,6 +157,8 @@ struct Checked {
     /// `e2fsck -fn` without replaying the journal first also passed (for information:
     /// a crash may legitimately leave metadata that only the journal makes whole).
     raw_fsck_ok: bool,
+    /// What `e2fsck -fn` said before the replay, when it did not pass.
+    raw_fsck_said: Option<String>,
 }
 
 fn fsck_n(disk: &Path) -> Result<std::process::Output, String> {
@@ -228,7 +230,17 @@ fn check_snapshot(dir: &Path, history_log: &Path) -> Result<Checked, String> {
             history.len()
         ));
     };
-    let raw_fsck_ok = fsck_n(&disk)?.status.success();
+    let raw = fsck_n(&disk)?;
+    let raw_fsck_ok = raw.status.success();
+    let raw_fsck_said = (!raw_fsck_ok).then(|| {
+        let out = String::from_utf8_lossy(&raw.stdout);
+        let problems: Vec<&str> = out
+            .lines()
+            .filter(|l| !l.starts_with("Pass ") && !l.trim().is_empty())
+            .take(6)
+            .collect();
+        format!("{}: {}", raw.status, problems.join(" | "))
+    });
     // The kernel replays the ext4 journal at mount; so does this, on our copy. Then the
     // check proper, read-only.
     replay_journal(&disk)?;
@@ -247,6 +259,7 @@ fn check_snapshot(dir: &Path, history_log: &Path) -> Result<Checked, String> {
         recovered,
         mid_batch: rec.redone || rec.discarded > 0,
         raw_fsck_ok,
+        raw_fsck_said,
     })
 }
 
@@ -458,6 +471,7 @@ async fn replica_is_always_a_flushed_state_with_a_clean_ext4_across_50_interrupt
 
     let mut matched = Vec::new();
     let (mut mid_batch, mut raw_ok) = (0, 0);
+    let mut raw_example: Option<String> = None;
     for (point, kind, h) in checks {
         match h.await.unwrap() {
             Ok(c) => {
@@ -474,6 +488,9 @@ async fn replica_is_always_a_flushed_state_with_a_clean_ext4_across_50_interrupt
                 matched.push(c.matched);
                 mid_batch += usize::from(c.mid_batch);
                 raw_ok += usize::from(c.raw_fsck_ok);
+                if let (None, Some(said)) = (&raw_example, c.raw_fsck_said) {
+                    raw_example = Some(format!("point {point}: {said}"));
+                }
             }
             Err(e) => failures.push(format!("point {point} ({kind:?}, seed {seed}): {e}")),
         }
@@ -492,6 +509,9 @@ async fn replica_is_always_a_flushed_state_with_a_clean_ext4_across_50_interrupt
         history.iter().filter(|c| c.seed).count(),
         started.elapsed()
     );
+    if let Some(e) = &raw_example {
+        eprintln!("e2fsck -fn before the journal replay, e.g. {e}");
+    }
     lab.shutdown().await;
 
     assert!(
