@@ -69,12 +69,12 @@ fn step() -> impl Strategy<Value = Step> {
 
 proptest! {
     // Each case opens redb a few times (fsyncs): few cases, many steps each.
-    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 10, ..ProptestConfig::default() })]
 
     #[test]
     fn dedup_index_finds_what_any_file_holds_and_never_returns_wrong_bytes(
         init in proptest::collection::vec(proptest::collection::vec(0..VALUES, CHUNKS), FILES),
-        steps in proptest::collection::vec(step(), 0..30),
+        steps in proptest::collection::vec(step(), 0..24),
     ) {
         let tmp = tempfile::tempdir().unwrap();
         let paths: Vec<PathBuf> = (0..FILES)
