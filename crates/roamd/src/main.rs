@@ -18,6 +18,7 @@ mod daemon;
 mod error;
 mod migration;
 mod net;
+mod ownership;
 mod peer;
 mod replication;
 mod runtime;
