@@ -31,6 +31,9 @@ fn sane(bytes_per_s: f64) -> f64 {
     }
 }
 
+/// The smallest grant for a large write, bytes.
+const QUANTUM: f64 = 16.0 * 1024.0;
+
 /// A tenth of a second of burst, at least one chunk frame.
 fn burst_of(rate: f64) -> f64 {
     (rate / 10.0).max(80.0 * 1024.0)
@@ -77,10 +80,13 @@ impl Bucket {
         let tokens =
             (s.tokens + now.saturating_duration_since(s.last).as_secs_f64() * s.rate).min(s.burst);
         s.last = now;
-        if tokens < 1.0 {
+        // Grant a useful amount or nothing: handing out the trickle that accumulated since
+        // the last call (a few bytes per microsecond) turns one large write into thousands
+        // of tiny ones, and their per-call cost, not the limit, then sets the rate.
+        let need = (want as f64).min(s.burst / 2.0).min(QUANTUM).max(1.0);
+        if tokens < need {
             s.tokens = tokens;
-            let need = (want as f64).min(s.burst / 2.0) - tokens;
-            return Err(Duration::from_secs_f64(need.max(1.0) / s.rate));
+            return Err(Duration::from_secs_f64((need - tokens) / s.rate));
         }
         let n = (tokens as usize).min(want);
         s.tokens = tokens - n as f64;
@@ -170,6 +176,20 @@ mod tests {
         let later = b.take(10_000_000, t0 + Duration::from_millis(50)).unwrap();
         assert!((49_000..=51_000).contains(&later), "{later}");
         assert!(Bucket::new(0.0).take(usize::MAX, t0).is_ok());
+    }
+
+    #[test]
+    fn large_writes_get_useful_grants_not_a_trickle() {
+        let b = Bucket::new(5_000_000.0);
+        let t0 = Instant::now();
+        assert!(b.take(10_000_000, t0).is_ok()); // the burst
+        // 1 µs later about 5 bytes accumulated: wait for a quantum instead.
+        let wait = b.take(65536, t0 + Duration::from_micros(1)).unwrap_err();
+        assert!(wait >= Duration::from_millis(3), "{wait:?}");
+        let n = b.take(65536, t0 + Duration::from_millis(4)).unwrap();
+        assert!(n >= 16 * 1024, "{n}");
+        // Small writes still go through as soon as their bytes are there.
+        assert!(b.take(50, t0 + Duration::from_millis(5)).is_ok());
     }
 
     #[test]
