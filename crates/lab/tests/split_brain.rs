@@ -258,7 +258,16 @@ async fn peer_rate_limit_caps_replication_and_replication_yields_to_a_migration(
     let office = &lab.host("office").client;
 
     // 48 MiB of data at 40 Mbit/s: about 10 s of seeding.
-    let (ok, out, err) = roam(&lab, "office", &["peer", "set-limit", "home", std::env::var("T_LIMIT").as_deref().unwrap_or("40")]);
+    let (ok, out, err) = roam(
+        &lab,
+        "office",
+        &[
+            "peer",
+            "set-limit",
+            "home",
+            std::env::var("T_LIMIT").as_deref().unwrap_or("40"),
+        ],
+    );
     assert!(ok, "{err}");
     assert!(out.contains("\"rate_limit_mbit\":40"), "{out}");
     let peers = office.peer_list().await.unwrap();

@@ -83,7 +83,7 @@ impl Bucket {
         // Grant a useful amount or nothing: handing out the trickle that accumulated since
         // the last call (a few bytes per microsecond) turns one large write into thousands
         // of tiny ones, and their per-call cost, not the limit, then sets the rate.
-        let need = (want as f64).min(s.burst / 2.0).min(QUANTUM).max(1.0);
+        let need = (want as f64).min(s.burst / 2.0).clamp(1.0, QUANTUM);
         if tokens < need {
             s.tokens = tokens;
             return Err(Duration::from_secs_f64((need - tokens) / s.rate));
@@ -183,7 +183,7 @@ mod tests {
         let b = Bucket::new(5_000_000.0);
         let t0 = Instant::now();
         assert!(b.take(10_000_000, t0).is_ok()); // the burst
-        // 1 µs later about 5 bytes accumulated: wait for a quantum instead.
+                                                 // 1 µs later about 5 bytes accumulated: wait for a quantum instead.
         let wait = b.take(65536, t0 + Duration::from_micros(1)).unwrap_err();
         assert!(wait >= Duration::from_millis(3), "{wait:?}");
         let n = b.take(65536, t0 + Duration::from_millis(4)).unwrap();
