@@ -247,6 +247,33 @@ async fn split_brain_is_detected_reported_never_merged_and_resolved_by_force_pri
     assert_eq!(hash(&office_disk), before.0, "the stale copy was not kept");
     assert_eq!(events(&lab, "office", "stale").len(), 1);
     assert_eq!(events(&lab, "home", "force_primary").len(), 2);
+    // Home's replication to office resumes, into office's replica, not its kept copy.
+    wait_for(
+        &lab,
+        Duration::from_secs(30),
+        "replicating to office again",
+        async || {
+            let l = home.replica_list(Some("desk")).await.unwrap();
+            l.iter()
+                .any(|r| {
+                    r.host == "office"
+                        && r.generation == 4
+                        && matches!(r.state, ReplicaState::InSync | ReplicaState::Lagging)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    assert_ne!(
+        hash(&office_replica),
+        before.1,
+        "office's replica did not follow home"
+    );
+    assert_eq!(
+        hash(&office_disk),
+        before.0,
+        "replication wrote into the stale copy"
+    );
     eprintln!("[{:?}] resolved", t0.elapsed());
     lab.shutdown().await;
 }

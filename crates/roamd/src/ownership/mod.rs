@@ -546,6 +546,7 @@ pub async fn force_primary(d: &Arc<Daemon>, name: &str, by: &str) -> Result<VmIn
     drop(guard);
     // Tell every reachable peer now; the others learn when they next talk to us.
     exchange_all(d).await;
+    crate::replication::restart_links(d, name).await;
     Ok(d.vm_info(&r).await)
 }
 

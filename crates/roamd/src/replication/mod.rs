@@ -201,6 +201,22 @@ pub async fn remove(d: &Arc<Daemon>, vm: &str, host: &str) -> Result<(), ApiErro
     Ok(())
 }
 
+/// Restart `vm`'s links (its generation changed: `force-primary`), so that they speak
+/// with the new generation now rather than after a refused session's retry delay.
+pub async fn restart_links(d: &Arc<Daemon>, vm: &str) {
+    let links: Vec<(String, Arc<Link>)> = {
+        let mut all = d.replication.links();
+        let keys: Vec<_> = all.keys().filter(|(v, _)| v == vm).cloned().collect();
+        keys.into_iter()
+            .filter_map(|k| all.remove(&k).map(|l| (k.1, l)))
+            .collect()
+    };
+    for (host, link) in links {
+        link.stop().await;
+        start_link(d, vm, &host);
+    }
+}
+
 /// A VM leaves this host: stop its links here (the replicas stay where they are) and
 /// return their hosts, for the new primary to adopt.
 pub async fn hand_over(d: &Arc<Daemon>, vm: &str) -> Vec<String> {
