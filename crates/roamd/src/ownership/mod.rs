@@ -100,6 +100,11 @@ pub fn conflict_info(d: &Daemon, r: &VmRecord) -> Option<VmConflict> {
 /// the newer owner, or as the holder of a replica naming who last wrote it.
 pub fn my_claim(d: &Daemon, vm: &str) -> Option<Claim> {
     let me = d.cfg.name.clone();
+    let rec = d.store.vm(vm).ok().flatten();
+    let id = rec
+        .as_ref()
+        .and_then(|r| r.net.as_ref())
+        .map(|n| n.mac.clone());
     let claim = |head: Head, primary: bool, running: bool, overrides: Vec<Head>| Claim {
         vm: vm.to_string(),
         from: me.clone(),
@@ -107,8 +112,9 @@ pub fn my_claim(d: &Daemon, vm: &str) -> Option<Claim> {
         primary,
         running,
         overrides,
+        id: id.clone(),
     };
-    if let Some(r) = d.store.vm(vm).ok().flatten() {
+    if let Some(r) = rec.clone() {
         let running = r.status == VmStatus::Running;
         if r.status == VmStatus::Moved {
             let to = r.moved_to.clone().unwrap_or_default();

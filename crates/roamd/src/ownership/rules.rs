@@ -73,6 +73,11 @@ pub struct Claim {
     /// Heads this claim overrides explicitly (`force-primary`).
     #[serde(default)]
     pub overrides: Vec<Head>,
+    /// What makes the VM itself unique beyond its name (its NIC's MAC, drawn at creation
+    /// and carried by every migration): two hosts that each created a VM of the same
+    /// name hold two VMs, not two copies of one. `None` when unknown (matches any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// The outcome of comparing my claim with theirs, from my side.
@@ -92,6 +97,11 @@ pub enum Verdict {
 pub fn judge(mine: &Claim, theirs: &Claim) -> Verdict {
     if mine.vm != theirs.vm || mine.from == theirs.from {
         return Verdict::Agree;
+    }
+    if let (Some(a), Some(b)) = (&mine.id, &theirs.id) {
+        if a != b {
+            return Verdict::Agree;
+        }
     }
     match (mine.primary, theirs.primary) {
         (false, _) => Verdict::Agree,
@@ -180,6 +190,7 @@ mod tests {
             primary,
             running,
             overrides: vec![],
+            id: None,
         }
     }
 
@@ -264,6 +275,18 @@ mod tests {
             judge(&claim("office", 6, true, false), &laptop),
             Verdict::Agree
         );
+    }
+
+    #[test]
+    fn two_vms_that_share_a_name_are_not_one_vm() {
+        let mut a = claim("office", 1, true, true);
+        let mut b = claim("home", 1, true, true);
+        assert_eq!(judge(&a, &b), Verdict::SplitBrain);
+        a.id = Some("52:54:00:00:00:01".into());
+        b.id = Some("52:54:00:00:00:02".into());
+        assert_eq!(judge(&a, &b), Verdict::Agree);
+        b.id = a.id.clone();
+        assert_eq!(judge(&a, &b), Verdict::SplitBrain);
     }
 
     #[test]
