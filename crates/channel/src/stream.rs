@@ -57,11 +57,13 @@ impl StreamKind {
         }
     }
 
-    /// QUIC send priority: small control messages go ahead of bulk data; bulk kinds
-    /// share the link fairly.
+    /// QUIC send priority within one connection: control messages first, then a
+    /// migration's streams, then background replication last (migration > on-demand
+    /// fetch > replication; −1 is left for on-demand fetch streams).
     fn priority(self) -> i32 {
         match self {
             Self::Control => 1,
+            Self::Replication => -2,
             _ => 0,
         }
     }

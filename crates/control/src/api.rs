@@ -79,6 +79,18 @@ pub struct PeerInfo {
     pub addr: String,
     /// The pinned public key.
     pub key: String,
+    /// Cap on what this host sends to the peer, Mbit/s: background replication always,
+    /// migrations unless they set their own `bandwidth_limit_mbit`. `None`: no cap.
+    #[serde(default)]
+    pub rate_limit_mbit: Option<u32>,
+}
+
+/// `POST /v1/peers/{name}/limit`: set or clear a peer's rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerLimit {
+    /// Mbit/s; `None` (or 0) removes the limit.
+    #[serde(default)]
+    pub mbit: Option<u32>,
 }
 
 fn default_vcpus() -> u32 {
@@ -171,6 +183,51 @@ pub struct VmInfo {
     /// The VM's network identity (HIP) and guest LAN; `None` for VMs without a NIC.
     #[serde(default)]
     pub net: Option<VmNetInfo>,
+    /// Set when this host's copy must not run: a newer owner exists (`stale`), or another
+    /// host is primary too (`split_brain`). Cleared by `roam vm force-primary`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<VmConflict>,
+}
+
+/// Why this host's copy of a VM must not run (one writer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum VmConflict {
+    /// `owner` holds a newer generation; this copy is kept, not started, not replicated.
+    Stale {
+        owner: String,
+        owner_generation: u64,
+        generation: u64,
+        learned_from: String,
+        since_unix_ms: u64,
+    },
+    /// `other_host` is primary too; replication between the two stops until one side
+    /// runs `roam vm force-primary`.
+    SplitBrain {
+        other_host: String,
+        other_generation: u64,
+        generation: u64,
+        since_unix_ms: u64,
+    },
+}
+
+impl VmConflict {
+    /// `stale` or `split_brain`, as the table's state column shows it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            VmConflict::Stale { .. } => "stale",
+            VmConflict::SplitBrain { .. } => "split_brain",
+        }
+    }
+}
+
+/// `POST /v1/vms/{name}/force-primary`: make this host's copy the VM's primary, above
+/// every generation known, overriding the others (logged).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForcePrimary {
+    /// Who asked (user@host), for the log.
+    #[serde(default)]
+    pub by: Option<String>,
 }
 
 /// A VM's network: its HIP identity, the names peers reach it by, and its guest LAN.

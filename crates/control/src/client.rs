@@ -120,6 +120,38 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/log`: the host's event log, oldest first.
+    pub async fn host_log(&self) -> Result<Vec<serde_json::Value>, ClientError> {
+        self.call(Method::GET, "/v1/log", None::<&()>).await
+    }
+
+    /// `POST /v1/peers/{name}/limit`: `None` removes the limit.
+    pub async fn peer_set_limit(
+        &self,
+        name: &str,
+        mbit: Option<u32>,
+    ) -> Result<PeerInfo, ClientError> {
+        validate_name("peer", name)?;
+        let req = crate::api::PeerLimit { mbit };
+        self.call(Method::POST, &format!("/v1/peers/{name}/limit"), Some(&req))
+            .await
+    }
+
+    /// `POST /v1/vms/{name}/force-primary`.
+    pub async fn vm_force_primary(
+        &self,
+        name: &str,
+        req: &crate::api::ForcePrimary,
+    ) -> Result<VmInfo, ClientError> {
+        validate_name("vm", name)?;
+        self.call(
+            Method::POST,
+            &format!("/v1/vms/{name}/force-primary"),
+            Some(req),
+        )
+        .await
+    }
+
     /// `POST /v1/vms`.
     pub async fn vm_create(&self, req: &VmCreate) -> Result<VmInfo, ClientError> {
         self.call(Method::POST, "/v1/vms", Some(req)).await

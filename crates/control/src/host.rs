@@ -13,8 +13,8 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::api::{
-    AgentStatus, ApiError, HostInfo, MigrateRequest, MigrationResult, PeerAdd, PeerInfo, Progress,
-    ReplicaInfo, VmCreate, VmInfo, Workload,
+    AgentStatus, ApiError, ForcePrimary, HostInfo, MigrateRequest, MigrationResult, PeerAdd,
+    PeerInfo, PeerLimit, Progress, ReplicaInfo, VmCreate, VmInfo, Workload,
 };
 
 /// The daemon side of the control API.
@@ -107,6 +107,31 @@ pub trait Host: Send + Sync + 'static {
         let _ = vm;
         Err(ApiError::unavailable(
             "replicas are not supported by this roamd",
+        ))
+    }
+
+    /// `POST /v1/peers/{name}/limit`: set or clear the peer's rate limit (persisted).
+    async fn peer_set_limit(&self, name: &str, req: PeerLimit) -> Result<PeerInfo, ApiError> {
+        let _ = (name, req);
+        Err(ApiError::unavailable(
+            "peer rate limits are not supported by this roamd",
+        ))
+    }
+
+    /// `POST /v1/vms/{name}/force-primary`: make this host's copy the primary at a
+    /// generation above every one known, logged; other copies become stale.
+    async fn vm_force_primary(&self, name: &str, req: ForcePrimary) -> Result<VmInfo, ApiError> {
+        let _ = (name, req);
+        Err(ApiError::unavailable(
+            "force-primary is not supported by this roamd",
+        ))
+    }
+
+    /// `GET /v1/log`: the host's persistent event log (ownership changes, forced actions,
+    /// split brains), oldest first, at most the last 1000 events.
+    async fn host_log(&self) -> Result<Vec<serde_json::Value>, ApiError> {
+        Err(ApiError::unavailable(
+            "the log is not available from this roamd",
         ))
     }
 

@@ -19,6 +19,9 @@
 //! | POST   | /v1/vms/{name}/replicas/{host} |        | 201 ReplicaInfo                |
 //! | DELETE | /v1/vms/{name}/replicas/{host} |        | 204                            |
 //! | GET    | /v1/replicas[?vm=NAME]  |               | 200 list of ReplicaInfo        |
+//! | POST   | /v1/peers/{name}/limit  | PeerLimit     | 200 PeerInfo                   |
+//! | GET    | /v1/log                 |               | 200 list of log events (JSON)  |
+//! | POST   | /v1/vms/{name}/force-primary | ForcePrimary | 200 VmInfo                |
 //!
 //! Errors: status from [`ErrorCode::http_status`], body `{"error": {"code", "message"}}`.
 //!
@@ -114,8 +117,10 @@ pub fn router(host: Arc<dyn Host>) -> Router {
     Router::new()
         .route("/v1/host", get(host_info))
         .route("/v1/shutdown", post(shutdown))
+        .route("/v1/log", get(host_log))
         .route("/v1/peers", get(peer_list).post(peer_add))
         .route("/v1/peers/{name}", axum::routing::delete(peer_remove))
+        .route("/v1/peers/{name}/limit", post(peer_set_limit))
         .route("/v1/vms", get(vm_list).post(vm_create))
         .route("/v1/vms/{name}", get(vm_show).delete(vm_delete))
         .route("/v1/vms/{name}/start", post(vm_start))
@@ -123,6 +128,7 @@ pub fn router(host: Arc<dyn Host>) -> Router {
         .route("/v1/vms/{name}/migrate", post(migrate))
         .route("/v1/vms/{name}/workload", post(vm_workload))
         .route("/v1/vms/{name}/agent", get(vm_agent))
+        .route("/v1/vms/{name}/force-primary", post(vm_force_primary))
         .route(
             "/v1/vms/{name}/replicas/{host}",
             post(replica_add).delete(replica_remove),
@@ -308,6 +314,33 @@ async fn vm_agent(
 ) -> ApiResult<impl IntoResponse> {
     validate_name("vm", &name)?;
     Ok(Json(h.vm_agent(&name).await?))
+}
+
+async fn host_log(State(h): HostRef) -> ApiResult<impl IntoResponse> {
+    Ok(Json(h.host_log().await?))
+}
+
+async fn peer_set_limit(
+    State(h): HostRef,
+    UrlPath(name): UrlPath<String>,
+    b: Result<Json<crate::api::PeerLimit>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    validate_name("peer", &name)?;
+    let req = body(b)?;
+    Ok(Json(h.peer_set_limit(&name, req).await?))
+}
+
+async fn vm_force_primary(
+    State(h): HostRef,
+    UrlPath(name): UrlPath<String>,
+    b: Result<Json<crate::api::ForcePrimary>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    validate_name("vm", &name)?;
+    let req = body(b)?;
+    if req.by.as_ref().is_some_and(|b| b.len() > 256) {
+        return Err(ApiError::bad_request("'by' is longer than 256 bytes"));
+    }
+    Ok(Json(h.vm_force_primary(&name, req).await?))
 }
 
 async fn replica_add(

@@ -180,8 +180,20 @@ async fn vm_and_peer_commands() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(
         v,
-        serde_json::json!([{"name": "home", "addr": "198.18.1.1:4433", "key": "ed25519:BBBB"}])
+        serde_json::json!([{"name": "home", "addr": "198.18.1.1:4433", "key": "ed25519:BBBB",
+            "rate_limit_mbit": null}])
     );
+    // Forcing a primary is never done by accident: no terminal to ask on, no --yes.
+    let o = roam(s, &["vm", "force-primary", "desk"]).await;
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--yes"));
+    let o = roam(s, &["peer", "set-limit", "home", "fast"]).await;
+    assert_eq!(o.status.code(), Some(2));
     let o = roam(s, &["host", "info"]).await;
     assert!(stdout(&o).contains("peers    1"), "{}", stdout(&o));
     let o = roam(s, &["--json", "peer", "remove", "home"]).await;

@@ -172,6 +172,7 @@ pub async fn run(state: PathBuf, socket: Option<PathBuf>) -> anyhow::Result<()> 
     );
     let peers = tokio::spawn(crate::peer::accept_loop(daemon.clone()));
     crate::replication::start_saved(&daemon);
+    crate::ownership::announce_at_start(&daemon);
     let sock = socket.unwrap_or_else(|| daemon.paths.control_socket());
     let host: Arc<dyn Host> = daemon.clone();
     let served = roam_control::serve(&sock, host, shutdown.clone()).await;
@@ -247,10 +248,11 @@ impl Daemon {
                     .map_err(|e| warn!(vm = %r.name, "network identity: {e}"))
                     .ok()
             }),
+            conflict: crate::ownership::conflict_info(self, r),
         }
     }
 
-    async fn vm_info(&self, r: &VmRecord) -> VmInfo {
+    pub async fn vm_info(&self, r: &VmRecord) -> VmInfo {
         let rt = self.running(&r.name).await;
         let busy = self
             .busy
@@ -392,6 +394,7 @@ impl Host for Daemon {
             name: req.name.clone(),
             addr: addr.to_string(),
             key: key.to_string(),
+            rate_limit_mbit: None,
         };
         self.store.put_peer(&rec).map_err(to_api)?;
         self.trust.insert(req.name.clone(), key);
@@ -400,6 +403,7 @@ impl Host for Daemon {
             name: rec.name,
             addr: rec.addr,
             key: rec.key,
+            rate_limit_mbit: rec.rate_limit_mbit,
         })
     }
 
@@ -413,6 +417,7 @@ impl Host for Daemon {
                 name: p.name,
                 addr: p.addr,
                 key: p.key,
+                rate_limit_mbit: p.rate_limit_mbit,
             })
             .collect())
     }
@@ -536,6 +541,9 @@ impl Host for Daemon {
             }
             _ => {}
         }
+        crate::ownership::check_start(&self.self_arc(), name)
+            .await
+            .map_err(to_api)?;
         let rt = RunningVm::start(self, &r, false).await.map_err(to_api)?;
         rt.wait_agent(std::time::Duration::from_secs(60))
             .await
@@ -622,6 +630,23 @@ impl Host for Daemon {
 
     async fn replica_list(&self, vm: Option<&str>) -> Result<Vec<ReplicaInfo>, ApiError> {
         Ok(crate::replication::list(self, vm))
+    }
+
+    async fn host_log(&self) -> Result<Vec<serde_json::Value>, ApiError> {
+        self.store.log_events(1000).map_err(to_api)
+    }
+
+    async fn vm_force_primary(
+        &self,
+        name: &str,
+        req: api::ForcePrimary,
+    ) -> Result<VmInfo, ApiError> {
+        let by = req.by.unwrap_or_else(|| "unknown".into());
+        crate::ownership::force_primary(&self.self_arc(), name, &by).await
+    }
+
+    async fn peer_set_limit(&self, name: &str, req: api::PeerLimit) -> Result<PeerInfo, ApiError> {
+        crate::replication::set_limit(&self.self_arc(), name, req.mbit.filter(|&m| m > 0))
     }
 
     async fn shutdown(&self) -> Result<(), ApiError> {

@@ -20,6 +20,7 @@ mod esp_forward;
 mod fault;
 mod migration;
 mod net;
+mod ownership;
 mod peer;
 mod replication;
 mod runtime;

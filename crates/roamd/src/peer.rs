@@ -45,7 +45,16 @@ async fn handle(d: Arc<Daemon>, conn: Connection) {
         )
         .await;
         match first {
-            Ok(Ok(first)) => crate::replication::replica::serve(d, conn, tx, rx, first).await,
+            Ok(Ok(crate::replication::protocol::ReplMsg::Claims { version, claims })) => {
+                crate::ownership::serve(d, conn, tx, rx, version, claims).await
+            }
+            Ok(Ok(first)) => {
+                if let crate::replication::protocol::ReplMsg::Hello { vm, .. } = &first {
+                    // A peer replicating a VM defined here: compare claims first.
+                    crate::ownership::before_contact(&d, conn.peer_name(), vm).await;
+                }
+                crate::replication::replica::serve(d, conn, tx, rx, first).await
+            }
             Ok(Err(e)) => warn!(peer = %peer, "reading the first replication message: {e}"),
             Err(_) => warn!(peer = %peer, "no replication message within 30 s"),
         }

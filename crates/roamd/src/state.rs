@@ -19,6 +19,8 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const REPLICAS: TableDefinition<&str, &[u8]> = TableDefinition::new("replicas");
 /// Replicas of this host's VMs kept elsewhere (the sending side), by "VM/HOST".
 const REPLICA_LINKS: TableDefinition<&str, &[u8]> = TableDefinition::new("replica_links");
+/// Who owns each VM as far as this host knows (one writer, split brain), by VM name.
+const OWNERSHIP: TableDefinition<&str, &[u8]> = TableDefinition::new("ownership");
 
 /// Version of the records below.
 const RECORD_VERSION: u32 = 1;
@@ -37,6 +39,9 @@ pub struct PeerRecord {
     pub name: String,
     pub addr: String,
     pub key: String,
+    /// Cap on what roam sends to this peer (replication; migrations by default), Mbit/s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_mbit: Option<u32>,
 }
 
 /// Where a VM stands on this host.
@@ -104,6 +109,37 @@ impl ReplicaLinkRecord {
     }
 }
 
+/// What this host learnt about who owns a VM (see `crate::ownership`). It speaks for the
+/// VM record at `generation` only: a migration or a `force-primary` that changes the
+/// record's generation voids it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnershipRecord {
+    pub vm: String,
+    pub generation: u64,
+    /// Heads this host's claim overrides (set by `force-primary`).
+    #[serde(default)]
+    pub overrides: Vec<crate::ownership::rules::Head>,
+    #[serde(default)]
+    pub conflict: Option<Conflict>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Conflict {
+    /// A newer generation exists elsewhere: this copy must not run again without
+    /// `force-primary`.
+    Stale {
+        owner: crate::ownership::rules::Head,
+        learned_from: String,
+        since_unix_ms: u64,
+    },
+    /// Another host is primary too, and neither is provably the other's past.
+    SplitBrain {
+        other: crate::ownership::rules::Head,
+        since_unix_ms: u64,
+    },
+}
+
 pub struct Store {
     db: Database,
 }
@@ -149,6 +185,7 @@ impl Store {
         tx.open_table(LOG).map_err(db_err)?;
         tx.open_table(REPLICAS).map_err(db_err)?;
         tx.open_table(REPLICA_LINKS).map_err(db_err)?;
+        tx.open_table(OWNERSHIP).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Store { db })
     }
@@ -255,6 +292,26 @@ impl Store {
         self.remove(REPLICA_LINKS, &ReplicaLinkRecord::key(vm, host))
     }
 
+    pub fn ownership(&self, vm: &str) -> Result<Option<OwnershipRecord>, Error> {
+        self.get(OWNERSHIP, vm)
+    }
+    pub fn put_ownership(&self, o: &OwnershipRecord) -> Result<(), Error> {
+        self.put(OWNERSHIP, &o.vm, o)
+    }
+
+    /// The host's log, oldest first (at most the last `max` events).
+    pub fn log_events(&self, max: usize) -> Result<Vec<serde_json::Value>, Error> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(LOG).map_err(db_err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(db_err)?.rev().take(max) {
+            let (k, v) = row.map_err(db_err)?;
+            out.push(decode(&format!("log {}", k.value()), v.value())?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
     /// Append an event to the host's log (ownership changes, forced actions).
     pub fn log(&self, event: &serde_json::Value) -> Result<(), Error> {
         let bytes = encode(event)?;
@@ -305,6 +362,7 @@ mod tests {
                 name: "home".into(),
                 addr: "198.18.2.2:7000".into(),
                 key: "k".into(),
+                rate_limit_mbit: None,
             })
             .unwrap();
             s.log(&serde_json::json!({"event": "x"})).unwrap();
@@ -312,6 +370,7 @@ mod tests {
         let s = Store::open(&p).unwrap();
         assert_eq!(s.vm("desk").unwrap().unwrap(), vm("desk"));
         assert_eq!(s.peers().unwrap().len(), 1);
+        assert_eq!(s.log_events(10).unwrap()[0]["event"], "x");
         assert!(s.remove_vm("desk").unwrap());
         assert!(s.vm("desk").unwrap().is_none());
     }
@@ -360,6 +419,26 @@ mod tests {
         with.net = Some(crate::net::new_spec());
         let back: VmRecord = decode("desk", &encode(&with).unwrap()).unwrap();
         assert_eq!(back, with);
+    }
+
+    #[test]
+    fn ownership_records_round_trip_and_old_peers_load() {
+        use crate::ownership::rules::Head;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("state.redb")).unwrap();
+        let o = OwnershipRecord {
+            vm: "desk".into(),
+            generation: 3,
+            overrides: vec![Head::new(2, "home")],
+            conflict: Some(Conflict::SplitBrain {
+                other: Head::new(3, "home"),
+                since_unix_ms: 9,
+            }),
+        };
+        s.put_ownership(&o).unwrap();
+        assert_eq!(s.ownership("desk").unwrap(), Some(o));
+        let p: PeerRecord = decode("p", br#"{"v":1,"name":"a","addr":"b","key":"c"}"#).unwrap();
+        assert_eq!(p.rate_limit_mbit, None);
     }
 
     #[test]

@@ -116,6 +116,7 @@ impl Host for FakeHost {
             name: req.name.clone(),
             addr: req.addr,
             key: req.key,
+            rate_limit_mbit: None,
         };
         peers.insert(req.name, p.clone());
         Ok(p)
@@ -152,6 +153,7 @@ impl Host for FakeHost {
             generation: 1,
             created_at: 1_795_000_000,
             net: None,
+            conflict: None,
         };
         vms.insert(req.name, v.clone());
         Ok(v)

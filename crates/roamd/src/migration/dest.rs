@@ -36,6 +36,8 @@ pub async fn serve(
     vm: VmManifest,
 ) {
     let name = vm.name.clone();
+    let peer = conn.peer_name().unwrap_or(&source_host).to_string();
+    crate::ownership::prepare_incoming(&d, &peer, &vm.name, vm.generation).await;
     let guard = match admit(&d, &vm, version) {
         Ok(g) => g,
         Err(e) => {

@@ -48,6 +48,9 @@ pub async fn migrate(
         ApiError::conflict(format!("VM '{}' is not running on this host", req.vm))
     })?;
     let peer = d.peer_record(&req.to).map_err(to_api)?;
+    // The peer's rate limit (`roam peer set-limit`) caps a migration that sets none.
+    let mut req = req;
+    req.bandwidth_limit_mbit = req.bandwidth_limit_mbit.or(peer.rate_limit_mbit);
     let key: PublicKey = peer
         .key
         .parse()
@@ -203,6 +206,11 @@ impl Source {
             conn.stats()
                 .bandwidth_estimate_bytes_per_s()
                 .unwrap_or(12.5e6)
+        };
+        // A bandwidth limit caps what QEMU may send (max-bandwidth) and the send window.
+        let rate = match self.req.bandwidth_limit_mbit.filter(|&m| m > 0) {
+            Some(m) => rate.min(f64::from(m) * 1e6 / 8.0),
+            None => rate,
         };
         self.meter.set_rate_hint(rate);
         // From now on keep no more than a few bandwidth-delay products unacknowledged, so

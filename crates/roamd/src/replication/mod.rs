@@ -60,11 +60,15 @@ pub struct Replication {
 }
 
 impl Replication {
-    fn bucket(&self, peer: &str) -> Arc<Bucket> {
-        let mbit: f64 = std::env::var(RATE_ENV)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
+    /// The peer's bucket: its `roam peer set-limit` if set, else `ROAM_REPLICATION_MBIT`.
+    fn bucket(&self, peer: &str, limit_mbit: Option<u32>) -> Arc<Bucket> {
+        let mbit: f64 = match limit_mbit {
+            Some(m) => f64::from(m),
+            None => std::env::var(RATE_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0),
+        };
         self.buckets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -76,6 +80,35 @@ impl Replication {
     fn links(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Link>>> {
         self.links.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// `roam peer set-limit`: persist the peer's limit and apply it to the links running now.
+pub fn set_limit(
+    d: &Arc<Daemon>,
+    peer: &str,
+    mbit: Option<u32>,
+) -> Result<roam_control::api::PeerInfo, ApiError> {
+    let mut p = d.peer_record(peer).map_err(to_api)?;
+    p.rate_limit_mbit = mbit;
+    d.store.put_peer(&p).map_err(to_api)?;
+    let fallback: f64 = std::env::var(RATE_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    let mbit_f = mbit.map_or(fallback, f64::from);
+    d.replication
+        .bucket(peer, mbit)
+        .set_rate(mbit_f * 1e6 / 8.0);
+    let _ = d.store.log(&serde_json::json!({
+        "event": "peer_limit", "peer": peer, "mbit": mbit, "unix_ms": now_ms(),
+    }));
+    info!(peer, mbit = ?mbit, "peer rate limit set");
+    Ok(roam_control::api::PeerInfo {
+        name: p.name,
+        addr: p.addr,
+        key: p.key,
+        rate_limit_mbit: p.rate_limit_mbit,
+    })
 }
 
 /// Start the links recorded in the store (daemon start).
@@ -98,7 +131,13 @@ pub fn start_saved(d: &Arc<Daemon>) {
 }
 
 fn start_link(d: &Arc<Daemon>, vm: &str, host: &str) -> Arc<Link> {
-    let link = Link::start(d.clone(), vm, host, d.replication.bucket(host));
+    let limit = d
+        .store
+        .peer(host)
+        .ok()
+        .flatten()
+        .and_then(|p| p.rate_limit_mbit);
+    let link = Link::start(d.clone(), vm, host, d.replication.bucket(host, limit));
     d.replication
         .links()
         .insert((vm.to_string(), host.to_string()), link.clone());
@@ -161,6 +200,22 @@ pub async fn remove(d: &Arc<Daemon>, vm: &str, host: &str) -> Result<(), ApiErro
         "event": "replica_removed", "vm": vm, "host": host, "unix_ms": now_ms(),
     }));
     Ok(())
+}
+
+/// Restart `vm`'s links (its generation changed: `force-primary`), so that they speak
+/// with the new generation now rather than after a refused session's retry delay.
+pub async fn restart_links(d: &Arc<Daemon>, vm: &str) {
+    let links: Vec<(String, Arc<Link>)> = {
+        let mut all = d.replication.links();
+        let keys: Vec<_> = all.keys().filter(|(v, _)| v == vm).cloned().collect();
+        keys.into_iter()
+            .filter_map(|k| all.remove(&k).map(|l| (k.1, l)))
+            .collect()
+    };
+    for (host, link) in links {
+        link.stop().await;
+        start_link(d, vm, &host);
+    }
 }
 
 /// A VM leaves this host: stop its links here (the replicas stay where they are) and

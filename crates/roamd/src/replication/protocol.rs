@@ -20,6 +20,7 @@
 //!   │── Bye ────────────────────────────────────────────────────▶│
 //!
 //!  removal (a fresh stream):  Remove{vm, source_host, generation} ─▶ ◀─ Removed | Refuse
+//!  ownership (a fresh stream): Claims{mine} ─▶ ◀─ Claims{theirs} | Refuse
 //! ```
 
 use roam_store::Version;
@@ -71,6 +72,12 @@ pub enum ReplMsg {
         generation: u64,
     },
     Removed,
+    /// The one-writer exchange (peer contact, `crate::ownership`): each side's claims
+    /// about the VMs it knows; answered with the same message.
+    Claims {
+        version: u16,
+        claims: Vec<crate::ownership::rules::Claim>,
+    },
 }
 
 impl ReplMsg {

@@ -212,6 +212,9 @@ fn local_vm(d: &Daemon, vm: &str) -> Result<LocalVm> {
     Ok(match d.store.vm(vm)? {
         None => LocalVm::None,
         Some(r) if r.status == VmStatus::Moved => LocalVm::Moved,
+        // A copy known to be superseded is a tombstone too: the newer owner's replica
+        // lives beside it (under replicas/), never in it.
+        Some(r) if crate::ownership::is_stale(d, &r) => LocalVm::Moved,
         Some(_) => LocalVm::Primary,
     })
 }

@@ -36,8 +36,9 @@ use crate::migration::disk::{allocated_chunks, DiskSender};
 use crate::runtime::{RunningVm, CHUNK_SIZE};
 use crate::state::VmStatus;
 
-/// Below migration streams (0) and control (1): QUIC sends these bytes last.
-const REPLICATION_PRIORITY: i32 = -1;
+/// Below migration streams (0), on-demand fetch (−1) and control (1): QUIC sends these
+/// bytes last.
+const REPLICATION_PRIORITY: i32 = -2;
 /// Ungated passes of one batch before the cut rule asks for a FLUSH gate (which the NBD
 /// server does not offer yet: we keep passing, see `docs/storage.md`).
 const MAX_PASSES: u32 = 8;

@@ -8,60 +8,98 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWrite;
 
-/// Tokens are bytes. `rate == 0` means no limit.
+/// Tokens are bytes. `rate == 0` means no limit. The rate can change while writers use
+/// the bucket (`roam peer set-limit`).
 #[derive(Debug)]
 pub struct Bucket {
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
     rate: f64,
     burst: f64,
-    state: Mutex<(f64, Instant)>,
+    tokens: f64,
+    last: Instant,
+}
+
+fn sane(bytes_per_s: f64) -> f64 {
+    if bytes_per_s.is_finite() && bytes_per_s > 0.0 {
+        bytes_per_s
+    } else {
+        0.0
+    }
+}
+
+/// The smallest grant for a large write, bytes.
+const QUANTUM: f64 = 16.0 * 1024.0;
+
+/// A tenth of a second of burst, at least one chunk frame.
+fn burst_of(rate: f64) -> f64 {
+    (rate / 10.0).max(80.0 * 1024.0)
 }
 
 impl Bucket {
     pub fn new(bytes_per_s: f64) -> Bucket {
-        let rate = if bytes_per_s.is_finite() && bytes_per_s > 0.0 {
-            bytes_per_s
-        } else {
-            0.0
-        };
-        // A tenth of a second of burst, at least one chunk frame.
-        let burst = (rate / 10.0).max(80.0 * 1024.0);
+        let rate = sane(bytes_per_s);
+        let burst = burst_of(rate);
         Bucket {
-            rate,
-            burst,
-            state: Mutex::new((burst, Instant::now())),
+            state: Mutex::new(State {
+                rate,
+                burst,
+                tokens: burst,
+                last: Instant::now(),
+            }),
         }
     }
 
-    pub fn unlimited(&self) -> bool {
-        self.rate == 0.0
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Change the rate (bytes/s; 0 = no limit) from now on.
+    pub fn set_rate(&self, bytes_per_s: f64) {
+        let mut s = self.lock();
+        s.rate = sane(bytes_per_s);
+        s.burst = burst_of(s.rate);
+        s.tokens = s.tokens.min(s.burst);
+        s.last = Instant::now();
+    }
+
+    #[cfg(test)]
+    pub fn rate(&self) -> f64 {
+        self.lock().rate
     }
 
     /// Take up to `want` bytes now; `Err(wait)` if none are available yet.
     pub fn take(&self, want: usize, now: Instant) -> Result<usize, Duration> {
-        if self.unlimited() {
+        let mut s = self.lock();
+        if s.rate == 0.0 {
             return Ok(want);
         }
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (tokens, last) = *s;
-        let tokens = (tokens + now.saturating_duration_since(last).as_secs_f64() * self.rate)
-            .min(self.burst);
-        if tokens < 1.0 {
-            *s = (tokens, now);
-            let need = (want as f64).min(self.burst / 2.0) - tokens;
-            return Err(Duration::from_secs_f64(need.max(1.0) / self.rate));
+        let tokens =
+            (s.tokens + now.saturating_duration_since(s.last).as_secs_f64() * s.rate).min(s.burst);
+        s.last = now;
+        // Grant a useful amount or nothing: handing out the trickle that accumulated since
+        // the last call (a few bytes per microsecond) turns one large write into thousands
+        // of tiny ones, and their per-call cost, not the limit, then sets the rate.
+        let need = (want as f64).min(s.burst / 2.0).clamp(1.0, QUANTUM);
+        if tokens < need {
+            s.tokens = tokens;
+            return Err(Duration::from_secs_f64((need - tokens) / s.rate));
         }
         let n = (tokens as usize).min(want);
-        *s = (tokens - n as f64, now);
+        s.tokens = tokens - n as f64;
         Ok(n)
     }
 
     /// Give back what was taken but not written.
     pub fn refund(&self, n: usize) {
-        if self.unlimited() || n == 0 {
+        let mut s = self.lock();
+        if s.rate == 0.0 || n == 0 {
             return;
         }
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.0 = (s.0 + n as f64).min(self.burst);
+        s.tokens = (s.tokens + n as f64).min(s.burst);
     }
 }
 
@@ -138,6 +176,35 @@ mod tests {
         let later = b.take(10_000_000, t0 + Duration::from_millis(50)).unwrap();
         assert!((49_000..=51_000).contains(&later), "{later}");
         assert!(Bucket::new(0.0).take(usize::MAX, t0).is_ok());
+    }
+
+    #[test]
+    fn large_writes_get_useful_grants_not_a_trickle() {
+        let b = Bucket::new(5_000_000.0);
+        let t0 = Instant::now();
+        assert!(b.take(10_000_000, t0).is_ok()); // the burst
+                                                 // 1 µs later about 5 bytes accumulated: wait for a quantum instead.
+        let wait = b.take(65536, t0 + Duration::from_micros(1)).unwrap_err();
+        assert!(wait >= Duration::from_millis(3), "{wait:?}");
+        let n = b.take(65536, t0 + Duration::from_millis(4)).unwrap();
+        assert!(n >= 16 * 1024, "{n}");
+        // Small writes still go through as soon as their bytes are there.
+        assert!(b.take(50, t0 + Duration::from_millis(5)).is_ok());
+    }
+
+    #[test]
+    fn the_rate_changes_while_in_use() {
+        let b = Bucket::new(0.0);
+        let t0 = Instant::now();
+        assert_eq!(b.take(5_000_000, t0), Ok(5_000_000));
+        b.set_rate(1_000_000.0);
+        assert_eq!(b.rate(), 1_000_000.0);
+        let t1 = Instant::now();
+        let first = b.take(10_000_000, t1).unwrap();
+        assert!(first <= 100_000, "{first}");
+        assert!(b.take(200_000, t1).is_err());
+        b.set_rate(0.0);
+        assert_eq!(b.take(7, t1), Ok(7));
     }
 
     #[tokio::test]

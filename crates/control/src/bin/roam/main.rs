@@ -65,6 +65,9 @@ enum HostCmd {
     },
     /// Show name, key, listen address, accelerator, counts.
     Info,
+    /// The host's event log: migrations, replicas, stale copies, split brains, forced
+    /// primaries (one JSON object per line).
+    Log,
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +82,9 @@ enum PeerCmd {
     List,
     /// Stop trusting a peer.
     Remove { name: String },
+    /// Cap what this host sends to PEER (background replication; migrations unless they
+    /// set --bandwidth-limit), in Mbit/s; 0 or "none" removes the cap.
+    SetLimit { name: String, mbit: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -112,6 +118,14 @@ enum VmCmd {
     Delete { name: String },
     /// List VMs.
     List,
+    /// Make this host's copy the VM's only primary, above every generation known:
+    /// other copies become stale (kept, never merged). Logged. Resolves a split brain.
+    ForcePrimary {
+        name: String,
+        /// Do it without asking.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -180,6 +194,12 @@ async fn run(cli: Cli) -> Result<Done, CliError> {
             let info = client.host_info().await?;
             output::emit(json, &info, || output::host_info(&info))
         }
+        Cmd::Host(HostCmd::Log) => {
+            let events = client.host_log().await?;
+            output::emit(json, &events, || {
+                events.iter().map(|e| format!("{e}\n")).collect::<String>()
+            })
+        }
         Cmd::Peer(PeerCmd::Add { name, addr, key }) => {
             let p = client.peer_add(&PeerAdd { name, addr, key }).await?;
             output::emit(json, &p, || {
@@ -189,6 +209,21 @@ async fn run(cli: Cli) -> Result<Done, CliError> {
         Cmd::Peer(PeerCmd::List) => {
             let peers = client.peer_list().await?;
             output::emit(json, &peers, || output::peer_table(&peers))
+        }
+        Cmd::Peer(PeerCmd::SetLimit { name, mbit }) => {
+            let mbit = match mbit.trim().to_ascii_lowercase().as_str() {
+                "none" | "0" => None,
+                m => Some(m.parse::<u32>().map_err(|_| {
+                    CliError::Usage(format!(
+                        "bad MBIT '{mbit}': expected a whole number of Mbit/s, 0 or none"
+                    ))
+                })?),
+            };
+            let p = client.peer_set_limit(&name, mbit).await?;
+            output::emit(json, &p, || match p.rate_limit_mbit {
+                Some(m) => format!("peer {} limited to {m} Mbit/s\n", p.name),
+                None => format!("peer {} has no rate limit\n", p.name),
+            })
         }
         Cmd::Peer(PeerCmd::Remove { name }) => {
             client.peer_remove(&name).await?;
@@ -268,7 +303,55 @@ async fn vm(client: &Client, json: bool, cmd: VmCmd) -> Result<Done, CliError> {
             let vms = client.vm_list().await?;
             output::emit(json, &vms, || output::vm_table(&vms))
         }
+        VmCmd::ForcePrimary { name, yes } => {
+            if !yes && !confirm(&name)? {
+                return Err(CliError::Usage(
+                    "not confirmed (pass --yes to force without asking)".into(),
+                ));
+            }
+            let who = format!(
+                "{}@{} (uid {})",
+                std::env::var("SUDO_USER")
+                    .or_else(|_| std::env::var("USER"))
+                    .unwrap_or_else(|_| "?".into()),
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "?".into()),
+                std::fs::metadata("/proc/self")
+                    .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+                    .unwrap_or(u32::MAX),
+            );
+            let req = roam_control::api::ForcePrimary { by: Some(who) };
+            let v = client.vm_force_primary(&name, &req).await?;
+            output::emit(json, &v, || {
+                format!(
+                    "{} is primary here at generation {}; other copies are stale\n",
+                    v.name, v.generation
+                )
+            })
+        }
     }
+}
+
+/// Ask on the terminal; refuse when there is none to ask on.
+fn confirm(vm: &str) -> Result<bool, CliError> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::Usage(
+            "force-primary needs --yes when not run from a terminal".into(),
+        ));
+    }
+    eprint!(
+        "Make this host's copy of {vm} its only primary? Copies elsewhere become stale \
+         (kept, not merged). Type 'yes': "
+    );
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| CliError::Other(format!("reading the answer: {e}")))?;
+    Ok(line.trim() == "yes")
 }
 
 fn size_usage(flag: &str, value: &str) -> CliError {

@@ -88,9 +88,17 @@ pub fn peer_table(peers: &[PeerInfo]) -> String {
     }
     let rows: Vec<Vec<String>> = peers
         .iter()
-        .map(|p| vec![p.name.clone(), p.addr.clone(), p.key.clone()])
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                p.addr.clone(),
+                p.rate_limit_mbit
+                    .map_or_else(|| "-".to_string(), |m| format!("{m} Mbit/s")),
+                p.key.clone(),
+            ]
+        })
         .collect();
-    table(&["NAME", "ADDRESS", "KEY"], &rows)
+    table(&["NAME", "ADDRESS", "LIMIT", "KEY"], &rows)
 }
 
 pub fn replica_table(list: &[ReplicaInfo]) -> String {
@@ -137,7 +145,10 @@ pub fn vm_table(vms: &[VmInfo]) -> String {
         .map(|v| {
             vec![
                 v.name.clone(),
-                v.state.to_string(),
+                match &v.conflict {
+                    Some(c) => format!("{}/{}", v.state, c.kind()),
+                    None => v.state.to_string(),
+                },
                 v.host.clone(),
                 format_bytes(v.memory_mib << 20),
                 v.vcpus.to_string(),
@@ -176,10 +187,42 @@ pub fn vm_details(v: &VmInfo) -> String {
         ("generation", v.generation.to_string()),
         ("created", format!("{} UTC", format_unix_utc(v.created_at))),
     ];
+    if let Some(c) = &v.conflict {
+        rows.push(("conflict", conflict_line(c)));
+    }
     if let Some(n) = &v.net {
         rows.extend(net_rows(n));
     }
     pairs(&rows)
+}
+
+fn conflict_line(c: &roam_control::api::VmConflict) -> String {
+    use roam_control::api::VmConflict;
+    match c {
+        VmConflict::Stale {
+            owner,
+            owner_generation,
+            generation,
+            learned_from,
+            since_unix_ms,
+        } => format!(
+            "stale: '{owner}' owns generation {owner_generation} (this copy: {generation}); \
+             learnt from '{learned_from}' at {} UTC; this copy will not start \
+             (roam vm force-primary overrides)",
+            format_unix_utc(since_unix_ms / 1000)
+        ),
+        VmConflict::SplitBrain {
+            other_host,
+            other_generation,
+            generation,
+            since_unix_ms,
+        } => format!(
+            "split_brain: '{other_host}' is primary too (its generation {other_generation}, \
+             this copy {generation}), since {} UTC; replication between them stopped; \
+             resolve with roam vm force-primary on the host to keep",
+            format_unix_utc(since_unix_ms / 1000)
+        ),
+    }
 }
 
 fn net_rows(n: &roam_control::api::VmNetInfo) -> Vec<(&'static str, String)> {
