@@ -33,6 +33,7 @@ fn config(data_mib: u64, mbit: f64) -> LabConfig {
             mem_dirty_mib_s: 2,
             mem_working_set_mib: 8,
             disk_writes_per_s: 20,
+            ..Workload::default()
         },
         home_state_limit_mib: None,
         keep: std::env::var_os("ROAM_LAB_KEEP").is_some(),
