@@ -43,6 +43,9 @@ pub enum StreamKind {
     Disk = 3,
     /// Background replica synchronisation.
     Replication = 4,
+    /// Post-copy: chunks a guest request at the destination waits for, ahead of the
+    /// background disk copy.
+    DiskDemand = 5,
 }
 
 impl StreamKind {
@@ -53,6 +56,7 @@ impl StreamKind {
             2 => Some(Self::MigrationStream),
             3 => Some(Self::Disk),
             4 => Some(Self::Replication),
+            5 => Some(Self::DiskDemand),
             _ => None,
         }
     }
@@ -61,7 +65,9 @@ impl StreamKind {
     /// share the link fairly.
     fn priority(self) -> i32 {
         match self {
-            Self::Control => 1,
+            // A guest waits on every demanded chunk: ahead of bulk data, level with
+            // control (both are small and rare).
+            Self::Control | Self::DiskDemand => 1,
             _ => 0,
         }
     }

@@ -185,10 +185,24 @@ async fn main() -> anyhow::Result<()> {
                 let cfg = lab_config(&link, &vm, false);
                 migrations.push(roam_lab::bench::migration(label, cfg).await?);
             }
-            let checks = roam_lab::bench::checks(&nbd, &migrations);
+            let mut postcopy = Vec::new();
+            for (label, mbit, rtt, loss) in [("100 Mbit/s, 40 ms", 100.0, 40.0, 0.0)] {
+                eprintln!("roam-lab bench: post-copy migration over {label}, {loss}% loss");
+                let link = LinkArgs {
+                    bandwidth_mbit: mbit,
+                    rtt_ms: rtt,
+                    loss_pct: loss,
+                    jitter_ms: 0.0,
+                };
+                let cfg = lab_config(&link, &vm, false);
+                postcopy.push(roam_lab::bench::postcopy_migration(label, cfg).await?);
+            }
+            let mut checks = roam_lab::bench::checks(&nbd, &migrations);
+            checks.extend(roam_lab::bench::postcopy_checks(&postcopy));
             let report = roam_lab::bench::BenchReport {
                 nbd,
                 migrations,
+                postcopy,
                 checks,
             };
             if json {

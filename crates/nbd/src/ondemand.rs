@@ -37,8 +37,11 @@
 //! Before [`OnDemandBackend::activate`] the guest does not run here (its QEMU is held)
 //! and `install` may overwrite earlier installs (a chunk sent twice while the source's
 //! guest still ran). `activate(pending)` is the switchover: every chunk not in
-//! `pending` holds its final content; the pending ones become `Missing`. Guest I/O
-//! that arrives before activation waits for it.
+//! `pending` holds its final content; the pending ones become `Missing`. I/O before
+//! activation is not the guest's (its QEMU is held, `-S`) but QEMU's own, e.g. reading
+//! sector 0 while it realizes the disk device: it passes straight to the file, as it
+//! would on a pre-copy destination, and must not wait (QEMU's main loop would block on
+//! it, and the migration with it).
 //!
 //! When every chunk is present the back end is a pass-through (one atomic load).
 
@@ -178,11 +181,11 @@ impl Presence {
     }
 
     /// A read of `[offset, offset+len)`: the chunks to ask for now (moved to
-    /// `Requested`), and whether the read must wait. Before activation it always waits
-    /// and asks for nothing.
+    /// `Requested`), and whether the read must wait. Before activation it neither asks
+    /// nor waits (see the module doc).
     pub fn plan_read(&mut self, offset: u64, len: u64) -> (Vec<u64>, bool) {
         if !self.active {
-            return (Vec::new(), len > 0);
+            return (Vec::new(), false);
         }
         let mut request = Vec::new();
         let mut wait = false;
@@ -200,13 +203,11 @@ impl Presence {
         (request, wait)
     }
 
-    /// A write (or zeroing) of `[offset, offset+len)`. Before activation it waits
-    /// (`Fetch` with nothing to request).
+    /// A write (or zeroing) of `[offset, offset+len)`. Before activation: `Direct`
+    /// (not the guest's; see the module doc).
     pub fn plan_write(&mut self, offset: u64, len: u64) -> WritePlan {
         if !self.active {
-            return WritePlan::Fetch {
-                request: Vec::new(),
-            };
+            return WritePlan::Direct;
         }
         let end = offset + len;
         let mut request = Vec::new();

@@ -115,15 +115,16 @@ fn a_write_spanning_a_partial_and_a_whole_chunk_waits_for_the_partial_one() {
 }
 
 #[test]
-fn before_activation_installs_overwrite_and_everything_waits() {
+fn before_activation_installs_overwrite_and_qemu_io_passes_through() {
     let mut p = Presence::new(3 * 16 - 4, 16);
     assert_eq!(p.range(2), (32, 12), "the last chunk is short");
-    assert_eq!(p.plan_read(0, 1), (vec![], true));
     assert_eq!(
-        p.plan_write(0, 16),
-        WritePlan::Fetch { request: vec![] },
-        "the guest does not run here yet"
+        p.plan_read(0, 1),
+        (vec![], false),
+        "QEMU probing at start must not wait"
     );
+    assert_eq!(p.plan_write(0, 16), WritePlan::Direct);
+    assert_eq!(p.state(0), Some(ChunkState::Missing), "and changes nothing");
     p.installed(0);
     assert!(
         p.may_install(0),
