@@ -215,8 +215,8 @@ impl Dest {
                         }
                     }
                     StreamKind::DiskDemand => {
-                        if let Some((wants, sink)) = demand.take() {
-                            tokio::spawn(postcopy::demand_client(tx, rx, wants, sink));
+                        if let Some((wants, od)) = demand.take() {
+                            tokio::spawn(postcopy::demand_client(tx, rx, wants, od));
                         }
                     }
                     StreamKind::MigrationStream => {

@@ -373,11 +373,6 @@ pub struct SealOutcome {
     pub frames_received: u64,
 }
 
-/// A frame for the writer thread, and whether it came on the demand stream (post-copy:
-/// installed and hashed like the others, but not counted against the seal's count of
-/// background frames).
-pub type WriterItem = (DiskFrame, Vec<u8>, bool);
-
 impl SealOutcome {
     /// Post-copy's answer at the switchover: nothing is sealed yet, the guest may run
     /// (the seal comes when the background copy is done).
@@ -404,7 +399,6 @@ pub struct DiskReceiver {
     ondemand: Option<Arc<roam_nbd::OnDemandBackend>>,
     /// Post-copy: told the number of pending chunks once `Switch` was applied.
     switched: Option<tokio::sync::oneshot::Sender<u64>>,
-    queue: (mpsc::Sender<WriterItem>, mpsc::Receiver<WriterItem>),
 }
 
 impl DiskReceiver {
@@ -416,7 +410,6 @@ impl DiskReceiver {
             counters: Arc::default(),
             ondemand: None,
             switched: None,
-            queue: mpsc::channel(32),
         }
     }
 
@@ -429,11 +422,6 @@ impl DiskReceiver {
         self.ondemand = Some(od);
         self.switched = Some(switched);
         self
-    }
-
-    /// Where the demand stream's frames go: into the same writer, in arrival order.
-    pub fn demand_sink(&self) -> mpsc::Sender<WriterItem> {
-        self.queue.0.clone()
     }
 
     /// The file already holds an older copy of this disk whose allocated chunks are
@@ -451,6 +439,7 @@ impl DiskReceiver {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        let (tx, mut rx) = mpsc::channel::<(DiskFrame, Vec<u8>)>(32);
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<[u8; HEADER_LEN]>();
         let acker = tokio::spawn(async move {
             while let Some(h) = ack_rx.recv().await {
@@ -469,7 +458,6 @@ impl DiskReceiver {
             counters,
             ondemand,
             mut switched,
-            queue: (tx, mut rx),
         } = self;
         let wcounters = counters.clone();
         let writer = tokio::task::spawn_blocking(move || -> Result<Option<SealOutcome>> {
@@ -478,7 +466,7 @@ impl DiskReceiver {
             let mut wants: Vec<u64> = Vec::new();
             let mut buf = vec![0u8; hashes.chunk_size() as usize];
             let mut pending: Vec<u64> = Vec::new();
-            while let Some((frame, body, demanded)) = rx.blocking_recv() {
+            while let Some((frame, body)) = rx.blocking_recv() {
                 if frame.kind == Kind::Pending {
                     let runs = roam_migrate::frame::decode_pending(&body, hashes.len())
                         .map_err(|e| Error::Disk(e.to_string()))?;
@@ -578,9 +566,6 @@ impl DiskReceiver {
                     hashes.set(frame.index, frame.hash);
                     wcounters.raw_bytes.fetch_add(len as u64, Ordering::Relaxed);
                 }
-                if demanded {
-                    continue;
-                }
                 received += 1;
                 wcounters.chunks.fetch_add(1, Ordering::Relaxed);
             }
@@ -601,7 +586,7 @@ impl DiskReceiver {
                     .stream_bytes
                     .fetch_add((HEADER_LEN + body.len()) as u64, Ordering::Relaxed);
                 let seal = frame.kind == Kind::Seal;
-                if tx.send((frame, body, false)).await.is_err() {
+                if tx.send((frame, body)).await.is_err() {
                     return Ok(()); // the writer stopped; its error is the one to report
                 }
                 if seal {

@@ -34,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use super::disk::{allocated_chunks, DiskReceiver, DiskSender, SealOutcome, WriterItem};
+use super::disk::{allocated_chunks, DiskReceiver, DiskSender, SealOutcome};
 use crate::error::{Error, Result};
 use crate::runtime::RunningVm;
 
@@ -186,13 +186,16 @@ where
     }
 }
 
-/// Destination: carry the back end's requests to the source as `Want` frames, and the
-/// answers into the disk writer (which installs them and wakes the waiting reads).
+/// Destination: carry the back end's requests to the source as `Want` frames, and
+/// install the answers at once (waking the waiting reads). They do not queue behind the
+/// background copy's writer: the background copy carries every pending chunk too, and
+/// its frames are the ones the seal's digest counts, so a demanded chunk needs no
+/// bookkeeping beyond its own hash check.
 pub async fn demand_client<W, R>(
     mut tx: W,
     mut rx: R,
     mut wants: mpsc::UnboundedReceiver<u64>,
-    sink: mpsc::Sender<WriterItem>,
+    od: Arc<OnDemandBackend>,
 ) where
     W: AsyncWrite + Unpin,
     R: AsyncRead + Unpin,
@@ -239,8 +242,28 @@ pub async fn demand_client<W, R>(
             if rx.read_exact(&mut body).await.is_err() {
                 return;
             }
-            if sink.send((f, body, true)).await.is_err() {
-                return; // the writer is done: the disk is complete
+            let od = od.clone();
+            let installed = tokio::task::spawn_blocking(move || -> Result<()> {
+                if f.kind == Kind::Zero {
+                    od.install_zero(f.index)
+                        .map_err(|e| Error::io("install demanded chunk", e))?;
+                } else {
+                    let data = f
+                        .decode_body(&body)
+                        .map_err(|e| Error::Disk(e.to_string()))?;
+                    od.install(f.index, &data)
+                        .map_err(|e| Error::io("install demanded chunk", e))?;
+                }
+                Ok(())
+            })
+            .await;
+            match installed {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!("demand stream: {e}; closing it");
+                    return;
+                }
+                Err(_) => return,
             }
         }
     };
@@ -340,7 +363,7 @@ impl DestPostcopy {
         rt: &Arc<RunningVm>,
     ) -> Result<(
         DiskReceiver,
-        (mpsc::UnboundedReceiver<u64>, mpsc::Sender<WriterItem>),
+        (mpsc::UnboundedReceiver<u64>, Arc<OnDemandBackend>),
     )> {
         let od = self.od().ok_or_else(|| {
             Error::Disk("post-copy: the on-demand back end is not serving".into())
@@ -353,9 +376,8 @@ impl DestPostcopy {
         self.switched = Some(rx);
         self.conn = Some(conn.clone());
         self.rt = Some(rt.clone());
-        let receiver = receiver.with_ondemand(od, tx);
-        let sink = receiver.demand_sink();
-        Ok((receiver, (wants, sink)))
+        let receiver = receiver.with_ondemand(od.clone(), tx);
+        Ok((receiver, (wants, od)))
     }
 
     /// Wait for the source's `Switch` (the guest is paused there and the back end knows
@@ -480,7 +502,6 @@ mod tests {
         ));
         let (sw_tx, sw_rx) = oneshot::channel();
         let receiver = DiskReceiver::new(dfile.clone(), size, cs).with_ondemand(od.clone(), sw_tx);
-        let sink = receiver.demand_sink();
 
         // Background stream and demand stream, each a pair of pipes.
         let (a, b) = tokio::io::duplex(1 << 20);
@@ -498,7 +519,7 @@ mod tests {
             d_src_r,
             Arc::default(),
         ));
-        tokio::spawn(demand_client(d_dst_w, d_dst_r, wants, sink));
+        tokio::spawn(demand_client(d_dst_w, d_dst_r, wants, od.clone()));
 
         // Before the switch chunk 3 was sent (final) and chunk 10 sent, then rewritten.
         let mut sender = DiskSender::new(sfile.clone(), size, cs, 3);

@@ -646,19 +646,26 @@ impl Source {
         // window (several bandwidth-delay products of any link roam expects).
         conn.set_send_window(POSTCOPY_PROBE_WINDOW);
         let t0 = Instant::now();
-        let before = conn.stats().tx_bytes;
+        // The rate is taken over the probe's second half: the first is slow start.
+        let mut mark: Option<(Instant, u64)> = None;
         for slice in bulk.chunks(32) {
             sender.send(disk_tx, slice.to_vec(), true).await?;
             sent.extend_from_slice(slice);
+            if mark.is_none() && t0.elapsed() >= POSTCOPY_PROBE / 2 {
+                mark = Some((Instant::now(), conn.stats().tx_bytes));
+            }
             if t0.elapsed() >= POSTCOPY_PROBE {
                 break;
             }
         }
         sender.sync(disk_tx, disk_rx).await?;
-        let took = t0.elapsed().as_secs_f64();
         let rtt_ms = conn.stats().rtt.as_millis() as u64;
-        let rate = if took > 0.5 {
-            conn.stats().tx_bytes.saturating_sub(before) as f64 / took
+        let measured = mark.and_then(|(t, b)| {
+            let s = t.elapsed().as_secs_f64();
+            (s > 0.3).then(|| conn.stats().tx_bytes.saturating_sub(b) as f64 / s)
+        });
+        let rate = if let Some(r) = measured {
+            r
         } else {
             conn.stats()
                 .bandwidth_estimate_bytes_per_s()
