@@ -80,14 +80,18 @@ enum Cmd {
         #[command(flatten)]
         vm: VmArgs,
     },
-    /// roam's figures beside their baselines, in one run: NBD against qemu-nbd, and the
-    /// demo migration at 100 Mbit/s / 40 ms and at 1 Gbit/s / 10 ms.
+    /// roam's figures beside their baselines, in one run: NBD against qemu-nbd, the
+    /// demo migration at 100 Mbit/s / 40 ms and at 1 Gbit/s / 10 ms, and a post-copy
+    /// move at 100 Mbit/s / 40 ms.
     Bench {
         #[command(flatten)]
         vm: VmArgs,
         /// Fewer NBD rounds (for a quick look, not for the record).
         #[arg(long)]
         quick: bool,
+        /// Only the post-copy row (issue #3, benchmark 3).
+        #[arg(long)]
+        postcopy_only: bool,
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
@@ -167,14 +171,28 @@ async fn main() -> anyhow::Result<()> {
             lab.shutdown().await;
             Ok(())
         }
-        Cmd::Bench { vm, quick, json } => {
-            eprintln!("roam-lab bench: NBD, roam against qemu-nbd");
-            let nbd = roam_lab::bench::nbd_bench(quick)?;
+        Cmd::Bench {
+            vm,
+            quick,
+            postcopy_only,
+            json,
+        } => {
+            let nbd = if postcopy_only {
+                serde_json::Value::Null
+            } else {
+                eprintln!("roam-lab bench: NBD, roam against qemu-nbd");
+                roam_lab::bench::nbd_bench(quick)?
+            };
             let mut migrations = Vec::new();
-            for (label, mbit, rtt, loss) in [
-                ("100 Mbit/s, 40 ms", 100.0, 40.0, 0.1),
-                ("1 Gbit/s, 10 ms", 1000.0, 10.0, 0.0),
-            ] {
+            let precopy_rows: &[(&str, f64, f64, f64)] = if postcopy_only {
+                &[]
+            } else {
+                &[
+                    ("100 Mbit/s, 40 ms", 100.0, 40.0, 0.1),
+                    ("1 Gbit/s, 10 ms", 1000.0, 10.0, 0.0),
+                ]
+            };
+            for &(label, mbit, rtt, loss) in precopy_rows {
                 eprintln!("roam-lab bench: migration over {label}, {loss}% loss");
                 let link = LinkArgs {
                     bandwidth_mbit: mbit,

@@ -134,3 +134,65 @@ async fn postcopy_runs_at_destination_before_the_disk_arrives_and_loses_nothing(
     no_debris(&lab, "home", &["desk"]).await;
     lab.shutdown().await;
 }
+
+/// The link dies after the guest resumed at the destination, with chunks still missing.
+/// Neither host may run the guest then: the destination pauses it (its writes stay in
+/// its disk file), the source keeps its own copy paused (it may be running elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_link_cut_after_the_switch_pauses_the_guest_everywhere() {
+    let mut cfg = config();
+    // Slower, so that plenty is still missing when the link goes.
+    cfg.link.bandwidth_mbit = 50.0;
+    let lab = Lab::start(cfg).await.unwrap();
+    lab.create_vm("office", "desk").await.unwrap();
+    lab.start_workload("office", "desk").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let wan = lab.wan.as_ref().unwrap();
+    let req = MigrateRequest {
+        vm: "desk".into(),
+        to: "home".into(),
+        postcopy: true,
+        bandwidth_limit_mbit: None,
+    };
+    let cut = std::sync::atomic::AtomicBool::new(false);
+    let r = lab
+        .host("office")
+        .client
+        .migrate(&req, |p| {
+            if p.phase == Phase::Verify && !cut.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                wan.set_outage(true);
+            }
+        })
+        .await
+        .unwrap();
+    assert!(
+        cut.load(std::sync::atomic::Ordering::SeqCst),
+        "the link was never cut"
+    );
+    eprintln!("abort reason: {:?}", r.error);
+    assert_eq!(r.outcome, Outcome::Aborted);
+    assert!(
+        r.postcopy
+            .as_ref()
+            .is_some_and(|p| p.chunks_pending_at_resume > 0),
+        "{r:?}"
+    );
+    // The destination noticed (idle timeout) and paused the guest; the source never
+    // resumed it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !heartbeats_flow(&lab, "home", "desk").await,
+        "guest runs at home on a partial disk"
+    );
+    assert!(
+        !heartbeats_flow(&lab, "office", "desk").await,
+        "guest resumed at office too"
+    );
+    assert_eq!(
+        lab.qemu_processes("home").len(),
+        1,
+        "home keeps the paused VM"
+    );
+    wan.set_outage(false);
+    lab.shutdown().await;
+}

@@ -263,6 +263,13 @@ impl Presence {
         }
     }
 
+    /// How many chunks of `[offset, offset+len)` are not present.
+    pub fn absent(&self, offset: u64, len: u64) -> u64 {
+        self.touched(offset, len)
+            .filter(|&c| !self.states[c as usize].present())
+            .count() as u64
+    }
+
     /// Chunks of `[offset, offset+len)` that are present, as byte ranges clipped to
     /// the request (consecutive chunks merged): what a trim may pass down.
     pub fn present_ranges(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
@@ -293,6 +300,11 @@ pub struct OnDemandStats {
     /// Median and longest wait, milliseconds.
     pub wait_p50_ms: f64,
     pub wait_max_ms: f64,
+    /// Reads that waited for exactly one missing chunk, asked for by that read: the
+    /// latency of "a guest read of a missing block" (benchmark 3).
+    pub single_waits: u64,
+    pub single_wait_p50_ms: f64,
+    pub single_wait_max_ms: f64,
     /// Chunks still missing.
     pub missing: u64,
     /// Source chunks dropped because the guest had written the chunk already.
@@ -305,6 +317,7 @@ const MAX_WAIT_SAMPLES: usize = 65_536;
 struct Shared {
     p: Presence,
     waits_us: Vec<u64>,
+    single_us: Vec<u64>,
     abandoned: bool,
 }
 
@@ -343,6 +356,7 @@ impl OnDemandBackend {
             state: Mutex::new(Shared {
                 p,
                 waits_us: Vec::new(),
+                single_us: Vec::new(),
                 abandoned: false,
             }),
             arrived: Condvar::new(),
@@ -433,14 +447,23 @@ impl OnDemandBackend {
 
     pub fn stats(&self) -> OnDemandStats {
         let s = self.lock();
-        let mut w = s.waits_us.clone();
-        w.sort_unstable();
+        let sorted = |v: &Vec<u64>| {
+            let mut v = v.clone();
+            v.sort_unstable();
+            v
+        };
+        let (w, one) = (sorted(&s.waits_us), sorted(&s.single_us));
         let ms = |us: u64| us as f64 / 1000.0;
+        let p50 = |v: &Vec<u64>| v.get(v.len() / 2).copied().map(ms).unwrap_or(0.0);
+        let max = |v: &Vec<u64>| v.last().copied().map(ms).unwrap_or(0.0);
         OnDemandStats {
             demand_fetches: self.demand_fetches.load(Ordering::Relaxed),
             waits: w.len() as u64,
-            wait_p50_ms: w.get(w.len() / 2).copied().map(ms).unwrap_or(0.0),
-            wait_max_ms: w.last().copied().map(ms).unwrap_or(0.0),
+            wait_p50_ms: p50(&w),
+            wait_max_ms: max(&w),
+            single_waits: one.len() as u64,
+            single_wait_p50_ms: p50(&one),
+            single_wait_max_ms: max(&one),
             missing: s.p.missing,
             superseded: self.superseded.load(Ordering::Relaxed),
         }
@@ -467,11 +490,20 @@ impl OnDemandBackend {
     }
 
     fn record_wait(&self, s: &mut Shared, since: Option<Instant>) {
+        self.record(s, since, false);
+    }
+
+    fn record(&self, s: &mut Shared, since: Option<Instant>, single: bool) {
         if let Some(t) = since {
-            if s.waits_us.len() >= MAX_WAIT_SAMPLES {
-                s.waits_us.remove(0);
+            let us = t.elapsed().as_micros() as u64;
+            for (v, on) in [(&mut s.waits_us, true), (&mut s.single_us, single)] {
+                if on {
+                    if v.len() >= MAX_WAIT_SAMPLES {
+                        v.remove(0);
+                    }
+                    v.push(us);
+                }
             }
-            s.waits_us.push(t.elapsed().as_micros() as u64);
         }
     }
 
@@ -528,12 +560,15 @@ impl Backend for OnDemandBackend {
         }
         let mut s = self.lock();
         let mut since = None;
+        let mut single = None;
         loop {
+            let absent = s.p.absent(offset, buf.len() as u64);
             let (request, wait) = s.p.plan_read(offset, buf.len() as u64);
             if !wait {
-                self.record_wait(&mut s, since);
+                self.record(&mut s, since, single.unwrap_or(false));
                 break;
             }
+            single.get_or_insert(absent == 1 && request.len() == 1);
             since.get_or_insert_with(Instant::now);
             if !request.is_empty() {
                 drop(s);
