@@ -431,12 +431,12 @@ pub struct PostcopyStats {
     pub demand_waits: u64,
     pub demand_fetch_p50_ms: f64,
     pub demand_fetch_max_ms: f64,
-    /// Reads that waited for exactly one missing chunk (the latency of a guest read of
-    /// a missing block): median and longest, ms.
+    /// Per chunk fetched on demand, from the guest request that asked for it to its
+    /// arrival (what a guest read of that one missing block waits): median, longest, ms.
     #[serde(default)]
-    pub missing_block_read_p50_ms: f64,
+    pub block_fetch_p50_ms: f64,
     #[serde(default)]
-    pub missing_block_read_max_ms: f64,
+    pub block_fetch_max_ms: f64,
     /// Chunks from the source dropped because the guest had rewritten them already.
     pub chunks_superseded: u64,
     /// Bytes of chunks sent on demand (frames, compressed).

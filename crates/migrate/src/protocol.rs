@@ -166,11 +166,11 @@ pub enum Msg {
         waits: u64,
         wait_p50_ms: f64,
         wait_max_ms: f64,
-        /// Reads that waited for exactly one missing chunk: median and longest (ms).
+        /// Per demanded chunk, request to arrival: median and longest (ms).
         #[serde(default)]
-        single_wait_p50_ms: f64,
+        fetch_p50_ms: f64,
         #[serde(default)]
-        single_wait_max_ms: f64,
+        fetch_max_ms: f64,
         /// Source chunks dropped because the guest had already rewritten them here.
         superseded: u64,
         detail: Option<String>,

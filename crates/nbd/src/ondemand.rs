@@ -263,13 +263,6 @@ impl Presence {
         }
     }
 
-    /// How many chunks of `[offset, offset+len)` are not present.
-    pub fn absent(&self, offset: u64, len: u64) -> u64 {
-        self.touched(offset, len)
-            .filter(|&c| !self.states[c as usize].present())
-            .count() as u64
-    }
-
     /// Chunks of `[offset, offset+len)` that are present, as byte ranges clipped to
     /// the request (consecutive chunks merged): what a trim may pass down.
     pub fn present_ranges(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
@@ -300,11 +293,11 @@ pub struct OnDemandStats {
     /// Median and longest wait, milliseconds.
     pub wait_p50_ms: f64,
     pub wait_max_ms: f64,
-    /// Reads that waited for exactly one missing chunk, asked for by that read: the
-    /// latency of "a guest read of a missing block" (benchmark 3).
-    pub single_waits: u64,
-    pub single_wait_p50_ms: f64,
-    pub single_wait_max_ms: f64,
+    /// Per demanded chunk, from the request to its arrival (whichever stream brought
+    /// it): what a guest read of that one missing block waits (benchmark 3).
+    pub fetches_timed: u64,
+    pub fetch_p50_ms: f64,
+    pub fetch_max_ms: f64,
     /// Chunks still missing.
     pub missing: u64,
     /// Source chunks dropped because the guest had written the chunk already.
@@ -317,7 +310,8 @@ const MAX_WAIT_SAMPLES: usize = 65_536;
 struct Shared {
     p: Presence,
     waits_us: Vec<u64>,
-    single_us: Vec<u64>,
+    fetch_us: Vec<u64>,
+    requested_at: std::collections::HashMap<u64, Instant>,
     abandoned: bool,
 }
 
@@ -341,6 +335,27 @@ impl std::fmt::Debug for OnDemandBackend {
     }
 }
 
+fn push_sample(v: &mut Vec<u64>, since: Instant) {
+    if v.len() >= MAX_WAIT_SAMPLES {
+        v.remove(0);
+    }
+    v.push(since.elapsed().as_micros() as u64);
+}
+
+fn note_requested(s: &mut Shared, chunks: &[u64]) {
+    let now = Instant::now();
+    for &c in chunks {
+        s.requested_at.insert(c, now);
+    }
+}
+
+/// A requested chunk arrived: time its fetch.
+fn note_arrived(s: &mut Shared, idx: u64) {
+    if let Some(t) = s.requested_at.remove(&idx) {
+        push_sample(&mut s.fetch_us, t);
+    }
+}
+
 fn abandoned_err() -> io::Error {
     io::Error::other("post-copy disk abandoned: the missing chunk will not arrive")
 }
@@ -356,7 +371,8 @@ impl OnDemandBackend {
             state: Mutex::new(Shared {
                 p,
                 waits_us: Vec::new(),
-                single_us: Vec::new(),
+                fetch_us: Vec::new(),
+                requested_at: Default::default(),
                 abandoned: false,
             }),
             arrived: Condvar::new(),
@@ -405,6 +421,7 @@ impl OnDemandBackend {
         // Written while holding the lock: a guest write to this chunk waits for us.
         self.inner.write_at(data, off, false)?;
         s.p.installed(idx);
+        note_arrived(&mut s, idx);
         self.update_complete(&s);
         drop(s);
         self.arrived.notify_all();
@@ -423,6 +440,7 @@ impl OnDemandBackend {
         let (off, len) = s.p.range(idx);
         self.inner.write_zeroes(off, len, true, false)?;
         s.p.installed(idx);
+        note_arrived(&mut s, idx);
         self.update_complete(&s);
         drop(s);
         self.arrived.notify_all();
@@ -452,7 +470,7 @@ impl OnDemandBackend {
             v.sort_unstable();
             v
         };
-        let (w, one) = (sorted(&s.waits_us), sorted(&s.single_us));
+        let (w, one) = (sorted(&s.waits_us), sorted(&s.fetch_us));
         let ms = |us: u64| us as f64 / 1000.0;
         let p50 = |v: &Vec<u64>| v.get(v.len() / 2).copied().map(ms).unwrap_or(0.0);
         let max = |v: &Vec<u64>| v.last().copied().map(ms).unwrap_or(0.0);
@@ -461,9 +479,9 @@ impl OnDemandBackend {
             waits: w.len() as u64,
             wait_p50_ms: p50(&w),
             wait_max_ms: max(&w),
-            single_waits: one.len() as u64,
-            single_wait_p50_ms: p50(&one),
-            single_wait_max_ms: max(&one),
+            fetches_timed: one.len() as u64,
+            fetch_p50_ms: p50(&one),
+            fetch_max_ms: max(&one),
             missing: s.p.missing,
             superseded: self.superseded.load(Ordering::Relaxed),
         }
@@ -490,20 +508,8 @@ impl OnDemandBackend {
     }
 
     fn record_wait(&self, s: &mut Shared, since: Option<Instant>) {
-        self.record(s, since, false);
-    }
-
-    fn record(&self, s: &mut Shared, since: Option<Instant>, single: bool) {
         if let Some(t) = since {
-            let us = t.elapsed().as_micros() as u64;
-            for (v, on) in [(&mut s.waits_us, true), (&mut s.single_us, single)] {
-                if on {
-                    if v.len() >= MAX_WAIT_SAMPLES {
-                        v.remove(0);
-                    }
-                    v.push(us);
-                }
-            }
+            push_sample(&mut s.waits_us, t);
         }
     }
 
@@ -527,12 +533,16 @@ impl OnDemandBackend {
                     // between our write and the mark.
                     op()?;
                     s.p.mark_written(&mark);
+                    for c in &mark {
+                        s.requested_at.remove(c);
+                    }
                     self.update_complete(&s);
                     drop(s);
                     self.arrived.notify_all();
                     return Ok(());
                 }
                 WritePlan::Fetch { request } => {
+                    note_requested(&mut s, &request);
                     since.get_or_insert_with(Instant::now);
                     if !request.is_empty() {
                         // Never call out with the lock held; plan again after, since
@@ -560,15 +570,13 @@ impl Backend for OnDemandBackend {
         }
         let mut s = self.lock();
         let mut since = None;
-        let mut single = None;
         loop {
-            let absent = s.p.absent(offset, buf.len() as u64);
             let (request, wait) = s.p.plan_read(offset, buf.len() as u64);
             if !wait {
-                self.record(&mut s, since, single.unwrap_or(false));
+                self.record_wait(&mut s, since);
                 break;
             }
-            single.get_or_insert(absent == 1 && request.len() == 1);
+            note_requested(&mut s, &request);
             since.get_or_insert_with(Instant::now);
             if !request.is_empty() {
                 drop(s);

@@ -441,8 +441,8 @@ impl DestPostcopy {
                 waits: st.waits,
                 wait_p50_ms: st.wait_p50_ms,
                 wait_max_ms: st.wait_max_ms,
-                single_wait_p50_ms: st.single_wait_p50_ms,
-                single_wait_max_ms: st.single_wait_max_ms,
+                fetch_p50_ms: st.fetch_p50_ms,
+                fetch_max_ms: st.fetch_max_ms,
                 superseded: st.superseded,
                 detail: (!seal.ok).then(|| {
                     format!(

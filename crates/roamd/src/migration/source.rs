@@ -592,8 +592,8 @@ impl Source {
             waits,
             wait_p50_ms,
             wait_max_ms,
-            single_wait_p50_ms,
-            single_wait_max_ms,
+            fetch_p50_ms,
+            fetch_max_ms,
             superseded,
             detail,
         } = msg
@@ -605,8 +605,8 @@ impl Source {
         p.demand_waits = waits;
         p.demand_fetch_p50_ms = wait_p50_ms;
         p.demand_fetch_max_ms = wait_max_ms;
-        p.missing_block_read_p50_ms = single_wait_p50_ms;
-        p.missing_block_read_max_ms = single_wait_max_ms;
+        p.block_fetch_p50_ms = fetch_p50_ms;
+        p.block_fetch_max_ms = fetch_max_ms;
         p.chunks_superseded = superseded;
         p.demand_bytes = self.demand_bytes.load(std::sync::atomic::Ordering::Relaxed);
         p.disk_complete_ms = self.meter.elapsed_ms();
