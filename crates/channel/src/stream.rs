@@ -43,6 +43,9 @@ pub enum StreamKind {
     Disk = 3,
     /// Background replica synchronisation.
     Replication = 4,
+    /// Post-copy: chunks a guest request at the destination waits for, ahead of the
+    /// background disk copy.
+    DiskDemand = 5,
 }
 
 impl StreamKind {
@@ -53,16 +56,20 @@ impl StreamKind {
             2 => Some(Self::MigrationStream),
             3 => Some(Self::Disk),
             4 => Some(Self::Replication),
+            5 => Some(Self::DiskDemand),
             _ => None,
         }
     }
 
-    /// QUIC send priority within one connection: control messages first, then a
-    /// migration's streams, then background replication last (migration > on-demand
-    /// fetch > replication; −1 is left for on-demand fetch streams).
+    /// QUIC send priority within one connection: control messages and chunks a guest
+    /// is blocked on (post-copy demand) first, then a migration's streams, then a
+    /// post-copy's background copy (−1, set on that stream), then background
+    /// replication last.
     fn priority(self) -> i32 {
         match self {
-            Self::Control => 1,
+            // A guest waits on every demanded chunk: ahead of bulk data, level with
+            // control (both are small and rare).
+            Self::Control | Self::DiskDemand => 1,
             Self::Replication => -2,
             _ => 0,
         }

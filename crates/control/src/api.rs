@@ -284,6 +284,9 @@ pub enum Phase {
     Switchover,
     /// Checking the guest runs at the destination.
     Verify,
+    /// Post-copy: the guest runs at the destination; the rest of its disk follows in
+    /// the background (and on demand).
+    DiskPostcopy,
     /// Releasing the source.
     Cleanup,
     /// Finished successfully.
@@ -294,13 +297,14 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in order.
-    pub const ALL: [Phase; 9] = [
+    pub const ALL: [Phase; 10] = [
         Phase::Connect,
         Phase::DiskBulk,
         Phase::DiskIterate,
         Phase::Memory,
         Phase::Switchover,
         Phase::Verify,
+        Phase::DiskPostcopy,
         Phase::Cleanup,
         Phase::Done,
         Phase::Aborted,
@@ -315,6 +319,7 @@ impl Phase {
             Phase::Memory => "memory",
             Phase::Switchover => "switchover",
             Phase::Verify => "verify",
+            Phase::DiskPostcopy => "disk_postcopy",
             Phase::Cleanup => "cleanup",
             Phase::Done => "done",
             Phase::Aborted => "aborted",
@@ -470,6 +475,39 @@ pub struct MigrationResult {
     /// therefore did not cross the WAN; absent when it held none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunks_skipped: Option<u64>,
+    /// Post-copy storage (`--postcopy`): the switchover came before the disk was
+    /// complete; these figures say how far from complete and what the guest waited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyStats>,
+}
+
+/// What a post-copy migration's guest saw of its disk arriving after it resumed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PostcopyStats {
+    /// Chunks (64 KiB) the destination did not hold yet when the guest resumed there.
+    pub chunks_pending_at_resume: u64,
+    /// Chunks fetched on demand, ahead of the background copy, because a guest request
+    /// needed them.
+    pub demand_fetches: u64,
+    /// Guest requests that waited for a chunk, and how long (median, longest), measured
+    /// in the destination's NBD back end.
+    pub demand_waits: u64,
+    pub demand_fetch_p50_ms: f64,
+    pub demand_fetch_max_ms: f64,
+    /// Per chunk fetched on demand, from the guest request that asked for it to its
+    /// arrival (what a guest read of that one missing block waits): median, longest, ms.
+    #[serde(default)]
+    pub block_fetch_p50_ms: f64,
+    #[serde(default)]
+    pub block_fetch_max_ms: f64,
+    /// Chunks from the source dropped because the guest had rewritten them already.
+    pub chunks_superseded: u64,
+    /// Bytes of chunks sent on demand (frames, compressed).
+    pub demand_bytes: u64,
+    /// From the request to the guest running at the destination.
+    pub time_to_running_ms: u64,
+    /// From the request to the destination holding every chunk, digest checked.
+    pub disk_complete_ms: u64,
 }
 
 /// Where a background replica stands (`roam replica list`).

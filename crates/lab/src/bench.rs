@@ -6,11 +6,14 @@
 //! * Migration: the demo's busy VM moved over the emulated WAN at 100 Mbit/s / 40 ms and
 //!   at 1 Gbit/s / 10 ms; downtime and bytes on the wire against the bytes QEMU and the
 //!   disk copy really had to send.
+//! * Post-copy (issue #3, benchmark 3): time from the command to the VM running at the
+//!   destination, and how long a guest request waited for a missing chunk (measured in
+//!   the destination's NBD back end), against 2 × RTT + one chunk's transfer time.
 
 use std::process::Command;
 use std::time::Duration;
 
-use roam_control::api::{MigrationResult, Outcome};
+use roam_control::api::{MigrateRequest, MigrationResult, Outcome};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -37,13 +40,105 @@ pub struct MigrationFigures {
     pub wire_overhead: f64,
 }
 
+/// One post-copy move: when the guest ran at the destination, what a missing chunk
+/// cost a guest request there.
+#[derive(Debug, Clone, Serialize)]
+pub struct PostcopyFigures {
+    pub label: String,
+    pub bandwidth_mbit: f64,
+    pub rtt_ms: f64,
+    pub loss_pct: f64,
+    /// Command to guest running at the destination.
+    pub time_to_running_ms: u64,
+    /// Command to the destination holding every chunk.
+    pub disk_complete_ms: u64,
+    pub chunks_pending_at_resume: u64,
+    pub demand_fetches: u64,
+    pub demand_wait_p50_ms: f64,
+    pub demand_wait_max_ms: f64,
+    /// Per demanded chunk, request to arrival: the benchmark's figure.
+    pub block_fetch_p50_ms: f64,
+    pub block_fetch_max_ms: f64,
+    /// 2 × RTT + one 64 KiB chunk at the link rate.
+    pub target_ms: f64,
+    pub result: MigrationResult,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub nbd: Value,
     pub migrations: Vec<MigrationFigures>,
+    pub postcopy: Vec<PostcopyFigures>,
     /// HIP handover gap, ESP and base exchange ([`crate::bench_net`]).
     pub net: Option<crate::bench_net::NetFigures>,
     pub checks: Vec<Check>,
+}
+
+/// The demo VM moved with `--postcopy` over `cfg.link`.
+pub async fn postcopy_migration(label: &str, cfg: LabConfig) -> Result<PostcopyFigures, LabError> {
+    let link = cfg.link;
+    let lab = Lab::start(cfg).await?;
+    lab.create_vm("office", "desk").await?;
+    lab.start_workload("office", "desk").await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let req = MigrateRequest {
+        vm: "desk".into(),
+        to: "home".into(),
+        postcopy: true,
+        bandwidth_limit_mbit: None,
+    };
+    let result = lab.host("office").client.migrate(&req, |_| {}).await;
+    lab.shutdown().await;
+    let result = result?;
+    let pc = result.postcopy.clone().unwrap_or_default();
+    let chunk_ms = 65536.0 * 8.0 / (link.bandwidth_mbit * 1e6) * 1000.0;
+    Ok(PostcopyFigures {
+        label: label.to_string(),
+        bandwidth_mbit: link.bandwidth_mbit,
+        rtt_ms: link.rtt_ms,
+        loss_pct: link.loss_pct,
+        time_to_running_ms: pc.time_to_running_ms,
+        disk_complete_ms: pc.disk_complete_ms,
+        chunks_pending_at_resume: pc.chunks_pending_at_resume,
+        demand_fetches: pc.demand_fetches,
+        demand_wait_p50_ms: pc.demand_fetch_p50_ms,
+        demand_wait_max_ms: pc.demand_fetch_max_ms,
+        block_fetch_p50_ms: pc.block_fetch_p50_ms,
+        block_fetch_max_ms: pc.block_fetch_max_ms,
+        target_ms: 2.0 * link.rtt_ms + chunk_ms,
+        result,
+    })
+}
+
+/// The post-copy promises: completed without loss, the guest ran before the disk was
+/// complete, a missing chunk costs about a round trip.
+pub fn postcopy_checks(p: &[PostcopyFigures]) -> Vec<Check> {
+    let mut out = Vec::new();
+    for f in p {
+        let completed = f.result.outcome == Outcome::Completed;
+        out.push(Check {
+            name: format!("post-copy {}: 0 acknowledged writes lost", f.label),
+            measured: f.result.acked_writes_lost as f64,
+            target: "== 0".into(),
+            met: completed && f.result.acked_writes_lost == 0,
+        });
+        out.push(Check {
+            name: format!("post-copy {}: running before disk complete, ms", f.label),
+            measured: f.time_to_running_ms as f64,
+            target: format!("< {} (disk complete)", f.disk_complete_ms),
+            met: completed && f.time_to_running_ms < f.disk_complete_ms,
+        });
+        out.push(Check {
+            name: format!("post-copy {}: fetch of a missing block p50, ms", f.label),
+            measured: f.block_fetch_p50_ms,
+            target: format!("<= {:.1} (2 RTT + chunk)", f.target_ms),
+            met: completed
+                && f.demand_fetches > 0
+                && f.block_fetch_p50_ms > 0.0
+                && f.block_fetch_p50_ms <= f.target_ms,
+        });
+    }
+    out
 }
 
 /// Run `roam-nbd-bench --json` and return its object.
@@ -150,6 +245,36 @@ pub fn render(r: &BenchReport) -> String {
     }
     if !r.migrations.is_empty() {
         s.push_str(&migration_table(&r.migrations));
+    }
+    if !r.postcopy.is_empty() {
+        s.push_str(&format!(
+            "\n{:<22} {:>12} {:>13} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+            "post-copy",
+            "to running",
+            "disk complete",
+            "pending",
+            "demands",
+            "wait p50",
+            "wait max",
+            "fetch p50",
+            "fetch max",
+            "target"
+        ));
+        for p in &r.postcopy {
+            s.push_str(&format!(
+                "{:<22} {:>9} ms {:>10} ms {:>8} {:>8} {:>7.1} ms {:>7.1} ms {:>7.1} ms {:>7.1} ms {:>7.1} ms\n",
+                p.label,
+                p.time_to_running_ms,
+                p.disk_complete_ms,
+                p.chunks_pending_at_resume,
+                p.demand_fetches,
+                p.demand_wait_p50_ms,
+                p.demand_wait_max_ms,
+                p.block_fetch_p50_ms,
+                p.block_fetch_max_ms,
+                p.target_ms
+            ));
+        }
     }
     if let Some(n) = &r.net {
         s.push('\n');

@@ -91,7 +91,8 @@ enum Cmd {
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
-        /// Run only these parts (comma-separated): nbd, migration, net. Default: all.
+        /// Run only these parts (comma-separated): nbd, migration, postcopy, net.
+        /// Default: all.
         #[arg(long, value_delimiter = ',')]
         only: Vec<BenchPart>,
     },
@@ -102,6 +103,7 @@ enum Cmd {
 enum BenchPart {
     Nbd,
     Migration,
+    Postcopy,
     Net,
 }
 
@@ -212,6 +214,19 @@ async fn main() -> anyhow::Result<()> {
                 let cfg = lab_config(&link, &vm, false);
                 migrations.push(roam_lab::bench::migration(label, cfg).await?);
             }
+            let mut postcopy = Vec::new();
+            if run(BenchPart::Postcopy) {
+                let (label, mbit, rtt, loss) = ("100 Mbit/s, 40 ms", 100.0, 40.0, 0.0);
+                eprintln!("roam-lab bench: post-copy migration over {label}, {loss}% loss");
+                let link = LinkArgs {
+                    bandwidth_mbit: mbit,
+                    rtt_ms: rtt,
+                    loss_pct: loss,
+                    jitter_ms: 0.0,
+                };
+                let cfg = lab_config(&link, &vm, false);
+                postcopy.push(roam_lab::bench::postcopy_migration(label, cfg).await?);
+            }
             let net = if run(BenchPart::Net) {
                 eprintln!("roam-lab bench: user-space ESP and base exchange on loopback");
                 let esp =
@@ -225,12 +240,14 @@ async fn main() -> anyhow::Result<()> {
                 None
             };
             let mut checks = roam_lab::bench::checks(&nbd, &migrations);
+            checks.extend(roam_lab::bench::postcopy_checks(&postcopy));
             if let Some(n) = &net {
                 checks.extend(roam_lab::bench_net::checks(n));
             }
             let report = roam_lab::bench::BenchReport {
                 nbd,
                 migrations,
+                postcopy,
                 net,
                 checks,
             };

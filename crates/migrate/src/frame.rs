@@ -28,6 +28,18 @@
 //! Frames going back (destination → source, on the same stream) use the same header:
 //! `Sync` (acknowledgement, `index` = chunk frames written), `Want`, `WantEnd`.
 //!
+//! Post-copy (the guest resumes at the destination before the disk is complete):
+//!
+//! * `Pending` (source → destination): body = runs of chunks, 16 bytes each (first chunk,
+//!   count, both big-endian u64), `index` = number of runs: chunks whose content the
+//!   destination does not hold yet. Sent at the switchover, while the guest is paused.
+//! * `Switch` (source → destination): no body; `index` = chunk frames sent so far. The
+//!   pending list is complete: every other chunk the destination holds is final. The
+//!   guest may run there from now on; chunks keep coming, then a `Seal`.
+//! * On the separate `DiskDemand` stream the destination sends one `Want` per chunk a
+//!   guest request is waiting for, and the source answers with that chunk's
+//!   `Data`/`Raw`/`Zero` frame, ahead of the background copy.
+//!
 //! Lengths are checked against `MAX_CHUNK` before anything is allocated, and the hash of
 //! every decoded chunk is checked by the receiver against the bytes it will write.
 
@@ -51,6 +63,8 @@ pub enum Kind {
     Query = 7,
     Want = 8,
     WantEnd = 9,
+    Pending = 10,
+    Switch = 11,
 }
 
 impl Kind {
@@ -65,6 +79,8 @@ impl Kind {
             7 => Kind::Query,
             8 => Kind::Want,
             9 => Kind::WantEnd,
+            10 => Kind::Pending,
+            11 => Kind::Switch,
             _ => return None,
         })
     }
@@ -96,6 +112,8 @@ pub enum FrameError {
     Inconsistent { kind: Kind, raw: u32, body: u32 },
     #[error("disk frame: chunk {index} content does not match its hash")]
     HashMismatch { index: u64 },
+    #[error("disk frame: pending runs malformed or beyond the disk")]
+    BadPending,
     #[error("disk frame: chunk {index} does not decompress: {detail}")]
     Decompress { index: u64, detail: String },
 }
@@ -137,8 +155,14 @@ impl DiskFrame {
             Kind::Raw => body_len == raw_len,
             Kind::Zero => body_len == 0,
             Kind::Hash => body_len == 0,
-            Kind::Seal | Kind::Sync | Kind::Query | Kind::Want | Kind::WantEnd => {
+            Kind::Seal | Kind::Sync | Kind::Query | Kind::Want | Kind::WantEnd | Kind::Switch => {
                 body_len == 0 && raw_len == 0
+            }
+            Kind::Pending => {
+                raw_len == 0
+                    && body_len > 0
+                    && body_len <= MAX_CHUNK
+                    && (body_len as usize).is_multiple_of(PENDING_RUN_LEN)
             }
         };
         if !consistent {
@@ -245,6 +269,7 @@ impl DiskFrame {
                 }
             })?,
             Kind::Raw => body.to_vec(),
+            Kind::Pending | Kind::Switch => return Ok(body.to_vec()),
             Kind::Zero
             | Kind::Seal
             | Kind::Sync
@@ -258,6 +283,58 @@ impl DiskFrame {
         }
         Ok(data)
     }
+}
+
+/// Bytes of one run in a `Pending` body.
+pub const PENDING_RUN_LEN: usize = 16;
+
+/// `Pending` frames (header, body) listing `chunks` (sorted ascending) as runs.
+pub fn pending_frames(chunks: &[u64]) -> Vec<(DiskFrame, Vec<u8>)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &c in chunks {
+        match runs.last_mut() {
+            Some((s, n)) if *s + *n == c => *n += 1,
+            _ => runs.push((c, 1)),
+        }
+    }
+    let per_frame = MAX_CHUNK as usize / PENDING_RUN_LEN;
+    runs.chunks(per_frame)
+        .map(|rs| {
+            let mut body = Vec::with_capacity(rs.len() * PENDING_RUN_LEN);
+            for (s, n) in rs {
+                body.extend_from_slice(&s.to_be_bytes());
+                body.extend_from_slice(&n.to_be_bytes());
+            }
+            let f = DiskFrame {
+                kind: Kind::Pending,
+                index: rs.len() as u64,
+                raw_len: 0,
+                body_len: body.len() as u32,
+                hash: [0; 32],
+            };
+            (f, body)
+        })
+        .collect()
+}
+
+/// The runs of a `Pending` body, each checked to end within `chunks`.
+pub fn decode_pending(body: &[u8], chunks: u64) -> Result<Vec<(u64, u64)>, FrameError> {
+    if !body.len().is_multiple_of(PENDING_RUN_LEN) {
+        return Err(FrameError::BadPending);
+    }
+    body.chunks_exact(PENDING_RUN_LEN)
+        .map(|r| {
+            let mut a = [0u8; 8];
+            let mut b = [0u8; 8];
+            a.copy_from_slice(&r[..8]);
+            b.copy_from_slice(&r[8..]);
+            let (s, n) = (u64::from_be_bytes(a), u64::from_be_bytes(b));
+            match s.checked_add(n) {
+                Some(e) if e <= chunks && n > 0 => Ok((s, n)),
+                _ => Err(FrameError::BadPending),
+            }
+        })
+        .collect()
 }
 
 /// Upper bound of zstd's output for `len` input bytes (ZSTD_COMPRESSBOUND).
@@ -284,6 +361,21 @@ pub fn is_zero(data: &[u8]) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn pending_runs_round_trip_and_are_bounded() {
+        let chunks = [0, 1, 2, 7, 9, 10];
+        let frames = pending_frames(&chunks);
+        assert_eq!(frames.len(), 1);
+        let (f, body) = &frames[0];
+        let back = DiskFrame::decode_header(&f.encode_header()).unwrap();
+        assert_eq!(back.kind, Kind::Pending);
+        assert_eq!(back.index, 3);
+        let runs = decode_pending(body, 11).unwrap();
+        assert_eq!(runs, vec![(0, 3), (7, 1), (9, 2)]);
+        assert_eq!(decode_pending(body, 10), Err(FrameError::BadPending));
+        assert_eq!(decode_pending(&body[..15], 11), Err(FrameError::BadPending));
+    }
 
     #[test]
     fn zero_chunk_has_no_body() {

@@ -95,6 +95,10 @@ pub enum Msg {
         version: u16,
         source_host: String,
         vm: VmManifest,
+        /// Post-copy storage: the guest will resume at D before the disk is complete
+        /// (D starts from an empty disk and serves missing chunks on demand).
+        #[serde(default)]
+        postcopy: bool,
     },
     /// D → S: ready to receive the disk; QEMU started with `-incoming defer`.
     /// `base_chunks` > 0: D starts from an older copy of this disk holding that many
@@ -165,6 +169,26 @@ pub enum Msg {
     },
     /// D → S: ownership recorded.
     Committed,
+    /// D → S (post-copy): every chunk arrived and the digest of what the source sent
+    /// was compared with the source's `Seal`; with the on-demand figures for the result.
+    DiskComplete {
+        ok: bool,
+        root: String,
+        /// Chunks a guest request waited for, fetched ahead of the background copy.
+        demand_fetches: u64,
+        /// Guest requests that waited, and how long (ms).
+        waits: u64,
+        wait_p50_ms: f64,
+        wait_max_ms: f64,
+        /// Per demanded chunk, request to arrival: median and longest (ms).
+        #[serde(default)]
+        fetch_p50_ms: f64,
+        #[serde(default)]
+        fetch_max_ms: f64,
+        /// Source chunks dropped because the guest had already rewritten them here.
+        superseded: u64,
+        detail: Option<String>,
+    },
     /// Either way: stop now; the source keeps running the VM.
     Abort(AbortReason),
 }
@@ -192,6 +216,7 @@ impl Msg {
             Msg::EndpointAt { .. } => "endpoint_at",
             Msg::Commit { .. } => "commit",
             Msg::Committed => "committed",
+            Msg::DiskComplete { .. } => "disk_complete",
             Msg::Abort(_) => "abort",
         }
     }

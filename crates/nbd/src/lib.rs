@@ -18,8 +18,10 @@
 //!                                        TrackedBackend ── mark(chunks) ──▶ DirtyTracker
 //!                                              │                              │ │
 //!                                              ▼                   subscription  subscription
-//!                                        FileBackend (pread/pwrite,   (migration)  (replica)
-//!                                         fdatasync, fallocate)
+//!                                        OnDemandBackend (post-copy   (migration)  (replica)
+//!                                         destination only: waits for missing chunks)
+//!                                              │
+//!                                        FileBackend (pread/pwrite, fdatasync, fallocate)
 //! ```
 //!
 //! Life of a write: the connection thread decodes the 28-byte header,
@@ -30,6 +32,7 @@
 
 pub mod backend;
 pub mod dirty;
+pub mod ondemand;
 pub mod proto;
 pub mod server;
 
@@ -37,4 +40,5 @@ pub use backend::{Backend, FileBackend};
 pub use dirty::{
     DirtyError, DirtySubscription, DirtyTracker, InitialState, TrackedBackend, DEFAULT_CHUNK_SIZE,
 };
+pub use ondemand::{ChunkState, Fetcher, OnDemandBackend, OnDemandStats};
 pub use server::{ExportStats, NbdServer, ServerConfig, ServerError};

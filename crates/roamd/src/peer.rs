@@ -70,9 +70,10 @@ async fn handle(d: Arc<Daemon>, conn: Connection) {
             version,
             source_host,
             vm,
+            postcopy,
         }) => {
-            info!(vm = %vm.name, from = %source_host, "incoming migration");
-            dest::serve(d, conn, tx, rx, source_host, version, vm).await;
+            info!(vm = %vm.name, from = %source_host, postcopy, "incoming migration");
+            dest::serve(d, conn, tx, rx, source_host, version, vm, postcopy).await;
         }
         Ok(other) => {
             let _ = send_ctl(

@@ -25,6 +25,9 @@ use crate::state::{VmRecord, VmStatus};
 /// Chunk size of dirty tracking and of the disk copy (one BLAKE3 hash per chunk).
 pub const CHUNK_SIZE: u32 = 64 * 1024;
 
+/// A back end stacked on the disk file (post-copy's on-demand layer).
+pub type BackendLayer = dyn Fn(Arc<dyn Backend>) -> Arc<dyn Backend> + Send + Sync;
+
 pub struct RunningVm {
     pub name: String,
     /// QEMU; `None` once it has quit. Read-locked for every QMP call, write-locked
@@ -56,14 +59,30 @@ impl RunningVm {
         disk_path: PathBuf,
         incoming: bool,
     ) -> Result<Arc<RunningVm>> {
+        Self::start_with_layer(d, r, disk_path, incoming, None).await
+    }
+
+    /// As [`start_with_disk`](Self::start_with_disk), with `layer` stacked between the
+    /// file and the dirty tracker (post-copy: the on-demand back end).
+    pub async fn start_with_layer(
+        d: &Daemon,
+        r: &VmRecord,
+        disk_path: PathBuf,
+        incoming: bool,
+        layer: Option<&BackendLayer>,
+    ) -> Result<Arc<RunningVm>> {
         let export = r.name.clone();
         let file = FileBackend::open(&disk_path, false)
             .map_err(|e| Error::io(format!("open disk {}", disk_path.display()), e))?;
         let tracker = DirtyTracker::new(file.size(), CHUNK_SIZE as u64)
             .map_err(|e| Error::Disk(e.to_string()))?;
+        let file: Arc<dyn Backend> = Arc::new(file);
+        let file = match layer {
+            Some(wrap) => wrap(file),
+            None => file,
+        };
         let backend: Arc<dyn Backend> = Arc::new(
-            TrackedBackend::new(Arc::new(file), tracker.clone())
-                .map_err(|e| Error::Disk(e.to_string()))?,
+            TrackedBackend::new(file, tracker.clone()).map_err(|e| Error::Disk(e.to_string()))?,
         );
         d.nbd
             .add_export(&export, backend, false)

@@ -90,6 +90,7 @@ pub fn result(vm: &str, to: &str, outcome: Outcome) -> MigrationResult {
         .into(),
         tuning: serde_json::json!({"capabilities": {"postcopy-ram": false}, "max-bandwidth": 12500000}),
         chunks_skipped: None,
+        postcopy: None,
     }
 }
 

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::disk::{DiskReceiver, SealOutcome};
-use super::relay;
+use super::{postcopy, relay};
 use super::{recv_ctl, send_ctl, send_last};
 use crate::daemon::{now_ms, BusyGuard, Daemon};
 use crate::error::{Error, Result};
@@ -26,6 +26,7 @@ use crate::state::{VmRecord, VmStatus};
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Handle one incoming migration whose `Offer` was just read from `ctl`.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     d: Arc<Daemon>,
     conn: Connection,
@@ -34,6 +35,7 @@ pub async fn serve(
     source_host: String,
     version: u16,
     vm: VmManifest,
+    postcopy: bool,
 ) {
     let name = vm.name.clone();
     let peer = conn.peer_name().unwrap_or(&source_host).to_string();
@@ -60,6 +62,7 @@ pub async fn serve(
         rt: None,
         owned: false,
         _guard: guard,
+        postcopy: postcopy.then(postcopy::DestPostcopy::new),
     };
     let r = job.run(&mut ctl_tx, &mut ctl_rx).await;
     if let Err(e) = r {
@@ -141,6 +144,8 @@ struct Dest {
     /// The guest runs here and this host recorded itself as its owner.
     owned: bool,
     _guard: BusyGuard,
+    /// Post-copy storage: the guest runs here before the disk is complete.
+    postcopy: Option<postcopy::DestPostcopy>,
 }
 
 impl Dest {
@@ -154,7 +159,8 @@ impl Dest {
         // A VM coming back: start from the copy this host kept when it left, so that only
         // what changed since has to cross the WAN. The old copy itself stays untouched
         // until the new one is complete and running.
-        let seeded = self.seed_from_old_copy(&disk_path)?;
+        // (Post-copy starts empty: the source names every chunk it holds as pending.)
+        let seeded = self.postcopy.is_none() && self.seed_from_old_copy(&disk_path)?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -176,14 +182,22 @@ impl Dest {
         }
         let file = Arc::new(file);
         let rec = self.record(disk_path.display().to_string(), VmStatus::Stopped);
-        let rt = RunningVm::start_with_disk(&d, &rec, disk_path.clone(), true).await?;
+        let layer = self.postcopy.as_ref().map(|p| p.layer(self.vm.chunk_size));
+        let rt = RunningVm::start_with_layer(&d, &rec, disk_path.clone(), true, layer.as_deref())
+            .await?;
         self.rt = Some(rt.clone());
         let incoming_sock = rt.config.run_dir.join("migrate-in.sock");
 
         // Streams the source opens: one disk stream, then the QEMU stream(s).
         let (disk_tx, disk_rx) = oneshot::channel::<Result<SealOutcome>>();
-        let receiver =
+        let mut receiver =
             DiskReceiver::new(file, self.vm.disk_bytes, self.vm.chunk_size).with_base(base);
+        let mut demand = None;
+        if let Some(p) = self.postcopy.as_mut() {
+            let (r, dem) = p.attach(receiver, &self.conn, &rt)?;
+            receiver = r;
+            demand = Some(dem);
+        }
         let conn = self.conn.clone();
         let sock = incoming_sock.clone();
         let dispatcher = tokio::spawn(async move {
@@ -200,6 +214,11 @@ impl Dest {
                             tokio::spawn(async move {
                                 let _ = done.send(r.run(&mut rx, tx).await);
                             });
+                        }
+                    }
+                    StreamKind::DiskDemand => {
+                        if let Some((wants, od)) = demand.take() {
+                            tokio::spawn(postcopy::demand_client(tx, rx, wants, od));
                         }
                     }
                     StreamKind::MigrationStream => {
@@ -276,10 +295,16 @@ impl Dest {
             self.take_associations(&rt, ctl_tx, first).await?;
         }
 
+        // Post-copy: the guest may run once the back end knows what is still missing.
+        let mut disk_rx = sealed.is_none().then_some(disk_rx);
+        if let Some(p) = self.postcopy.as_mut() {
+            p.await_switch(&mut disk_rx).await?;
+        }
         // The seal: the disk must be whole and equal before the source switches.
-        let seal = match sealed {
-            Some(s) => s,
-            None => disk_rx.await.map_err(|_| never())??,
+        let seal = match (sealed, disk_rx.take()) {
+            (Some(s), _) => s,
+            (None, Some(rx)) => rx.await.map_err(|_| never())??,
+            (None, None) => super::disk::SealOutcome::postcopy_pending(),
         };
         let ok = seal.ok && !crate::fault::active("refuse-handover");
         send_ctl(
@@ -390,6 +415,9 @@ impl Dest {
                         },
                     };
                     send_ctl(ctl_tx, &msg).await?;
+                    if let Some(p) = self.postcopy.as_mut() {
+                        p.complete(ctl_tx).await?;
+                    }
                 }
                 Ok(Msg::Commit {
                     generation,
@@ -544,6 +572,9 @@ impl Dest {
     async fn cleanup(&mut self) {
         if self.owned {
             return; // the guest runs here: nothing to undo
+        }
+        if let Some(p) = &self.postcopy {
+            p.abandon();
         }
         if let Some(rt) = self.rt.take() {
             // The associations we imported are the source's again: drop them without

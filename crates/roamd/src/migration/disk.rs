@@ -309,7 +309,7 @@ fn read_chunk<'a>(
     Ok(data)
 }
 
-fn read_full(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+pub(crate) fn read_full(file: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         let n = file.read_at(&mut buf[done..], off + done as u64)?;
@@ -378,6 +378,20 @@ pub struct SealOutcome {
     pub frames_received: u64,
 }
 
+impl SealOutcome {
+    /// Post-copy's answer at the switchover: nothing is sealed yet, the guest may run
+    /// (the seal comes when the background copy is done).
+    pub fn postcopy_pending() -> SealOutcome {
+        SealOutcome {
+            ok: true,
+            source_root: String::new(),
+            dest_root: "post-copy".into(),
+            frames_expected: 0,
+            frames_received: 0,
+        }
+    }
+}
+
 /// The destination half: writes chunks into `file` and keeps their hashes.
 pub struct DiskReceiver {
     file: Arc<File>,
@@ -385,6 +399,11 @@ pub struct DiskReceiver {
     /// Allocated chunks of an older copy the file was seeded with (a return move).
     base: Vec<u64>,
     pub counters: Arc<DiskCounters>,
+    /// Post-copy: chunks go through the on-demand back end (which never overwrites a
+    /// guest write), and `Switch` activates it.
+    ondemand: Option<Arc<roam_nbd::OnDemandBackend>>,
+    /// Post-copy: told the number of pending chunks once `Switch` was applied.
+    switched: Option<tokio::sync::oneshot::Sender<u64>>,
 }
 
 impl DiskReceiver {
@@ -394,7 +413,20 @@ impl DiskReceiver {
             hashes: ChunkHashes::new_zero(disk_bytes, chunk_size),
             base: Vec::new(),
             counters: Arc::default(),
+            ondemand: None,
+            switched: None,
         }
+    }
+
+    /// Post-copy: write through `od` and report the switchover on `switched`.
+    pub fn with_ondemand(
+        mut self,
+        od: Arc<roam_nbd::OnDemandBackend>,
+        switched: tokio::sync::oneshot::Sender<u64>,
+    ) -> DiskReceiver {
+        self.ondemand = Some(od);
+        self.switched = Some(switched);
+        self
     }
 
     /// The file already holds an older copy of this disk whose allocated chunks are
@@ -429,6 +461,8 @@ impl DiskReceiver {
             mut hashes,
             base,
             counters,
+            ondemand,
+            mut switched,
         } = self;
         let wcounters = counters.clone();
         let writer = tokio::task::spawn_blocking(move || -> Result<Option<SealOutcome>> {
@@ -436,7 +470,27 @@ impl DiskReceiver {
             let mut offered = vec![false; hashes.len() as usize];
             let mut wants: Vec<u64> = Vec::new();
             let mut buf = vec![0u8; hashes.chunk_size() as usize];
+            let mut pending: Vec<u64> = Vec::new();
             while let Some((frame, body)) = rx.blocking_recv() {
+                if frame.kind == Kind::Pending {
+                    let runs = roam_migrate::frame::decode_pending(&body, hashes.len())
+                        .map_err(|e| Error::Disk(e.to_string()))?;
+                    for (first, n) in runs {
+                        pending.extend(first..first + n);
+                    }
+                    continue;
+                }
+                if frame.kind == Kind::Switch {
+                    let Some(od) = &ondemand else {
+                        return Err(Error::Disk("switch frame outside post-copy".into()));
+                    };
+                    let n = pending.len() as u64;
+                    od.activate(std::mem::take(&mut pending));
+                    if let Some(s) = switched.take() {
+                        let _ = s.send(n);
+                    }
+                    continue;
+                }
                 if frame.kind == Kind::Sync {
                     let _ = ack_tx.send(DiskFrame::sync(received).encode_header());
                     continue;
@@ -477,8 +531,9 @@ impl DiskReceiver {
                     file.sync_data()
                         .map_err(|e| Error::io("flush received disk", e))?;
                     let dest = hashes.root();
+                    let complete = ondemand.as_ref().is_none_or(|od| od.is_complete());
                     return Ok(Some(SealOutcome {
-                        ok: dest == frame.hash && received == frame.index,
+                        ok: dest == frame.hash && received == frame.index && complete,
                         source_root: to_hex(&frame.hash),
                         dest_root: to_hex(&dest),
                         frames_expected: frame.index,
@@ -498,14 +553,21 @@ impl DiskReceiver {
                     )));
                 }
                 if frame.kind == Kind::Zero {
-                    clear(&file, off, len).map_err(|e| disk_write_error(frame.index, e))?;
+                    match &ondemand {
+                        Some(od) => od.install_zero(frame.index).map(|_| ()),
+                        None => clear(&file, off, len),
+                    }
+                    .map_err(|e| disk_write_error(frame.index, e))?;
                     hashes.set(frame.index, zero_hash(len));
                 } else {
                     let data = frame
                         .decode_body(&body)
                         .map_err(|e| Error::Disk(e.to_string()))?;
-                    file.write_all_at(&data, off)
-                        .map_err(|e| disk_write_error(frame.index, e))?;
+                    match &ondemand {
+                        Some(od) => od.install(frame.index, &data).map(|_| ()),
+                        None => file.write_all_at(&data, off),
+                    }
+                    .map_err(|e| disk_write_error(frame.index, e))?;
                     hashes.set(frame.index, frame.hash);
                     wcounters.raw_bytes.fetch_add(len as u64, Ordering::Relaxed);
                 }

@@ -4,6 +4,7 @@
 
 pub mod dest;
 pub mod disk;
+pub mod postcopy;
 pub mod relay;
 pub mod source;
 

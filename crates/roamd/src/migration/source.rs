@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use roam_channel::{Connection, PublicKey, RecvStream, SendStream, StreamKind};
 use roam_control::api::{
-    ApiError, ByteCounts, LinkStats, MigrateRequest, MigrationResult, Outcome, Phase, Progress,
+    ApiError, ByteCounts, LinkStats, MigrateRequest, MigrationResult, Outcome, Phase,
+    PostcopyStats, Progress,
 };
 use roam_migrate::plan::{self, Decision, RoundStats};
 use roam_migrate::protocol::{Msg, VmManifest, PROTOCOL_VERSION};
@@ -19,6 +20,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::disk::{allocated_chunks, DiskSender};
+use super::postcopy;
 use super::relay::Relay;
 use super::{recv_ctl, send_ctl, Meter};
 use crate::daemon::{api_accel, now_ms, to_api, Daemon};
@@ -28,6 +30,11 @@ use crate::state::VmStatus;
 
 /// The final disk sync may take this much of the downtime budget.
 const DISK_SYNC_BUDGET_MS: u64 = 50;
+/// Post-copy: how long the disk copy before the switchover may last (it measures the
+/// link for QEMU's tuning).
+const POSTCOPY_PROBE: Duration = Duration::from_millis(1500);
+/// The connection's send window during that probe.
+const POSTCOPY_PROBE_WINDOW: u64 = 2 << 20;
 /// How long the destination may take to answer a step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -86,6 +93,7 @@ pub async fn migrate(
             phases: Default::default(),
             tuning: serde_json::Value::Null,
             chunks_skipped: None,
+            postcopy: None,
         },
         conn: None,
         qemu_migrating: false,
@@ -93,6 +101,7 @@ pub async fn migrate(
         hip_export: None,
         hip_forward: None,
         refused: false,
+        demand_bytes: Default::default(),
     };
     info!(vm = %req.vm, to = %req.to, "migration starting");
     let outcome = m.run(addr, key, &rec).await;
@@ -121,6 +130,8 @@ struct Source {
     /// After `migrate-continue`, the destination refused the handover before running the
     /// guest (its QEMU is held with -S until the disk digest matches).
     refused: bool,
+    /// Post-copy: frame bytes of chunks sent on demand.
+    demand_bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Source {
@@ -152,6 +163,7 @@ impl Source {
                 version: PROTOCOL_VERSION,
                 source_host: self.d.cfg.name.clone(),
                 vm: manifest.clone(),
+                postcopy: self.req.postcopy,
             },
         )
         .await?;
@@ -178,55 +190,34 @@ impl Source {
         let mut sender = DiskSender::new(file.clone(), manifest.disk_bytes, CHUNK_SIZE, 3);
         self.meter
             .attach_disk(sender.counters.clone(), conn.clone());
-        self.meter.phase(Phase::DiskBulk);
-        let bulk = allocated_chunks(&file, manifest.disk_bytes, CHUNK_SIZE)
-            .map_err(|e| Error::io("map allocated disk ranges", e))?;
-        let t0 = Instant::now();
-        let before = conn.stats().tx_bytes;
-        if base_chunks > 0 {
-            // The destination holds an older copy: compare hashes, send only what differs.
-            let offered = bulk.len();
-            let wanted = sender.negotiate(&mut disk_tx, &mut disk_rx, bulk).await?;
-            info!(vm = %self.req.vm, offered, wanted = wanted.len(), base_chunks,
-                "destination already holds the rest");
-            self.result.chunks_skipped = Some((offered - wanted.len()) as u64);
-            sender.send(&mut disk_tx, wanted, false).await?;
+        let postcopy = self.req.postcopy;
+        let mut probe_sent = Vec::new();
+        let (rate, rtt_ms, demand) = if postcopy {
+            self.postcopy_start(
+                &conn,
+                &file,
+                &manifest,
+                &mut sender,
+                &mut disk_tx,
+                &mut disk_rx,
+                &mut probe_sent,
+            )
+            .await?
         } else {
-            sender.send(&mut disk_tx, bulk, true).await?;
-        }
-        // Written is not delivered: wait for the destination to have it all.
-        sender.sync(&mut disk_tx, &mut disk_rx).await?;
-        let bulk_s = t0.elapsed().as_secs_f64();
-        let sent = conn.stats().tx_bytes.saturating_sub(before);
-        let rtt_ms = conn.stats().rtt.as_millis() as u64;
-        // Only a copy that lasted long enough measures the link; else trust the estimate.
-        let rate = if bulk_s > 1.0 {
-            sent as f64 / bulk_s
-        } else {
-            conn.stats()
-                .bandwidth_estimate_bytes_per_s()
-                .unwrap_or(12.5e6)
+            let (rate, rtt_ms) = self
+                .precopy_disk(
+                    &conn,
+                    &file,
+                    &manifest,
+                    base_chunks,
+                    &sub,
+                    &mut sender,
+                    &mut disk_tx,
+                    &mut disk_rx,
+                )
+                .await?;
+            (rate, rtt_ms, None)
         };
-        // A bandwidth limit caps what QEMU may send (max-bandwidth) and the send window.
-        let rate = match self.req.bandwidth_limit_mbit.filter(|&m| m > 0) {
-            Some(m) => rate.min(f64::from(m) * 1e6 / 8.0),
-            None => rate,
-        };
-        self.meter.set_rate_hint(rate);
-        // From now on keep no more than a few bandwidth-delay products unacknowledged, so
-        // that QEMU (which writes its stream into our relay) sees the real link rate and
-        // nothing deep sits in buffers when the guest pauses.
-        let bdp = rate * (rtt_ms.max(1) as f64) / 1000.0;
-        conn.set_send_window((2.5 * bdp) as u64);
-        // Faster links leave less time per byte to compress: trade ratio for speed
-        // (roam-store's rule: least wire time + CPU time per byte at this rate).
-        sender.set_level(roam_store::level::choose_level(
-            roam_store::level::LevelInput::link(rate * 8.0),
-        ));
-        info!(vm = %self.req.vm, mbit = rate * 8.0 / 1e6, rtt_ms, "link measured by the bulk copy");
-        self.meter.phase(Phase::DiskIterate);
-        self.iterate_disk(&sub, &mut sender, &mut disk_tx, &mut disk_rx, rate)
-            .await?;
 
         // --- memory: QEMU pre-copies through our relay --------------------------------
         self.meter.phase(Phase::Memory);
@@ -317,6 +308,9 @@ impl Source {
             if relay.failed() {
                 return Err(self.peer_err("the migration stream broke".into()));
             }
+            if postcopy {
+                continue; // the disk moves after the switchover
+            }
             let dirty = sub.take();
             if !dirty.is_empty() {
                 sender.send(&mut disk_tx, dirty, false).await?;
@@ -346,12 +340,49 @@ impl Source {
             )
             .await?;
         }
-        let last = sub.take();
-        sender.send(&mut disk_tx, last, false).await?;
-        // The destination checks the digest while the device state travels: its QEMU
-        // was started with -S and runs the guest only once the disks are proven equal,
-        // so the check costs the downtime about a millisecond of hashing, not a round trip.
-        let root = sender.seal(&mut disk_tx).await?;
+        let mut background = None;
+        let mut _demand_server = None;
+        let root = if let Some((dtx, drx)) = demand {
+            // Post-copy: name what the destination lacks, let the guest go, and copy
+            // it in the background while the demand stream serves what the guest needs.
+            let pending = postcopy::send_switch(
+                &mut disk_tx,
+                &file,
+                manifest.disk_bytes,
+                CHUNK_SIZE,
+                &probe_sent,
+                sub.take(),
+            )
+            .await?;
+            // A short queue at the bottleneck: a demanded chunk waits behind at most a
+            // quarter of a round trip of background data, wherever the queue is.
+            let bdp = rate * (rtt_ms.max(1) as f64) / 1000.0;
+            conn.set_send_window((1.25 * bdp) as u64);
+            self.result.postcopy = Some(PostcopyStats {
+                chunks_pending_at_resume: pending.len() as u64,
+                ..Default::default()
+            });
+            background = Some(postcopy::Task(tokio::spawn(postcopy::background_copy(
+                sender, disk_tx, pending,
+            ))));
+            _demand_server = Some(postcopy::Task(tokio::spawn(postcopy::serve_demands(
+                file.clone(),
+                manifest.disk_bytes,
+                CHUNK_SIZE,
+                dtx,
+                drx,
+                self.demand_bytes.clone(),
+            ))));
+            "post-copy".to_string()
+        } else {
+            let last = sub.take();
+            sender.send(&mut disk_tx, last, false).await?;
+            // The destination checks the digest while the device state travels: its QEMU
+            // was started with -S and runs the guest only once the disks are proven equal,
+            // so the check costs the downtime about a millisecond of hashing, not a round
+            // trip.
+            sender.seal(&mut disk_tx).await?
+        };
         let disk_sync_ms = paused_at.elapsed().as_millis() as u64;
         self.rt
             .vm()
@@ -420,6 +451,9 @@ impl Source {
             }
             other => return Err(unexpected("running", &other)),
         };
+        if let Some(p) = self.result.postcopy.as_mut() {
+            p.time_to_running_ms = self.meter.elapsed_ms();
+        }
         let our = self.rt.agent.snapshot();
         if let Some(last_hb) = our.last_heartbeat_unix_ms {
             if first_hb >= last_hb {
@@ -480,6 +514,9 @@ impl Source {
             "generation": r.generation,
             "unix_ms": now_ms(),
         }))?;
+        if let Some(bg) = background {
+            self.postcopy_finish(bg, &mut ctl_rx).await?;
+        }
         // Replication follows the VM: this host's links stop here, the new primary
         // takes them over, and this host's kept disk becomes one of its replicas.
         let mut replicas = crate::replication::hand_over(&self.d, &self.req.vm).await;
@@ -505,6 +542,200 @@ impl Source {
             f.stop().await;
         }
         Ok(())
+    }
+
+    /// Pre-copy storage: the bulk pass (or, to a host holding an older copy, the hash
+    /// negotiation), then rounds on what the guest dirtied. Returns the measured rate
+    /// and the round-trip time.
+    #[allow(clippy::too_many_arguments)]
+    /// A bandwidth limit (the request's, else the peer's) caps what QEMU may send
+    /// (max-bandwidth) and the send window.
+    fn capped(&self, rate: f64) -> f64 {
+        match self.req.bandwidth_limit_mbit.filter(|&m| m > 0) {
+            Some(m) => rate.min(f64::from(m) * 1e6 / 8.0),
+            None => rate,
+        }
+    }
+
+    async fn precopy_disk(
+        &mut self,
+        conn: &Connection,
+        file: &std::fs::File,
+        manifest: &VmManifest,
+        base_chunks: u64,
+        sub: &DirtySubscription,
+        sender: &mut DiskSender,
+        disk_tx: &mut SendStream,
+        disk_rx: &mut roam_channel::RecvStream,
+    ) -> Result<(f64, u64)> {
+        self.meter.phase(Phase::DiskBulk);
+        let bulk = allocated_chunks(file, manifest.disk_bytes, CHUNK_SIZE)
+            .map_err(|e| Error::io("map allocated disk ranges", e))?;
+        let t0 = Instant::now();
+        let before = conn.stats().tx_bytes;
+        if base_chunks > 0 {
+            // The destination holds an older copy: compare hashes, send only what differs.
+            let offered = bulk.len();
+            let wanted = sender.negotiate(disk_tx, disk_rx, bulk).await?;
+            info!(vm = %self.req.vm, offered, wanted = wanted.len(), base_chunks,
+                "destination already holds the rest");
+            self.result.chunks_skipped = Some((offered - wanted.len()) as u64);
+            sender.send(disk_tx, wanted, false).await?;
+        } else {
+            sender.send(disk_tx, bulk, true).await?;
+        }
+        // Written is not delivered: wait for the destination to have it all.
+        sender.sync(disk_tx, disk_rx).await?;
+        let bulk_s = t0.elapsed().as_secs_f64();
+        let sent = conn.stats().tx_bytes.saturating_sub(before);
+        let rtt_ms = conn.stats().rtt.as_millis() as u64;
+        // Only a copy that lasted long enough measures the link; else trust the estimate.
+        let rate = if bulk_s > 1.0 {
+            sent as f64 / bulk_s
+        } else {
+            conn.stats()
+                .bandwidth_estimate_bytes_per_s()
+                .unwrap_or(12.5e6)
+        };
+        let rate = self.capped(rate);
+        self.meter.set_rate_hint(rate);
+        // From now on keep no more than a few bandwidth-delay products unacknowledged, so
+        // that QEMU (which writes its stream into our relay) sees the real link rate and
+        // nothing deep sits in buffers when the guest pauses.
+        let bdp = rate * (rtt_ms.max(1) as f64) / 1000.0;
+        conn.set_send_window((2.5 * bdp) as u64);
+        // Faster links leave less time per byte to compress: trade ratio for speed
+        // (roam-store's rule: least wire time + CPU time per byte at this rate).
+        sender.set_level(roam_store::level::choose_level(
+            roam_store::level::LevelInput::link(rate * 8.0),
+        ));
+        info!(vm = %self.req.vm, mbit = rate * 8.0 / 1e6, rtt_ms, "link measured by the bulk copy");
+        self.meter.phase(Phase::DiskIterate);
+        self.iterate_disk(sub, sender, disk_tx, disk_rx, rate)
+            .await?;
+        Ok((rate, rtt_ms))
+    }
+
+    /// Post-copy: the guest runs at the destination (and this host's QEMU has quit);
+    /// wait until the background copy delivered every chunk and the destination
+    /// compared digests. Only then may the migration commit.
+    async fn postcopy_finish(
+        &mut self,
+        mut bg: postcopy::Task<Result<String>>,
+        ctl_rx: &mut roam_channel::RecvStream,
+    ) -> Result<()> {
+        self.meter.phase(Phase::DiskPostcopy);
+        let interrupted = |e: &dyn std::fmt::Display, to: &str| {
+            Error::Migration(format!(
+                "post-copy disk copy interrupted ({e}): the VM runs at '{to}' (paused there \
+                 if it lost the link), and this host keeps its complete disk as of the switchover"
+            ))
+        };
+        let root = match (&mut bg.0).await {
+            Ok(Ok(root)) => root,
+            Ok(Err(e)) => return Err(interrupted(&e, &self.req.to)),
+            Err(e) => return Err(interrupted(&e, &self.req.to)),
+        };
+        let msg = recv_ctl(ctl_rx, Duration::from_secs(24 * 3600))
+            .await
+            .map_err(|e| interrupted(&e, &self.req.to))?;
+        let Msg::DiskComplete {
+            ok,
+            root: theirs,
+            demand_fetches,
+            waits,
+            wait_p50_ms,
+            wait_max_ms,
+            fetch_p50_ms,
+            fetch_max_ms,
+            superseded,
+            detail,
+        } = msg
+        else {
+            return Err(unexpected("disk_complete", &msg));
+        };
+        let p = self.result.postcopy.get_or_insert_with(Default::default);
+        p.demand_fetches = demand_fetches;
+        p.demand_waits = waits;
+        p.demand_fetch_p50_ms = wait_p50_ms;
+        p.demand_fetch_max_ms = wait_max_ms;
+        p.block_fetch_p50_ms = fetch_p50_ms;
+        p.block_fetch_max_ms = fetch_max_ms;
+        p.chunks_superseded = superseded;
+        p.demand_bytes = self.demand_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        p.disk_complete_ms = self.meter.elapsed_ms();
+        if !ok {
+            return Err(Error::Migration(format!(
+                "post-copy: the destination's disk does not match (ours {root}, theirs {theirs}{})",
+                detail.map(|d| format!(": {d}")).unwrap_or_default()
+            )));
+        }
+        info!(vm = %self.req.vm, demand_fetches, wait_p50_ms, wait_max_ms, superseded,
+            "post-copy: the destination holds the whole disk");
+        Ok(())
+    }
+
+    /// Post-copy storage: the disk follows the switchover. Before it, only a short probe
+    /// (about [`POSTCOPY_PROBE`] of the bulk pass) measures the link, so that QEMU is
+    /// tuned from a real rate and the connection's window can be cut as in pre-copy;
+    /// the chunks it sent count as delivered unless the guest rewrites them (`sent`).
+    /// The background copy goes below QEMU's stream; the demand stream above both.
+    #[allow(clippy::too_many_arguments)]
+    async fn postcopy_start(
+        &mut self,
+        conn: &Connection,
+        file: &std::fs::File,
+        manifest: &VmManifest,
+        sender: &mut DiskSender,
+        disk_tx: &mut SendStream,
+        disk_rx: &mut roam_channel::RecvStream,
+        sent: &mut Vec<u64>,
+    ) -> Result<(f64, u64, Option<(SendStream, roam_channel::RecvStream)>)> {
+        let (dtx, drx) = conn
+            .open_stream(StreamKind::DiskDemand)
+            .await
+            .map_err(|e| self.peer_err(e.to_string()))?;
+        let _ = disk_tx.set_priority(-1);
+        let _ = dtx.set_priority(2);
+        self.meter.phase(Phase::DiskBulk);
+        let bulk = allocated_chunks(file, manifest.disk_bytes, CHUNK_SIZE)
+            .map_err(|e| Error::io("map allocated disk ranges", e))?;
+        // Writes must track delivery for the probe to last what it says: a modest
+        // window (several bandwidth-delay products of any link roam expects).
+        conn.set_send_window(POSTCOPY_PROBE_WINDOW);
+        let t0 = Instant::now();
+        // The rate is taken over the probe's second half: the first is slow start.
+        let mut mark: Option<(Instant, u64)> = None;
+        for slice in bulk.chunks(32) {
+            sender.send(disk_tx, slice.to_vec(), true).await?;
+            sent.extend_from_slice(slice);
+            if mark.is_none() && t0.elapsed() >= POSTCOPY_PROBE / 2 {
+                mark = Some((Instant::now(), conn.stats().tx_bytes));
+            }
+            if t0.elapsed() >= POSTCOPY_PROBE {
+                break;
+            }
+        }
+        sender.sync(disk_tx, disk_rx).await?;
+        let rtt_ms = conn.stats().rtt.as_millis() as u64;
+        let measured = mark.and_then(|(t, b)| {
+            let s = t.elapsed().as_secs_f64();
+            (s > 0.3).then(|| conn.stats().tx_bytes.saturating_sub(b) as f64 / s)
+        });
+        let rate = if let Some(r) = measured {
+            r
+        } else {
+            conn.stats()
+                .bandwidth_estimate_bytes_per_s()
+                .unwrap_or(12.5e6)
+        };
+        let rate = self.capped(rate);
+        self.meter.set_rate_hint(rate);
+        let bdp = rate * (rtt_ms.max(1) as f64) / 1000.0;
+        conn.set_send_window((2.5 * bdp) as u64);
+        info!(vm = %self.req.vm, mbit = rate * 8.0 / 1e6, rtt_ms, probe_chunks = sent.len(),
+            "post-copy: link measured; the rest of the disk follows the switchover");
+        Ok((rate, rtt_ms, Some((dtx, drx))))
     }
 
     async fn iterate_disk(

@@ -308,6 +308,18 @@ pub fn migration_summary(r: &MigrationResult) -> String {
         if r.guest_rebooted { "YES" } else { "no" },
         r.accel
     ));
+    if let Some(p) = &r.postcopy {
+        s.push_str(&format!(
+            "  postcopy running after {} with {} chunks still to come, disk complete after {}; \
+             {} fetched on demand (p50 {:.1} ms, max {:.1} ms)\n",
+            format_ms(p.time_to_running_ms),
+            p.chunks_pending_at_resume,
+            format_ms(p.disk_complete_ms),
+            p.demand_fetches,
+            p.block_fetch_p50_ms,
+            p.block_fetch_max_ms
+        ));
+    }
     if !r.phases.is_empty() {
         let phases: Vec<String> = r
             .phases

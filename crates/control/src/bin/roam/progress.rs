@@ -67,7 +67,7 @@ impl Bar {
 /// still dirty, which converges as pre-copy does), otherwise everything.
 fn position(p: &Progress) -> (u64, u64) {
     match p.phase {
-        Phase::DiskBulk | Phase::DiskIterate => {
+        Phase::DiskBulk | Phase::DiskIterate | Phase::DiskPostcopy => {
             (p.disk_sent_bytes, p.disk_total_bytes.max(p.disk_sent_bytes))
         }
         Phase::Memory | Phase::Switchover => (

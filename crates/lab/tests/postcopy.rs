@@ -1,0 +1,199 @@
+//! Post-copy storage end to end (`roam migrate --postcopy`): real roamd hosts in network
+//! namespaces, a real QEMU guest whose agent keeps writing, an emulated WAN slow enough
+//! that the disk takes seconds to follow. The guest must run at the destination before
+//! its disk is complete, fetch what it needs on demand, and lose no acknowledged write.
+
+use std::time::Duration;
+
+use roam_control::api::{MigrateRequest, Outcome, Phase, VmState, Workload};
+use roam_lab::{Lab, LabConfig};
+use roam_wan::LinkParams;
+
+fn config() -> LabConfig {
+    LabConfig {
+        // 64 MiB of data over 100 Mbit/s: the background copy needs about 6 s.
+        link: LinkParams {
+            bandwidth_mbit: 100.0,
+            rtt_ms: 30.0,
+            ..LinkParams::default()
+        },
+        memory_mib: 256,
+        disk_bytes: 1 << 30,
+        data_mib: 64,
+        workload: Workload {
+            mem_dirty_mib_s: 8,
+            mem_working_set_mib: 16,
+            disk_writes_per_s: 40,
+            ..Workload::default()
+        },
+        home_state_limit_mib: None,
+        keep: std::env::var_os("ROAM_LAB_KEEP").is_some(),
+        correspondent: false,
+    }
+}
+
+async fn heartbeats_flow(lab: &Lab, host: &str, vm: &str) -> bool {
+    let Ok(a) = lab.host(host).client.vm_agent(vm).await else {
+        return false;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let Ok(b) = lab.host(host).client.vm_agent(vm).await else {
+        return false;
+    };
+    b.heartbeats > a.heartbeats + 10
+}
+
+async fn no_debris(lab: &Lab, host: &str, running: &[&str]) {
+    let want: Vec<String> = running.iter().map(|s| s.to_string()).collect();
+    let ok = roam_lab::lab::wait_until(Duration::from_secs(15), || {
+        let mut exports = lab.nbd_exports(host);
+        exports.sort();
+        lab.debris(host).is_empty()
+            && lab.qemu_processes(host).len() == want.len()
+            && exports == want
+    })
+    .await;
+    assert!(
+        ok,
+        "{host} left debris: {:?}, QEMU pids {:?}, NBD exports {:?}, for running VMs {want:?}",
+        lab.debris(host),
+        lab.qemu_processes(host),
+        lab.nbd_exports(host)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_runs_at_destination_before_the_disk_arrives_and_loses_nothing() {
+    let lab = Lab::start(config()).await.unwrap();
+    lab.create_vm("office", "desk").await.unwrap();
+    lab.start_workload("office", "desk").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let req = MigrateRequest {
+        vm: "desk".into(),
+        to: "home".into(),
+        postcopy: true,
+        bandwidth_limit_mbit: None,
+    };
+    let mut phases = Vec::new();
+    let mut disk_sent_after_switch = (u64::MAX, 0u64);
+    let r = lab
+        .host("office")
+        .client
+        .migrate(&req, |p| {
+            if phases.last() != Some(&p.phase) {
+                phases.push(p.phase);
+            }
+            if matches!(p.phase, Phase::Verify | Phase::DiskPostcopy) {
+                disk_sent_after_switch.0 = disk_sent_after_switch.0.min(p.disk_sent_bytes);
+                disk_sent_after_switch.1 = disk_sent_after_switch.1.max(p.disk_sent_bytes);
+            }
+        })
+        .await
+        .unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
+    assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
+    let pc = r.postcopy.clone().expect("post-copy figures in the result");
+    // The switch came before the disk: most of the 64 MiB (1024 chunks) was still at
+    // the source when the guest resumed at home (only a 1.5 s probe went before).
+    assert!(
+        pc.chunks_pending_at_resume > 400,
+        "only {} chunks pending at resume",
+        pc.chunks_pending_at_resume
+    );
+    assert!(pc.time_to_running_ms > 0 && pc.time_to_running_ms < pc.disk_complete_ms);
+    assert!(
+        pc.demand_fetches > 0,
+        "no guest request needed a missing chunk"
+    );
+    assert!(pc.demand_waits > 0 && pc.demand_fetch_max_ms > 0.0);
+    assert!(pc.demand_bytes > 0);
+    assert!(
+        !phases.contains(&Phase::DiskIterate),
+        "post-copy does no disk rounds before the switch: {phases:?}"
+    );
+    assert!(phases.contains(&Phase::DiskPostcopy), "{phases:?}");
+    // Progress showed the background copy going on after the switch.
+    assert!(
+        disk_sent_after_switch.1 > disk_sent_after_switch.0,
+        "no disk progress after the switch: {disk_sent_after_switch:?}"
+    );
+    // Every acknowledged write is on the destination's disk.
+    assert!(
+        r.acked_writes > 0,
+        "the workload made no acknowledged writes"
+    );
+    assert_eq!(r.acked_writes_lost, 0);
+    assert!(!r.guest_rebooted);
+    assert!(
+        heartbeats_flow(&lab, "home", "desk").await,
+        "guest not alive at home"
+    );
+    let office = lab.host("office").client.vm_show("desk").await.unwrap();
+    assert_eq!(office.state, VmState::Moved);
+    no_debris(&lab, "office", &[]).await;
+    no_debris(&lab, "home", &["desk"]).await;
+    lab.shutdown().await;
+}
+
+/// The link dies after the guest resumed at the destination, with chunks still missing.
+/// Neither host may run the guest then: the destination pauses it (its writes stay in
+/// its disk file), the source keeps its own copy paused (it may be running elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_link_cut_after_the_switch_pauses_the_guest_everywhere() {
+    let mut cfg = config();
+    // Slower, so that plenty is still missing when the link goes.
+    cfg.link.bandwidth_mbit = 50.0;
+    let lab = Lab::start(cfg).await.unwrap();
+    lab.create_vm("office", "desk").await.unwrap();
+    lab.start_workload("office", "desk").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let wan = lab.wan.as_ref().unwrap();
+    let req = MigrateRequest {
+        vm: "desk".into(),
+        to: "home".into(),
+        postcopy: true,
+        bandwidth_limit_mbit: None,
+    };
+    let cut = std::sync::atomic::AtomicBool::new(false);
+    let r = lab
+        .host("office")
+        .client
+        .migrate(&req, |p| {
+            if p.phase == Phase::Verify && !cut.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                wan.set_outage(true);
+            }
+        })
+        .await
+        .unwrap();
+    assert!(
+        cut.load(std::sync::atomic::Ordering::SeqCst),
+        "the link was never cut"
+    );
+    eprintln!("abort reason: {:?}", r.error);
+    assert_eq!(r.outcome, Outcome::Aborted);
+    assert!(
+        r.postcopy
+            .as_ref()
+            .is_some_and(|p| p.chunks_pending_at_resume > 0),
+        "{r:?}"
+    );
+    // The destination noticed (idle timeout) and paused the guest; the source never
+    // resumed it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !heartbeats_flow(&lab, "home", "desk").await,
+        "guest runs at home on a partial disk"
+    );
+    assert!(
+        !heartbeats_flow(&lab, "office", "desk").await,
+        "guest resumed at office too"
+    );
+    assert_eq!(
+        lab.qemu_processes("home").len(),
+        1,
+        "home keeps the paused VM"
+    );
+    wan.set_outage(false);
+    lab.shutdown().await;
+}
