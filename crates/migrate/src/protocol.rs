@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 /// 3: `Msg::EndpointAt` (D → S, VMs with `net`): where the VM's HIP endpoint now
 /// listens, so the source forwards the ESP packets that still reach it during the
 /// handover instead of dropping them. Either side at version 2 simply does without.
+/// Also `Offer::postcopy`, `Msg::DiskComplete` and the `Pending`/`Switch` disk frames:
+/// a source asks for post-copy only of a destination that accepted version 3.
 pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Oldest version a destination still accepts ("current plus previous").
