@@ -407,6 +407,14 @@ pub struct MigrationResult {
     /// therefore did not cross the WAN; absent when it held none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunks_skipped: Option<u64>,
+    /// Of those, chunks found *elsewhere* on the destination (its dedup index: another
+    /// disk, another offset) or copied there from another chunk of this transfer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks_deduped: Option<u64>,
+    /// The least possible disk bytes: the zstd-compressed size (level 3) of each distinct
+    /// chunk content the destination lacked, counted once; compare with `bytes.disk`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub least_bytes: Option<u64>,
 }
 
 /// Where a background replica stands (`roam replica list`).

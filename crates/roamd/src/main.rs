@@ -15,6 +15,7 @@
 
 mod config;
 mod daemon;
+mod dedup;
 mod error;
 mod migration;
 mod net;

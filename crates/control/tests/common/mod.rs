@@ -89,6 +89,8 @@ pub fn result(vm: &str, to: &str, outcome: Outcome) -> MigrationResult {
         .into(),
         tuning: serde_json::json!({"capabilities": {"postcopy-ram": false}, "max-bandwidth": 12500000}),
         chunks_skipped: None,
+        chunks_deduped: None,
+        least_bytes: None,
     }
 }
 

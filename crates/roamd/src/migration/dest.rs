@@ -180,8 +180,12 @@ impl Dest {
 
         // Streams the source opens: one disk stream, then the QEMU stream(s).
         let (disk_tx, disk_rx) = oneshot::channel::<Result<SealOutcome>>();
-        let receiver =
-            DiskReceiver::new(file, self.vm.disk_bytes, self.vm.chunk_size).with_base(base);
+        let dedup = d.dedup.clone();
+        let vm_name = self.vm.name.clone();
+        let receiver = DiskReceiver::new(file, self.vm.disk_bytes, self.vm.chunk_size)
+            .with_base(base)
+            .with_index(d.dedup.index())
+            .on_sealed(Box::new(move |rows| dedup.hold_received(&vm_name, rows)));
         let conn = self.conn.clone();
         let sock = incoming_sock.clone();
         let dispatcher = tokio::spawn(async move {
@@ -227,6 +231,7 @@ impl Dest {
                 version: roam_migrate::PROTOCOL_VERSION,
                 free_bytes: free_bytes(&d.paths.state)?,
                 base_chunks,
+                indexed_chunks: d.dedup.indexed_chunks(),
             },
         )
         .await?;
@@ -468,6 +473,7 @@ impl Dest {
         std::fs::create_dir_all(&final_dir)
             .map_err(|e| Error::io(format!("create {}", final_dir.display()), e))?;
         rt.move_disk(&final_disk)?;
+        d.dedup.adopt_received(&self.vm.name, &final_disk);
         let _ = std::fs::remove_dir_all(d.paths.incoming_dir(&self.vm.name));
         let rec = self.record(final_disk.display().to_string(), VmStatus::Running);
         d.store.put_vm(&rec)?;

@@ -82,6 +82,8 @@ pub async fn migrate(
             phases: Default::default(),
             tuning: serde_json::Value::Null,
             chunks_skipped: None,
+            chunks_deduped: None,
+            least_bytes: None,
         },
         conn: None,
         qemu_migrating: false,
@@ -148,8 +150,12 @@ impl Source {
             },
         )
         .await?;
-        let base_chunks = match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
-            Msg::Accept { base_chunks, .. } => base_chunks,
+        let (base_chunks, indexed_chunks) = match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
+            Msg::Accept {
+                base_chunks,
+                indexed_chunks,
+                ..
+            } => (base_chunks, indexed_chunks),
             Msg::Refuse { reason } => {
                 return Err(self.peer_err(format!("refused the VM: {reason}")))
             }
@@ -176,14 +182,16 @@ impl Source {
             .map_err(|e| Error::io("map allocated disk ranges", e))?;
         let t0 = Instant::now();
         let before = conn.stats().tx_bytes;
-        if base_chunks > 0 {
-            // The destination holds an older copy: compare hashes, send only what differs.
+        if base_chunks > 0 || indexed_chunks > 0 {
+            // The destination holds an older copy, or other disks that may share content:
+            // offer hashes, send only what it holds nowhere (see disk.rs, "Dedup").
             let offered = bulk.len();
-            let wanted = sender.negotiate(&mut disk_tx, &mut disk_rx, bulk).await?;
-            info!(vm = %self.req.vm, offered, wanted = wanted.len(), base_chunks,
+            let n = sender.negotiate(&mut disk_tx, &mut disk_rx, bulk).await?;
+            info!(vm = %self.req.vm, offered, wanted = n.wanted.len(), held = n.held,
+                deduped = n.deduped, copied = n.copied, base_chunks, indexed_chunks,
                 "destination already holds the rest");
-            self.result.chunks_skipped = Some((offered - wanted.len()) as u64);
-            sender.send(&mut disk_tx, wanted, false).await?;
+            self.result.chunks_skipped = Some((offered - n.wanted.len()) as u64);
+            sender.send(&mut disk_tx, n.wanted, false).await?;
         } else {
             sender.send(&mut disk_tx, bulk, true).await?;
         }
@@ -426,6 +434,10 @@ impl Source {
         if let Err(e) = self.rt.stop(&self.d.nbd).await {
             warn!(vm = %self.req.vm, "stopping the source QEMU after switchover: {e}");
         }
+        // The kept disk holds exactly what was sealed: index it from the sender's hashes.
+        if let Some(h) = sender.hashes() {
+            self.d.dedup.note_all(&self.rt.disk_path(), h);
+        }
         let mut r = self.d.vm_record(&self.req.vm)?;
         r.status = VmStatus::Moved;
         r.moved_to = Some(self.req.to.clone());
@@ -510,6 +522,12 @@ impl Source {
             };
         }
         self.result.bytes.disk = self.meter.disk_bytes();
+        if let Some(c) = self.meter.disk_counters() {
+            let deduped = c.deduped_chunks.load(std::sync::atomic::Ordering::Relaxed);
+            self.result.chunks_deduped = (deduped > 0).then_some(deduped);
+            self.result.least_bytes =
+                Some(c.least_bytes.load(std::sync::atomic::Ordering::Relaxed));
+        }
         self.result.phases = self.meter.phases();
         self.result.total_ms = self.meter.elapsed_ms();
         match outcome {
