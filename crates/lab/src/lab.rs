@@ -210,6 +210,32 @@ impl Lab {
         Ok(())
     }
 
+    /// Like `create_vm`, with `data_mib` of generated data instead of the lab's: images
+    /// made with the same seed share their first files (a common base image).
+    pub async fn create_vm_with_data(
+        &self,
+        host: &str,
+        vm: &str,
+        data_mib: u64,
+    ) -> Result<(), LabError> {
+        let image = self.root.join(format!("{vm}-image.raw"));
+        make_disk(&image, self.cfg.disk_bytes, data_mib)?;
+        let h = self.host(host);
+        h.client
+            .vm_create(&VmCreate {
+                name: vm.to_string(),
+                memory_mib: self.cfg.memory_mib,
+                disk_bytes: self.cfg.disk_bytes,
+                vcpus: 1,
+                disk_image: Some(image.clone()),
+                hip_peers: Vec::new(),
+            })
+            .await?;
+        let _ = std::fs::remove_file(&image);
+        h.client.vm_start(vm).await?;
+        Ok(())
+    }
+
     pub async fn start_workload(&self, host: &str, vm: &str) -> Result<(), LabError> {
         self.host(host)
             .client
