@@ -42,6 +42,9 @@ pub struct BenchReport {
     pub nbd: Value,
     pub migrations: Vec<MigrationFigures>,
     pub checks: Vec<Check>,
+    /// Benchmarks 1, 2 and 4 of the replication issue (dedup, replicas, QEMU baseline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<crate::bench_storage::StorageReport>,
 }
 
 /// Run `roam-nbd-bench --json` and return its object.
@@ -170,6 +173,10 @@ pub fn render(r: &BenchReport) -> String {
             m.wire_overhead,
             x.acked_writes_lost,
         ));
+    }
+    if let Some(st) = &r.storage {
+        s.push('\n');
+        s.push_str(&crate::bench_storage::render(st));
     }
     s.push_str("\nchecks (SPECIFICATION.md)\n");
     for c in &r.checks {

@@ -210,6 +210,14 @@ impl Lab {
         Ok(())
     }
 
+    /// A demo disk image (the lab's disk size) with `data_mib` of generated data, in the
+    /// lab's directory. Images share their first files: a common base image.
+    pub fn make_image(&self, name: &str, data_mib: u64) -> Result<PathBuf, LabError> {
+        let image = self.root.join(format!("{name}-image.raw"));
+        make_disk(&image, self.cfg.disk_bytes, data_mib)?;
+        Ok(image)
+    }
+
     /// Like `create_vm`, with `data_mib` of generated data instead of the lab's: images
     /// made with the same seed share their first files (a common base image).
     pub async fn create_vm_with_data(
@@ -218,8 +226,7 @@ impl Lab {
         vm: &str,
         data_mib: u64,
     ) -> Result<(), LabError> {
-        let image = self.root.join(format!("{vm}-image.raw"));
-        make_disk(&image, self.cfg.disk_bytes, data_mib)?;
+        let image = self.make_image(vm, data_mib)?;
         let h = self.host(host);
         h.client
             .vm_create(&VmCreate {

@@ -91,6 +91,10 @@ enum Cmd {
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
+        /// Only the storage benchmarks (dedup and replicas against QEMU's
+        /// copy-storage-all); with --quick, their small-size smoke test.
+        #[arg(long)]
+        storage_only: bool,
     },
 }
 
@@ -167,14 +171,28 @@ async fn main() -> anyhow::Result<()> {
             lab.shutdown().await;
             Ok(())
         }
-        Cmd::Bench { vm, quick, json } => {
-            eprintln!("roam-lab bench: NBD, roam against qemu-nbd");
-            let nbd = roam_lab::bench::nbd_bench(quick)?;
+        Cmd::Bench {
+            vm,
+            quick,
+            json,
+            storage_only,
+        } => {
+            let nbd = if storage_only {
+                serde_json::Value::Null
+            } else {
+                eprintln!("roam-lab bench: NBD, roam against qemu-nbd");
+                roam_lab::bench::nbd_bench(quick)?
+            };
             let mut migrations = Vec::new();
-            for (label, mbit, rtt, loss) in [
-                ("100 Mbit/s, 40 ms", 100.0, 40.0, 0.1),
-                ("1 Gbit/s, 10 ms", 1000.0, 10.0, 0.0),
-            ] {
+            let runs: &[(&str, f64, f64, f64)] = if storage_only {
+                &[]
+            } else {
+                &[
+                    ("100 Mbit/s, 40 ms", 100.0, 40.0, 0.1),
+                    ("1 Gbit/s, 10 ms", 1000.0, 10.0, 0.0),
+                ]
+            };
+            for &(label, mbit, rtt, loss) in runs {
                 eprintln!("roam-lab bench: migration over {label}, {loss}% loss");
                 let link = LinkArgs {
                     bandwidth_mbit: mbit,
@@ -185,11 +203,26 @@ async fn main() -> anyhow::Result<()> {
                 let cfg = lab_config(&link, &vm, false);
                 migrations.push(roam_lab::bench::migration(label, cfg).await?);
             }
-            let checks = roam_lab::bench::checks(&nbd, &migrations);
+            let mut checks = roam_lab::bench::checks(&nbd, &migrations);
+            eprintln!("roam-lab bench: storage (dedup, replicas) against QEMU's copy-storage-all");
+            let sizes = if quick {
+                roam_lab::bench_storage::StorageSizes::quick()
+            } else {
+                roam_lab::bench_storage::StorageSizes::full()
+            };
+            let storage_link = LinkParams {
+                bandwidth_mbit: 100.0,
+                rtt_ms: 40.0,
+                loss_pct: 0.0,
+                ..LinkParams::default()
+            };
+            let storage = roam_lab::bench_storage::run(storage_link, sizes).await?;
+            checks.extend(storage.checks.iter().cloned());
             let report = roam_lab::bench::BenchReport {
                 nbd,
                 migrations,
                 checks,
+                storage: Some(storage),
             };
             if json {
                 println!("{}", serde_json::to_string(&report)?);

@@ -72,7 +72,10 @@ async fn a_second_vm_from_the_same_base_sends_only_its_own_data() {
         lab.host("office").log_tail(40),
         lab.host("home").log_tail(40)
     );
-    assert!(m.acked_writes > 0, "the guest wrote nothing: the check is empty");
+    assert!(
+        m.acked_writes > 0,
+        "the guest wrote nothing: the check is empty"
+    );
     assert_eq!(m.acked_writes_lost, 0);
     // ~1000 chunks of the base image are on home already (in "base"'s disk).
     let deduped = m.chunks_deduped.unwrap_or(0);
@@ -88,7 +91,10 @@ async fn a_second_vm_from_the_same_base_sends_only_its_own_data() {
     );
     // And against the least possible (each lacking content once, compressed).
     let least = m.least_bytes.unwrap_or(0);
-    assert!(least > 8 << 20, "least {least}: its own data must have been sent");
+    assert!(
+        least > 8 << 20,
+        "least {least}: its own data must have been sent"
+    );
     assert!(
         (m.bytes.disk as f64) <= 1.1 * least as f64,
         "disk bytes {} vs least {least}",

@@ -104,6 +104,10 @@ pub enum Msg {
         base_chunks: u64,
         #[serde(default)]
         indexed_chunks: u64,
+        /// The link rate (bytes/s) D last measured towards S, 0 if none: S's fallback
+        /// when its own disk copy is too short to measure the link.
+        #[serde(default)]
+        link_rate_hint: u64,
     },
     /// D → S: will not take this VM; nothing was created.
     Refuse { reason: String },
@@ -203,6 +207,7 @@ mod tests {
                 free_bytes: 5,
                 base_chunks: 0,
                 indexed_chunks: 7,
+                link_rate_hint: 0,
             },
             Msg::abort("destination disk full"),
             Msg::DiskVerified {

@@ -43,6 +43,8 @@ pub struct Daemon {
     pub replication: crate::replication::Replication,
     /// This host's dedup index (every disk it holds), used by disk receivers.
     pub dedup: Arc<crate::dedup::Dedup>,
+    /// The link rate last measured to each peer (see linkrate.rs).
+    pub link_rates: crate::linkrate::LinkRates,
     /// Lets `&self` trait methods hand an owning handle to long-lived tasks.
     me: std::sync::Weak<Daemon>,
 }
@@ -164,6 +166,7 @@ pub async fn run(state: PathBuf, socket: Option<PathBuf>) -> anyhow::Result<()> 
         shutdown: shutdown.clone(),
         replication: Default::default(),
         dedup: Default::default(),
+        link_rates: Default::default(),
         me: me.clone(),
     });
     daemon.dedup.start(

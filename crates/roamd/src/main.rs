@@ -17,6 +17,7 @@ mod config;
 mod daemon;
 mod dedup;
 mod error;
+mod linkrate;
 mod migration;
 mod net;
 mod peer;

@@ -232,6 +232,7 @@ impl Dest {
                 free_bytes: free_bytes(&d.paths.state)?,
                 base_chunks,
                 indexed_chunks: d.dedup.indexed_chunks(),
+                link_rate_hint: self.conn.peer_name().map_or(0, |p| d.link_rates.get(p)),
             },
         )
         .await?;

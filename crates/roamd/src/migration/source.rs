@@ -150,17 +150,19 @@ impl Source {
             },
         )
         .await?;
-        let (base_chunks, indexed_chunks) = match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
-            Msg::Accept {
-                base_chunks,
-                indexed_chunks,
-                ..
-            } => (base_chunks, indexed_chunks),
-            Msg::Refuse { reason } => {
-                return Err(self.peer_err(format!("refused the VM: {reason}")))
-            }
-            other => return Err(unexpected("accept", &other)),
-        };
+        let (base_chunks, indexed_chunks, rate_hint) =
+            match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
+                Msg::Accept {
+                    base_chunks,
+                    indexed_chunks,
+                    link_rate_hint,
+                    ..
+                } => (base_chunks, indexed_chunks, link_rate_hint),
+                Msg::Refuse { reason } => {
+                    return Err(self.peer_err(format!("refused the VM: {reason}")))
+                }
+                other => return Err(unexpected("accept", &other)),
+            };
 
         // --- disk: bulk copy, then rounds on what the guest dirtied ----------------
         let (mut disk_tx, mut disk_rx) = conn
@@ -180,13 +182,16 @@ impl Source {
         self.meter.phase(Phase::DiskBulk);
         let bulk = allocated_chunks(&file, manifest.disk_bytes, CHUNK_SIZE)
             .map_err(|e| Error::io("map allocated disk ranges", e))?;
-        let t0 = Instant::now();
-        let before = conn.stats().tx_bytes;
+        let mut t0 = Instant::now();
+        let mut before = conn.stats().tx_bytes;
         if base_chunks > 0 || indexed_chunks > 0 {
             // The destination holds an older copy, or other disks that may share content:
             // offer hashes, send only what it holds nowhere (see disk.rs, "Dedup").
             let offered = bulk.len();
             let n = sender.negotiate(&mut disk_tx, &mut disk_rx, bulk).await?;
+            // The rate is measured on the chunks' transfer, not on hashing and its RTT.
+            t0 = Instant::now();
+            before = conn.stats().tx_bytes;
             info!(vm = %self.req.vm, offered, wanted = n.wanted.len(), held = n.held,
                 deduped = n.deduped, copied = n.copied, base_chunks, indexed_chunks,
                 "destination already holds the rest");
@@ -200,13 +205,23 @@ impl Source {
         let bulk_s = t0.elapsed().as_secs_f64();
         let sent = conn.stats().tx_bytes.saturating_sub(before);
         let rtt_ms = conn.stats().rtt.as_millis() as u64;
-        // Only a copy that lasted long enough measures the link; else trust the estimate.
+        // Only a copy that lasted long enough measures the link; else the last figure
+        // either end measured (linkrate.rs), or the congestion window's estimate.
         let rate = if bulk_s > 1.0 {
-            sent as f64 / bulk_s
+            let r = sent as f64 / bulk_s;
+            self.d.link_rates.record(&self.req.to, r);
+            r
         } else {
-            conn.stats()
+            let known = self.d.link_rates.get(&self.req.to).max(rate_hint) as f64;
+            let estimate = conn
+                .stats()
                 .bandwidth_estimate_bytes_per_s()
-                .unwrap_or(12.5e6)
+                .unwrap_or(12.5e6);
+            if known > 0.0 {
+                known
+            } else {
+                estimate
+            }
         };
         self.meter.set_rate_hint(rate);
         // From now on keep no more than a few bandwidth-delay products unacknowledged, so
