@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use roam_migrate::digest::{zero_hash, ChunkHashes};
 use roam_store::{ChunkIndex, ChunkState, FileId, Location};
@@ -30,8 +30,13 @@ const CACHE_BYTES: usize = 16 << 20;
 /// Chunk size of every disk roamd serves (the NBD tracker's and the frames').
 pub const CHUNK_SIZE: u32 = 64 * 1024;
 
-/// A shareable handle on the open index.
-pub type SharedIndex = Arc<Mutex<ChunkIndex>>;
+/// (chunk, content hash) of a disk's chunks.
+pub type ChunkRows = Vec<(u64, [u8; 32])>;
+
+/// A shareable handle on the open index. Lookups, scans and records take the read side
+/// (redb serialises its own write transactions), so a long scan of a new disk never
+/// holds up a receiver's lookups; only changing the file set takes the write side.
+pub type SharedIndex = Arc<RwLock<ChunkIndex>>;
 
 /// The daemon's dedup state. `index()` is `None` until the background open finished (or
 /// if it failed): migrations then simply send what the destination lacks at the offset.
@@ -40,7 +45,7 @@ pub struct Dedup {
     index: Mutex<Option<SharedIndex>>,
     /// Hashes a migration receiver handed over at its seal, waiting for the disk's final
     /// path (`adopt_received`).
-    received: Mutex<HashMap<String, Vec<(u64, [u8; 32])>>>,
+    received: Mutex<HashMap<String, ChunkRows>>,
 }
 
 /// A file's id in the index: derived from its path, so stable across restarts without a
@@ -70,7 +75,7 @@ impl Dedup {
                         "dedup index ready"
                     );
                     *me.index.lock().unwrap_or_else(|e| e.into_inner()) =
-                        Some(Arc::new(Mutex::new(idx)));
+                        Some(Arc::new(RwLock::new(idx)));
                 }
                 Err(e) => warn!("dedup index unavailable (chunks will be sent): {e}"),
             }
@@ -85,7 +90,7 @@ impl Dedup {
     /// Rows in the index (0 while it opens): whether offering hashes first can pay.
     pub fn indexed_chunks(&self) -> u64 {
         self.index()
-            .and_then(|ix| ix.lock().unwrap_or_else(|e| e.into_inner()).len().ok())
+            .and_then(|ix| ix.read().unwrap_or_else(|e| e.into_inner()).len().ok())
             .unwrap_or(0)
     }
 
@@ -97,10 +102,13 @@ impl Dedup {
         tokio::task::spawn_blocking(move || record_rows(&ix, &path, &hashes));
     }
 
-    /// Record every chunk of `hashes` (a disk whose every chunk's hash is known) for `path`.
+    /// Record the data chunks of `hashes` (a disk whose every chunk's hash is known) for
+    /// `path`. Zero chunks are left out: a row for a chunk zeroed since is merely stale.
     pub fn note_all(&self, path: &Path, hashes: &ChunkHashes) {
-        let rows: Vec<(u64, [u8; 32])> = (0..hashes.len())
+        let zero = zero_hash(CHUNK_SIZE as usize);
+        let rows: ChunkRows = (0..hashes.len())
             .filter_map(|i| hashes.get(i).map(|h| (i, *h)))
+            .filter(|(_, h)| *h != zero)
             .collect();
         self.note_disk(path, rows);
     }
@@ -111,10 +119,16 @@ impl Dedup {
         let path = path.to_path_buf();
         tokio::task::spawn_blocking(move || {
             let id = file_id(&path);
-            let mut ix = ix.lock().unwrap_or_else(|e| e.into_inner());
-            let r = ix
-                .track_file(id, path.clone())
-                .and_then(|()| ix.index_file(id).map(|_| ()));
+            let tracked = ix
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .track_file(id, path.clone());
+            let r = tracked.and_then(|()| {
+                ix.read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .index_file(id)
+                    .map(|_| ())
+            });
             if let Err(e) = r {
                 warn!(path = %path.display(), "dedup index: {e}");
             }
@@ -125,7 +139,7 @@ impl Dedup {
     pub fn forget_disk(&self, path: &Path) {
         let Some(ix) = self.index() else { return };
         let id = file_id(path);
-        let mut ix = ix.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ix = ix.write().unwrap_or_else(|e| e.into_inner());
         if let Err(e) = ix.forget_file(id) {
             warn!(path = %path.display(), "dedup index: {e}");
         }
@@ -168,10 +182,15 @@ pub fn record_rows(ix: &SharedIndex, path: &Path, rows: &[(u64, [u8; 32])]) {
             (Location { file: id, chunk }, state)
         })
         .collect();
-    let mut ix = ix.lock().unwrap_or_else(|e| e.into_inner());
-    let r = ix
-        .track_file(id, path.to_path_buf())
-        .and_then(|()| ix.record_many(&rows));
+    let tracked = ix
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .track_file(id, path.to_path_buf());
+    let r = tracked.and_then(|()| {
+        ix.read()
+            .unwrap_or_else(|e| e.into_inner())
+            .record_many(&rows)
+    });
     if let Err(e) = r {
         warn!(path = %path.display(), "dedup index: {e}");
     }

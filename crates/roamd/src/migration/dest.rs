@@ -411,6 +411,10 @@ impl Dest {
                     r.generation = r.generation.max(generation);
                     d.store.put_vm(&r)?;
                     let _ = send_ctl(ctl_tx, &Msg::Committed).await;
+                    // Index the received disk only now: recording ~16 k rows competes for
+                    // the CPU with the guest's first steps here (and its write check).
+                    d.dedup
+                        .adopt_received(&self.vm.name, &d.paths.vm_disk(&self.vm.name));
                     // Only the source's name comes from the source; each entry must still be a
                     // peer pinned here, which `adopt` checks.
                     let (d2, vm) = (d.clone(), self.vm.name.clone());
@@ -426,6 +430,8 @@ impl Dest {
                 Err(e) => {
                     // We own and run the VM; a lost source is not our failure.
                     warn!(vm = %self.vm.name, "source gone after switchover: {e}");
+                    d.dedup
+                        .adopt_received(&self.vm.name, &d.paths.vm_disk(&self.vm.name));
                     return Ok(());
                 }
             }
@@ -474,7 +480,6 @@ impl Dest {
         std::fs::create_dir_all(&final_dir)
             .map_err(|e| Error::io(format!("create {}", final_dir.display()), e))?;
         rt.move_disk(&final_disk)?;
-        d.dedup.adopt_received(&self.vm.name, &final_disk);
         let _ = std::fs::remove_dir_all(d.paths.incoming_dir(&self.vm.name));
         let rec = self.record(final_disk.display().to_string(), VmStatus::Running);
         d.store.put_vm(&rec)?;

@@ -606,7 +606,7 @@ impl DiskReceiver {
                     // 2. Anywhere else on this host, verified?
                     if let Some(ix) = &index {
                         let found = ix
-                            .lock()
+                            .read()
                             .unwrap_or_else(|e| e.into_inner())
                             .read_verified(&frame.hash, &mut buf[..len]);
                         match found {
@@ -769,13 +769,16 @@ struct OfferState {
 
 impl OfferState {
     fn want_or_wait(&mut self, chunk: u64, hash: Digest) {
-        if self.wanted_hash.contains_key(&hash) {
-            self.pending.insert(chunk, hash);
-            self.waiting.entry(hash).or_default().push(chunk);
-            self.copied += 1;
-        } else {
-            self.wanted_hash.insert(hash, chunk);
-            self.wants.push(chunk);
+        match self.wanted_hash.entry(hash) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.pending.insert(chunk, hash);
+                self.waiting.entry(hash).or_default().push(chunk);
+                self.copied += 1;
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(chunk);
+                self.wants.push(chunk);
+            }
         }
     }
 

@@ -622,7 +622,7 @@ fn frame(
                 // copy is staged like a received chunk, after its bytes hashed right.
                 let local = index.is_some_and(|ix| {
                     matches!(
-                        ix.lock()
+                        ix.read()
                             .unwrap_or_else(|e| e.into_inner())
                             .read_verified(&f.hash, &mut buf),
                         Ok(Some(_))
