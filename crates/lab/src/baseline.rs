@@ -298,7 +298,15 @@ pub async fn copy_storage_all(
             break;
         }
         if jobs.as_array().is_some_and(|a| a.is_empty()) {
-            return Err(LabError::Io("baseline mirror job vanished".into()));
+            let tail = |n: &str| {
+                std::fs::read_to_string(dir.join(format!("{n}.stderr"))).unwrap_or_default()
+            };
+            return Err(LabError::Io(format!(
+                "baseline mirror job ended before it was ready; source QEMU: {} destination \
+                 QEMU: {}",
+                tail("src").trim(),
+                tail("dst").trim()
+            )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -177,6 +177,24 @@ fn write_through_nbd(lab: &Lab, host: &str, vm: &str, mib: u64, at: u64) -> Resu
     Ok(())
 }
 
+/// The baseline, tried twice: QEMU's NBD client has no reconnect by default (nor in
+/// libvirt's flow), so one failed connection over the emulated WAN ends its mirror job.
+async fn baseline(
+    lab: &Lab,
+    from: &str,
+    to: &str,
+    disk: &Path,
+    memory_mib: u64,
+) -> Result<BaselineMove, LabError> {
+    match copy_storage_all(lab, from, to, disk, memory_mib).await {
+        Ok(m) => Ok(m),
+        Err(e) => {
+            eprintln!("roam-lab bench (storage): baseline failed ({e}); once more");
+            copy_storage_all(lab, from, to, disk, memory_mib).await
+        }
+    }
+}
+
 fn wan_bytes(lab: &Lab) -> u64 {
     lab.wan().stats().links.iter().map(|l| l.fwd_bytes).sum()
 }
@@ -279,7 +297,7 @@ pub async fn run(link: LinkParams, sizes: StorageSizes) -> Result<StorageReport,
     // home hashes base's disk into its index in the background meanwhile.
 
     say("1: QEMU's copy-storage-all, office → home (baseline)");
-    let first_qemu = copy_storage_all(&lab, "office", "home", &desk_img, sizes.memory_mib).await?;
+    let first_qemu = baseline(&lab, "office", "home", &desk_img, sizes.memory_mib).await?;
     let _ = std::fs::remove_file(&desk_img);
     say(&format!(
         "   {:.1} MB in {:.1} s",
@@ -328,7 +346,7 @@ pub async fn run(link: LinkParams, sizes: StorageSizes) -> Result<StorageReport,
         .join("vms")
         .join("desk")
         .join("disk.raw");
-    let back_qemu = copy_storage_all(&lab, "home", "office", &kept, sizes.memory_mib).await?;
+    let back_qemu = baseline(&lab, "home", "office", &kept, sizes.memory_mib).await?;
     say(&format!("   {:.1} s", back_qemu.seconds));
     lab.shutdown().await;
 
