@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark: roam's figures beside their baselines, measured in the same run, checked
 # against SPECIFICATION.md. `bash scripts/bench.sh --json` prints one JSON object.
+# `--only storage` runs only the storage benchmarks (dedup and replicas against QEMU's own
+# copy-storage-all; about 8 minutes); `--quick` shrinks everything to a smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 {

@@ -479,6 +479,14 @@ pub struct MigrationResult {
     /// complete; these figures say how far from complete and what the guest waited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postcopy: Option<PostcopyStats>,
+    /// Of those, chunks found *elsewhere* on the destination (its dedup index: another
+    /// disk, another offset) or copied there from another chunk of this transfer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks_deduped: Option<u64>,
+    /// The least possible disk bytes: the zstd-compressed size (level 3) of each distinct
+    /// chunk content the destination lacked, counted once; compare with `bytes.disk`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub least_bytes: Option<u64>,
 }
 
 /// What a post-copy migration's guest saw of its disk arriving after it resumed.

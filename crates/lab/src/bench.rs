@@ -72,6 +72,9 @@ pub struct BenchReport {
     /// HIP handover gap, ESP and base exchange ([`crate::bench_net`]).
     pub net: Option<crate::bench_net::NetFigures>,
     pub checks: Vec<Check>,
+    /// Benchmarks 1, 2 and 4 of the replication issue (dedup, replicas, QEMU baseline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<crate::bench_storage::StorageReport>,
 }
 
 /// The demo VM moved with `--postcopy` over `cfg.link`.
@@ -279,6 +282,10 @@ pub fn render(r: &BenchReport) -> String {
     if let Some(n) = &r.net {
         s.push('\n');
         s.push_str(&crate::bench_net::render(n));
+    }
+    if let Some(st) = &r.storage {
+        s.push('\n');
+        s.push_str(&crate::bench_storage::render(st));
     }
     s.push_str("\nchecks (SPECIFICATION.md)\n");
     for c in &r.checks {

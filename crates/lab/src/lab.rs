@@ -211,6 +211,39 @@ impl Lab {
         Ok(())
     }
 
+    /// A demo disk image (the lab's disk size) with `data_mib` of generated data, in the
+    /// lab's directory. Images share their first files: a common base image.
+    pub fn make_image(&self, name: &str, data_mib: u64) -> Result<PathBuf, LabError> {
+        let image = self.root.join(format!("{name}-image.raw"));
+        make_disk(&image, self.cfg.disk_bytes, data_mib)?;
+        Ok(image)
+    }
+
+    /// Like `create_vm`, with `data_mib` of generated data instead of the lab's: images
+    /// made with the same seed share their first files (a common base image).
+    pub async fn create_vm_with_data(
+        &self,
+        host: &str,
+        vm: &str,
+        data_mib: u64,
+    ) -> Result<(), LabError> {
+        let image = self.make_image(vm, data_mib)?;
+        let h = self.host(host);
+        h.client
+            .vm_create(&VmCreate {
+                name: vm.to_string(),
+                memory_mib: self.cfg.memory_mib,
+                disk_bytes: self.cfg.disk_bytes,
+                vcpus: 1,
+                disk_image: Some(image.clone()),
+                hip_peers: Vec::new(),
+            })
+            .await?;
+        let _ = std::fs::remove_file(&image);
+        h.client.vm_start(vm).await?;
+        Ok(())
+    }
+
     pub async fn start_workload(&self, host: &str, vm: &str) -> Result<(), LabError> {
         self.host(host)
             .client

@@ -15,8 +15,10 @@
 //! Everything it creates (namespaces, processes, state directories, mounts) is owned by a
 //! [`Lab`] value and removed when it is dropped, by id — also when a test fails.
 
+pub mod baseline;
 pub mod bench;
 pub mod bench_net;
+pub mod bench_storage;
 pub mod bins;
 pub mod echo;
 pub mod host;

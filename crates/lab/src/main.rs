@@ -91,7 +91,8 @@ enum Cmd {
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
-        /// Run only these parts (comma-separated): nbd, migration, postcopy, net.
+        /// Run only these parts (comma-separated): nbd, migration, postcopy,
+        /// net, storage (with --quick, the storage part's small-size smoke test).
         /// Default: all.
         #[arg(long, value_delimiter = ',')]
         only: Vec<BenchPart>,
@@ -105,6 +106,7 @@ enum BenchPart {
     Migration,
     Postcopy,
     Net,
+    Storage,
 }
 
 fn link_params(l: &LinkArgs) -> LinkParams {
@@ -244,12 +246,34 @@ async fn main() -> anyhow::Result<()> {
             if let Some(n) = &net {
                 checks.extend(roam_lab::bench_net::checks(n));
             }
+            let storage = if run(BenchPart::Storage) {
+                eprintln!(
+                    "roam-lab bench: storage (dedup, replicas) against QEMU's copy-storage-all"
+                );
+                let sizes = if quick {
+                    roam_lab::bench_storage::StorageSizes::quick()
+                } else {
+                    roam_lab::bench_storage::StorageSizes::full()
+                };
+                let storage_link = LinkParams {
+                    bandwidth_mbit: 100.0,
+                    rtt_ms: 40.0,
+                    loss_pct: 0.0,
+                    ..LinkParams::default()
+                };
+                let st = roam_lab::bench_storage::run(storage_link, sizes).await?;
+                checks.extend(st.checks.iter().cloned());
+                Some(st)
+            } else {
+                None
+            };
             let report = roam_lab::bench::BenchReport {
                 nbd,
                 migrations,
                 postcopy,
                 net,
                 checks,
+                storage,
             };
             if json {
                 println!("{}", serde_json::to_string(&report)?);

@@ -105,11 +105,19 @@ pub enum Msg {
     /// D → S: ready to receive the disk; QEMU started with `-incoming defer`.
     /// `base_chunks` > 0: D starts from an older copy of this disk holding that many
     /// allocated chunks, so S should offer hashes first and send only what differs.
+    /// `indexed_chunks` > 0: D's dedup index knows that many chunks of other disks, so
+    /// offering hashes first pays even without a base (a shared base image, a replica).
     Accept {
         version: u16,
         free_bytes: u64,
         #[serde(default)]
         base_chunks: u64,
+        #[serde(default)]
+        indexed_chunks: u64,
+        /// The link rate (bytes/s) D last measured towards S, 0 if none: S's fallback
+        /// when its own disk copy is too short to measure the link.
+        #[serde(default)]
+        link_rate_hint: u64,
     },
     /// D → S: will not take this VM; nothing was created.
     Refuse { reason: String },
@@ -240,6 +248,8 @@ mod tests {
                 version: 1,
                 free_bytes: 5,
                 base_chunks: 0,
+                indexed_chunks: 7,
+                link_rate_hint: 0,
             },
             Msg::abort("destination disk full"),
             Msg::DiskVerified {

@@ -41,6 +41,10 @@ pub struct Daemon {
     pub shutdown: CancellationToken,
     /// Background replicas: links of this host's VMs, replicas held for others.
     pub replication: crate::replication::Replication,
+    /// This host's dedup index (every disk it holds), used by disk receivers.
+    pub dedup: Arc<crate::dedup::Dedup>,
+    /// The link rate last measured to each peer (see linkrate.rs).
+    pub link_rates: crate::linkrate::LinkRates,
     /// Lets `&self` trait methods hand an owning handle to long-lived tasks.
     me: std::sync::Weak<Daemon>,
 }
@@ -161,8 +165,14 @@ pub async fn run(state: PathBuf, socket: Option<PathBuf>) -> anyhow::Result<()> 
         busy: Default::default(),
         shutdown: shutdown.clone(),
         replication: Default::default(),
+        dedup: Default::default(),
+        link_rates: Default::default(),
         me: me.clone(),
     });
+    daemon.dedup.start(
+        daemon.paths.state.join("chunks.redb"),
+        crate::dedup::disks_of(&daemon.store),
+    );
     info!(
         host = %daemon.cfg.name,
         listen = %daemon.cfg.listen,
@@ -511,6 +521,7 @@ impl Host for Daemon {
             }),
         };
         self.store.put_vm(&rec).map_err(to_api)?;
+        self.dedup.scan_disk(&disk);
         Ok(self.info(&rec, None, false))
     }
 
@@ -583,6 +594,7 @@ impl Host for Daemon {
             )));
         }
         self.store.remove_vm(name).map_err(to_api)?;
+        self.dedup.forget_disk(std::path::Path::new(&r.disk_path));
         let _ = std::fs::remove_dir_all(self.paths.vm_dir(&r.name));
         Ok(())
     }

@@ -15,9 +15,11 @@
 
 mod config;
 mod daemon;
+mod dedup;
 mod error;
 mod esp_forward;
 mod fault;
+mod linkrate;
 mod migration;
 mod net;
 mod ownership;

@@ -321,6 +321,39 @@ impl ChunkIndex {
         w.commit().map_err(StoreError::index)
     }
 
+    /// Start tracking a disk file that appeared after `open` (a VM created or received, a
+    /// replica, a kept copy). Rows for it come from the caller (`record_many`, when it
+    /// already knows the hashes, e.g. from a migration's receiver) or from `index_file`.
+    /// A file already tracked under `id` at another path loses its old rows first.
+    pub fn track_file(&mut self, id: FileId, path: PathBuf) -> Result<()> {
+        if self.files.get(&id) == Some(&path) {
+            return Ok(());
+        }
+        if self.files.contains_key(&id) {
+            self.drop_file_rows(id)?;
+        }
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.files.insert(id, path);
+        self.save_files()
+    }
+
+    /// Stop tracking a disk file (deleted, or replaced by another): drop its rows.
+    pub fn forget_file(&mut self, id: FileId) -> Result<()> {
+        if self.files.remove(&id).is_none() {
+            return Ok(());
+        }
+        self.drop_file_rows(id)?;
+        self.save_files()
+    }
+
+    /// The files the index tracks.
+    pub fn files(&self) -> &BTreeMap<FileId, PathBuf> {
+        &self.files
+    }
+
     /// Mark the index cleanly closed (the next open reports `was_unclean: false`).
     pub fn close(self) -> Result<()> {
         self.set_clean(true)

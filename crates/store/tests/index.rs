@@ -277,3 +277,53 @@ fn a_missing_disk_file_holds_nothing() {
     let mut buf = vec![0u8; CS as usize];
     assert!(idx.read_verified(&hash(2), &mut buf).unwrap().is_some());
 }
+
+/// Disks that appear after `open` (a VM received, a replica) are tracked with rows the
+/// caller knows; forgetting a file drops its rows; both survive a restart.
+#[test]
+fn files_tracked_and_forgotten_at_run_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = disk(tmp.path(), "a", &[1, 2]);
+    let b = disk(tmp.path(), "b", &[0, 3, 1]);
+    let ip = tmp.path().join("idx");
+    let (mut idx, _) = ChunkIndex::open(&ip, CS, &[(FileId(1), a.clone())], CACHE).unwrap();
+    assert!(idx.lookup(&hash(3)).unwrap().is_empty());
+    idx.track_file(FileId(2), b.clone()).unwrap();
+    // Tracking alone hashes nothing: the caller records what it knows.
+    assert!(idx.lookup(&hash(3)).unwrap().is_empty());
+    idx.record(
+        Location {
+            file: FileId(2),
+            chunk: 1,
+        },
+        ChunkState::Data(hash(3)),
+    )
+    .unwrap();
+    let mut buf = vec![0u8; CS as usize];
+    let at = idx.read_verified(&hash(3), &mut buf).unwrap();
+    assert_eq!(
+        at,
+        Some(Location {
+            file: FileId(2),
+            chunk: 1
+        })
+    );
+    assert_eq!(buf, chunk(3));
+    idx.close().unwrap();
+    // Reopened with the caller's view of the files: the tracked file's rows are kept.
+    let files = [(FileId(1), a.clone()), (FileId(2), b.clone())];
+    let (mut idx, o) = ChunkIndex::open(&ip, CS, &files, CACHE).unwrap();
+    assert_eq!(
+        o,
+        Opened::Intact {
+            was_unclean: false,
+            added: 0,
+            removed: 0
+        }
+    );
+    assert_eq!(idx.lookup(&hash(3)).unwrap().len(), 1);
+    idx.forget_file(FileId(2)).unwrap();
+    assert!(idx.lookup(&hash(3)).unwrap().is_empty());
+    assert_eq!(idx.lookup(&hash(1)).unwrap().len(), 1, "file 1's rows stay");
+    assert_eq!(idx.files().len(), 1);
+}

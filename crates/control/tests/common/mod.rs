@@ -91,6 +91,8 @@ pub fn result(vm: &str, to: &str, outcome: Outcome) -> MigrationResult {
         tuning: serde_json::json!({"capabilities": {"postcopy-ram": false}, "max-bandwidth": 12500000}),
         chunks_skipped: None,
         postcopy: None,
+        chunks_deduped: None,
+        least_bytes: None,
     }
 }
 

@@ -190,8 +190,12 @@ impl Dest {
 
         // Streams the source opens: one disk stream, then the QEMU stream(s).
         let (disk_tx, disk_rx) = oneshot::channel::<Result<SealOutcome>>();
-        let mut receiver =
-            DiskReceiver::new(file, self.vm.disk_bytes, self.vm.chunk_size).with_base(base);
+        let dedup = d.dedup.clone();
+        let vm_name = self.vm.name.clone();
+        let mut receiver = DiskReceiver::new(file, self.vm.disk_bytes, self.vm.chunk_size)
+            .with_base(base)
+            .with_index(d.dedup.index())
+            .on_sealed(Box::new(move |rows| dedup.hold_received(&vm_name, rows)));
         let mut demand = None;
         if let Some(p) = self.postcopy.as_mut() {
             let (r, dem) = p.attach(receiver, &self.conn, &rt)?;
@@ -248,6 +252,8 @@ impl Dest {
                 version: roam_migrate::PROTOCOL_VERSION,
                 free_bytes: free_bytes(&d.paths.state)?,
                 base_chunks,
+                indexed_chunks: d.dedup.indexed_chunks(),
+                link_rate_hint: self.conn.peer_name().map_or(0, |p| d.link_rates.get(p)),
             },
         )
         .await?;
@@ -427,6 +433,10 @@ impl Dest {
                     r.generation = r.generation.max(generation);
                     d.store.put_vm(&r)?;
                     let _ = send_ctl(ctl_tx, &Msg::Committed).await;
+                    // Index the received disk only now: recording ~16 k rows competes for
+                    // the CPU with the guest's first steps here (and its write check).
+                    d.dedup
+                        .adopt_received(&self.vm.name, &d.paths.vm_disk(&self.vm.name));
                     // Only the source's name comes from the source; each entry must still be a
                     // peer pinned here, which `adopt` checks.
                     let (d2, vm) = (d.clone(), self.vm.name.clone());
@@ -442,6 +452,8 @@ impl Dest {
                 Err(e) => {
                     // We own and run the VM; a lost source is not our failure.
                     warn!(vm = %self.vm.name, "source gone after switchover: {e}");
+                    d.dedup
+                        .adopt_received(&self.vm.name, &d.paths.vm_disk(&self.vm.name));
                     return Ok(());
                 }
             }

@@ -8,6 +8,23 @@
 //! File work and compression run on blocking threads (one per side) so that the async
 //! side only moves bytes; a bounded queue between them keeps memory flat whatever the
 //! link speed. The frame format and the digest are `roam-migrate`'s; this file is the I/O.
+//!
+//! # Dedup: only what the destination holds nowhere crosses
+//! When the destination holds an older copy or its dedup index knows chunks of other
+//! disks, the source first offers the hash of every allocated chunk (`Hash`, 56 bytes per
+//! 64 KiB). For each, the receiver, in this order:
+//! 1. holds it already at that offset (an older copy of this disk): nothing to do;
+//! 2. finds it anywhere on this host through the index, reads it and checks its hash
+//!    (an index row may be stale), and copies it locally;
+//! 3. is already getting the same content for another chunk of this transfer: the chunk
+//!    is written from that one when it arrives ("pending");
+//! 4. wants it.
+//!
+//! A pending chunk waits for a frame whose content has its hash. If the source's chunk
+//! changed between its offer and its send, the source notices (the hash it reads differs
+//! from the one it offered) and sends every chunk that shared the old hash itself; a
+//! chunk written directly is never overwritten by a later pending copy. Whatever goes
+//! wrong, the seal's digest catches a chunk left unresolved.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -15,11 +32,14 @@ use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use roam_migrate::digest::{to_hex, zero_hash, ChunkHashes};
+use std::collections::{HashMap, HashSet};
+
+use roam_migrate::digest::{to_hex, zero_hash, ChunkHashes, Digest};
 use roam_migrate::frame::{DiskFrame, Kind, HEADER_LEN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use crate::dedup::SharedIndex;
 use crate::error::{Error, Result};
 
 /// Counters shared with progress reporting.
@@ -31,12 +51,46 @@ pub struct DiskCounters {
     pub stream_bytes: AtomicU64,
     pub chunks: AtomicU64,
     pub zero_chunks: AtomicU64,
+    /// Offered chunks the destination held at the same offset (an older copy).
+    pub held_chunks: AtomicU64,
+    /// Offered chunks the destination found elsewhere (its index: another disk, another
+    /// offset) or copies from another chunk of this transfer.
+    pub deduped_chunks: AtomicU64,
+    /// The least any sender could have sent: the zstd-compressed size (level 3, or the
+    /// raw size when that is smaller) of each distinct content sent, counted once.
+    pub least_bytes: AtomicU64,
+}
+
+/// What the destination answered to the hash offers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Negotiated {
+    /// Chunks to send, ascending in offer order.
+    pub wanted: Vec<u64>,
+    /// Held at the same offset.
+    pub held: u64,
+    /// Found elsewhere on the destination and copied there from a verified copy.
+    pub deduped: u64,
+    /// To be copied from another wanted chunk with the same content.
+    pub copied: u64,
+}
+
+/// The reference level of `least_bytes`: zstd's default.
+const LEAST_LEVEL: i32 = 3;
+
+/// What the sender's worker thread owns while it runs.
+struct SenderState {
+    hashes: ChunkHashes,
+    /// Offered contents shared by several chunks: if the chunk the destination chose to
+    /// receive changed before it was sent, the others must be sent themselves.
+    groups: HashMap<Digest, Vec<u64>>,
+    /// Contents already sent once (for `least_bytes`).
+    sent: HashSet<Digest>,
 }
 
 /// The source half: owns the source-side chunk hashes of one migration.
 pub struct DiskSender {
     file: Arc<File>,
-    hashes: Option<ChunkHashes>,
+    state: Option<SenderState>,
     level: i32,
     frames_sent: u64,
     pub counters: Arc<DiskCounters>,
@@ -51,7 +105,11 @@ impl DiskSender {
     pub fn new(file: Arc<File>, disk_bytes: u64, chunk_size: u32, level: i32) -> DiskSender {
         DiskSender {
             file,
-            hashes: Some(ChunkHashes::new_zero(disk_bytes, chunk_size)),
+            state: Some(SenderState {
+                hashes: ChunkHashes::new_zero(disk_bytes, chunk_size),
+                groups: HashMap::new(),
+                sent: HashSet::new(),
+            }),
             level,
             frames_sent: 0,
             counters: Arc::default(),
@@ -60,11 +118,6 @@ impl DiskSender {
 
     pub fn set_level(&mut self, level: i32) {
         self.level = level;
-    }
-
-    /// For each chunk, the hash of the bytes last read (and sent or offered).
-    pub fn hashes(&self) -> Option<&ChunkHashes> {
-        self.hashes.as_ref()
     }
 
     /// Send `chunks` in order. With `skip_zero` (the first pass to an empty destination)
@@ -76,8 +129,8 @@ impl DiskSender {
         chunks: Vec<u64>,
         skip_zero: bool,
     ) -> Result<()> {
-        let mut hashes = self
-            .hashes
+        let mut st = self
+            .state
             .take()
             .ok_or_else(|| Error::Disk("sender used after a failed round".into()))?;
         let (tx, mut rx) = mpsc::channel::<Result<Item>>(32);
@@ -85,9 +138,10 @@ impl DiskSender {
         let level = self.level;
         let counters = self.counters.clone();
         let worker = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; hashes.chunk_size() as usize];
-            for idx in chunks {
-                let data = match read_chunk(&file, &hashes, idx, &mut buf) {
+            let mut buf = vec![0u8; st.hashes.chunk_size() as usize];
+            let mut queue: std::collections::VecDeque<u64> = chunks.into();
+            while let Some(idx) = queue.pop_front() {
+                let data = match read_chunk(&file, &st.hashes, idx, &mut buf) {
                     Ok(d) => d,
                     Err(e) => {
                         let _ = tx.blocking_send(Err(e));
@@ -95,7 +149,14 @@ impl DiskSender {
                     }
                 };
                 let (frame, body, hash) = DiskFrame::for_chunk(idx, data, level);
-                hashes.set(idx, hash);
+                let old = st.hashes.get(idx).copied();
+                st.hashes.set(idx, hash);
+                if let Some(old) = old.filter(|o| *o != hash) {
+                    // The destination may be waiting to copy `old` from this chunk.
+                    if let Some(group) = st.groups.remove(&old) {
+                        queue.extend(group.into_iter().filter(|&c| c != idx));
+                    }
+                }
                 if frame.kind == Kind::Zero {
                     counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
                     if skip_zero {
@@ -105,6 +166,17 @@ impl DiskSender {
                     counters
                         .raw_bytes
                         .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if st.sent.insert(hash) {
+                        let least = if level == LEAST_LEVEL {
+                            body.len()
+                        } else {
+                            zstd::bulk::compress(data, LEAST_LEVEL)
+                                .map_or(data.len(), |c| c.len().min(data.len()))
+                        };
+                        counters
+                            .least_bytes
+                            .fetch_add(least as u64, Ordering::Relaxed);
+                    }
                 }
                 let item = Item {
                     header: frame.encode_header(),
@@ -114,7 +186,7 @@ impl DiskSender {
                     break; // the stream side failed; it reports why
                 }
             }
-            hashes
+            st
         });
         let mut result = Ok(());
         while let Some(item) = rx.recv().await {
@@ -136,11 +208,16 @@ impl DiskSender {
                 .fetch_add((HEADER_LEN + item.body.len()) as u64, Ordering::Relaxed);
         }
         drop(rx);
-        let hashes = worker
+        let st = worker
             .await
             .map_err(|e| Error::Disk(format!("disk reader thread: {e}")))?;
-        self.hashes = Some(hashes);
+        self.state = Some(st);
         result
+    }
+
+    /// The source's hash of every chunk (what the destination holds after the seal).
+    pub fn hashes(&self) -> Option<&ChunkHashes> {
+        self.state.as_ref().map(|s| &s.hashes)
     }
 
     /// Wait until the destination has written every frame sent so far.
@@ -179,21 +256,22 @@ impl DiskSender {
         w: &mut W,
         r: &mut R,
         chunks: Vec<u64>,
-    ) -> Result<Vec<u64>>
+    ) -> Result<Negotiated>
     where
         W: AsyncWrite + Unpin,
         R: AsyncRead + Unpin,
     {
-        let mut hashes = self
-            .hashes
+        let mut st = self
+            .state
             .take()
             .ok_or_else(|| Error::Disk("sender used after a failed round".into()))?;
         let (tx, mut rx) = mpsc::channel::<Result<[u8; HEADER_LEN]>>(256);
         let file = self.file.clone();
         let worker = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; hashes.chunk_size() as usize];
+            let mut buf = vec![0u8; st.hashes.chunk_size() as usize];
+            let mut groups: HashMap<Digest, Vec<u64>> = HashMap::new();
             for idx in chunks {
-                let data = match read_chunk(&file, &hashes, idx, &mut buf) {
+                let data = match read_chunk(&file, &st.hashes, idx, &mut buf) {
                     Ok(d) => d,
                     Err(e) => {
                         let _ = tx.blocking_send(Err(e));
@@ -201,16 +279,19 @@ impl DiskSender {
                     }
                 };
                 let hash = *blake3::hash(data).as_bytes();
-                hashes.set(idx, hash);
+                st.hashes.set(idx, hash);
                 if roam_migrate::frame::is_zero(data) {
                     continue;
                 }
+                groups.entry(hash).or_default().push(idx);
                 let h = DiskFrame::hash_of(idx, data.len() as u32, hash).encode_header();
                 if tx.blocking_send(Ok(h)).is_err() {
                     break;
                 }
             }
-            hashes
+            groups.retain(|_, g| g.len() > 1);
+            st.groups.extend(groups);
+            st
         });
         let mut offered = 0u64;
         let mut result: Result<()> = Ok(());
@@ -233,10 +314,10 @@ impl DiskSender {
             }
         }
         drop(rx);
-        let hashes = worker
+        let st = worker
             .await
             .map_err(|e| Error::Disk(format!("disk reader thread: {e}")))?;
-        self.hashes = Some(hashes);
+        self.state = Some(st);
         result?;
         w.write_all(&DiskFrame::control(Kind::Query, offered).encode_header())
             .await
@@ -249,7 +330,19 @@ impl DiskSender {
             let f = read_reply(r).await?;
             match f.kind {
                 Kind::Want => wanted.push(f.index),
-                Kind::WantEnd if f.index == wanted.len() as u64 => return Ok(wanted),
+                Kind::WantEnd if f.index == wanted.len() as u64 => {
+                    let (held, deduped, copied) = decode_counts(&f.hash);
+                    self.counters.held_chunks.fetch_add(held, Ordering::Relaxed);
+                    self.counters
+                        .deduped_chunks
+                        .fetch_add(deduped + copied, Ordering::Relaxed);
+                    return Ok(Negotiated {
+                        wanted,
+                        held,
+                        deduped,
+                        copied,
+                    });
+                }
                 other => {
                     return Err(Error::Disk(format!(
                         "unexpected {other:?} while reading the destination's wants"
@@ -261,11 +354,11 @@ impl DiskSender {
 
     /// Send the seal: the count of frames and the source's digest. Returns the digest (hex).
     pub async fn seal<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> Result<String> {
-        let hashes = self
-            .hashes
+        let st = self
+            .state
             .as_ref()
             .ok_or_else(|| Error::Disk("sender used after a failed round".into()))?;
-        let root = hashes.root();
+        let root = st.hashes.root();
         let frame = DiskFrame::seal(self.frames_sent, root);
         w.write_all(&frame.encode_header())
             .await
@@ -275,6 +368,25 @@ impl DiskSender {
             .map_err(|e| Error::io("send disk seal", e))?;
         Ok(to_hex(&root))
     }
+}
+
+/// `WantEnd` carries the receiver's counts in its (otherwise unused) hash field:
+/// held at the offset, found through the index, copied from another wanted chunk.
+fn encode_counts(held: u64, deduped: u64, copied: u64) -> Digest {
+    let mut h = [0u8; 32];
+    h[0..8].copy_from_slice(&held.to_be_bytes());
+    h[8..16].copy_from_slice(&deduped.to_be_bytes());
+    h[16..24].copy_from_slice(&copied.to_be_bytes());
+    h
+}
+
+fn decode_counts(h: &Digest) -> (u64, u64, u64) {
+    let word = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&h[i..i + 8]);
+        u64::from_be_bytes(b)
+    };
+    (word(0), word(8), word(16))
 }
 
 async fn read_reply<R: AsyncRead + Unpin>(r: &mut R) -> Result<DiskFrame> {
@@ -392,12 +504,18 @@ impl SealOutcome {
     }
 }
 
+/// Receives, at a successful seal, the hash of every non-zero chunk of the disk.
+pub type OnSealed = Box<dyn FnOnce(Vec<(u64, Digest)>) + Send>;
+
 /// The destination half: writes chunks into `file` and keeps their hashes.
 pub struct DiskReceiver {
     file: Arc<File>,
     hashes: ChunkHashes,
     /// Allocated chunks of an older copy the file was seeded with (a return move).
     base: Vec<u64>,
+    /// This host's dedup index: offered content found anywhere here is copied locally.
+    index: Option<SharedIndex>,
+    on_sealed: Option<OnSealed>,
     pub counters: Arc<DiskCounters>,
     /// Post-copy: chunks go through the on-demand back end (which never overwrites a
     /// guest write), and `Switch` activates it.
@@ -412,6 +530,8 @@ impl DiskReceiver {
             file,
             hashes: ChunkHashes::new_zero(disk_bytes, chunk_size),
             base: Vec::new(),
+            index: None,
+            on_sealed: None,
             counters: Arc::default(),
             ondemand: None,
             switched: None,
@@ -426,6 +546,18 @@ impl DiskReceiver {
     ) -> DiskReceiver {
         self.ondemand = Some(od);
         self.switched = Some(switched);
+        self
+    }
+
+    /// Look offered content up in this host's dedup index (`None`: no index).
+    pub fn with_index(mut self, index: Option<SharedIndex>) -> DiskReceiver {
+        self.index = index;
+        self
+    }
+
+    /// Hand the disk's chunk hashes to `f` once the seal matched (to index the disk).
+    pub fn on_sealed(mut self, f: OnSealed) -> DiskReceiver {
+        self.on_sealed = Some(f);
         self
     }
 
@@ -460,6 +592,8 @@ impl DiskReceiver {
             file,
             mut hashes,
             base,
+            index,
+            on_sealed,
             counters,
             ondemand,
             mut switched,
@@ -468,7 +602,13 @@ impl DiskReceiver {
         let writer = tokio::task::spawn_blocking(move || -> Result<Option<SealOutcome>> {
             let mut received = 0u64;
             let mut offered = vec![false; hashes.len() as usize];
-            let mut wants: Vec<u64> = Vec::new();
+            let mut in_base = vec![false; hashes.len() as usize];
+            for &c in &base {
+                if let Some(b) = in_base.get_mut(c as usize) {
+                    *b = true;
+                }
+            }
+            let mut offers = OfferState::default();
             let mut buf = vec![0u8; hashes.chunk_size() as usize];
             let mut pending: Vec<u64> = Vec::new();
             while let Some((frame, body)) = rx.blocking_recv() {
@@ -496,17 +636,47 @@ impl DiskReceiver {
                     continue;
                 }
                 if frame.kind == Kind::Hash {
-                    // Do we hold this content at this place already?
-                    let data = read_chunk(&file, &hashes, frame.index, &mut buf)?;
-                    let held = *blake3::hash(data).as_bytes() == frame.hash;
+                    let (off, len) = hashes.range(frame.index).ok_or_else(|| {
+                        Error::Disk(format!("offer for chunk {} beyond the disk", frame.index))
+                    })?;
+                    if frame.raw_len as usize != len {
+                        return Err(Error::Disk(format!(
+                            "offer for chunk {} has length {} but the chunk is {len}",
+                            frame.index, frame.raw_len
+                        )));
+                    }
                     if let Some(o) = offered.get_mut(frame.index as usize) {
                         *o = true;
                     }
-                    if held {
-                        hashes.set(frame.index, frame.hash);
-                    } else {
-                        wants.push(frame.index);
+                    // 1. Held at this place already (an older copy of this disk)?
+                    if in_base.get(frame.index as usize).copied().unwrap_or(false) {
+                        let data = read_chunk(&file, &hashes, frame.index, &mut buf)?;
+                        if *blake3::hash(data).as_bytes() == frame.hash {
+                            hashes.set(frame.index, frame.hash);
+                            offers.held += 1;
+                            continue;
+                        }
                     }
+                    // 2. Anywhere else on this host, verified?
+                    if let Some(ix) = &index {
+                        let found = ix
+                            .read()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .read_verified(&frame.hash, &mut buf[..len]);
+                        match found {
+                            Ok(Some(_)) => {
+                                file.write_all_at(&buf[..len], off)
+                                    .map_err(|e| disk_write_error(frame.index, e))?;
+                                hashes.set(frame.index, frame.hash);
+                                offers.deduped += 1;
+                                continue;
+                            }
+                            Ok(None) => {}
+                            Err(e) => tracing::debug!("dedup index lookup: {e}"),
+                        }
+                    }
+                    // 3./4. Coming for another chunk already, or wanted.
+                    offers.want_or_wait(frame.index, frame.hash);
                     continue;
                 }
                 if frame.kind == Kind::Query {
@@ -519,12 +689,19 @@ impl DiskReceiver {
                             }
                         }
                     }
-                    for &w in &wants {
+                    for &w in &offers.wants {
                         let _ = ack_tx.send(DiskFrame::control(Kind::Want, w).encode_header());
                     }
-                    let end = DiskFrame::control(Kind::WantEnd, wants.len() as u64);
+                    let mut end = DiskFrame::control(Kind::WantEnd, offers.wants.len() as u64);
+                    end.hash = encode_counts(offers.held, offers.deduped, offers.copied);
+                    wcounters
+                        .held_chunks
+                        .fetch_add(offers.held, Ordering::Relaxed);
+                    wcounters
+                        .deduped_chunks
+                        .fetch_add(offers.deduped + offers.copied, Ordering::Relaxed);
                     let _ = ack_tx.send(end.encode_header());
-                    wants.clear();
+                    offers.end_round();
                     continue;
                 }
                 if frame.kind == Kind::Seal {
@@ -532,8 +709,18 @@ impl DiskReceiver {
                         .map_err(|e| Error::io("flush received disk", e))?;
                     let dest = hashes.root();
                     let complete = ondemand.as_ref().is_none_or(|od| od.is_complete());
+                    let ok = dest == frame.hash && received == frame.index && complete;
+                    if ok {
+                        if let Some(f) = on_sealed {
+                            let zero = zero_hash(hashes.chunk_size() as usize);
+                            f((0..hashes.len())
+                                .filter_map(|i| hashes.get(i).map(|h| (i, *h)))
+                                .filter(|(_, h)| *h != zero)
+                                .collect());
+                        }
+                    }
                     return Ok(Some(SealOutcome {
-                        ok: dest == frame.hash && received == frame.index && complete,
+                        ok,
                         source_root: to_hex(&frame.hash),
                         dest_root: to_hex(&dest),
                         frames_expected: frame.index,
@@ -552,6 +739,8 @@ impl DiskReceiver {
                         frame.index, frame.raw_len
                     )));
                 }
+                // A chunk written directly is never overwritten by a pending copy.
+                offers.pending.remove(&frame.index);
                 if frame.kind == Kind::Zero {
                     match &ondemand {
                         Some(od) => od.install_zero(frame.index).map(|_| ()),
@@ -570,6 +759,16 @@ impl DiskReceiver {
                     .map_err(|e| disk_write_error(frame.index, e))?;
                     hashes.set(frame.index, frame.hash);
                     wcounters.raw_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                    // Chunks of the same content that wait for this one.
+                    for c in offers.resolve(&frame.hash) {
+                        if let Some((coff, clen)) = hashes.range(c) {
+                            if clen == data.len() {
+                                file.write_all_at(&data, coff)
+                                    .map_err(|e| disk_write_error(c, e))?;
+                                hashes.set(c, frame.hash);
+                            }
+                        }
+                    }
                 }
                 received += 1;
                 wcounters.chunks.fetch_add(1, Ordering::Relaxed);
@@ -613,6 +812,63 @@ impl DiskReceiver {
             (Ok(None), Err(e)) => Err(e),
             (Ok(None), Ok(())) => Err(Error::Disk("disk stream ended before the seal".into())),
         }
+    }
+}
+
+/// The receiver's view of one negotiation (pure: testable without files).
+#[derive(Debug, Default)]
+struct OfferState {
+    wants: Vec<u64>,
+    /// Content → the chunk asked for it, in this negotiation.
+    wanted_hash: HashMap<Digest, u64>,
+    /// Chunk → the content it waits for (to be copied when that content arrives).
+    pending: HashMap<u64, Digest>,
+    waiting: HashMap<Digest, Vec<u64>>,
+    held: u64,
+    deduped: u64,
+    copied: u64,
+}
+
+impl OfferState {
+    fn want_or_wait(&mut self, chunk: u64, hash: Digest) {
+        match self.wanted_hash.entry(hash) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.pending.insert(chunk, hash);
+                self.waiting.entry(hash).or_default().push(chunk);
+                self.copied += 1;
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(chunk);
+                self.wants.push(chunk);
+            }
+        }
+    }
+
+    /// Content `hash` arrived: the chunks still waiting for exactly it.
+    fn resolve(&mut self, hash: &Digest) -> Vec<u64> {
+        let Some(list) = self.waiting.remove(hash) else {
+            return Vec::new();
+        };
+        list.into_iter()
+            .filter(|c| {
+                if self.pending.get(c) == Some(hash) {
+                    self.pending.remove(c);
+                    true
+                } else {
+                    false
+                }
+            })
+            .collect()
+    }
+
+    /// The wants were answered; counts restart for a later negotiation. Pending copies
+    /// stay until their content arrives.
+    fn end_round(&mut self) {
+        self.wants.clear();
+        self.wanted_hash.clear();
+        self.held = 0;
+        self.deduped = 0;
+        self.copied = 0;
     }
 }
 
@@ -710,8 +966,8 @@ mod tests {
         let recv = tokio::spawn(async move { receiver.run(&mut br, bw).await });
         sender.send(&mut a, (0..n).collect(), true).await.unwrap();
         // Tamper: the sender's digest now includes a chunk the receiver never saw.
-        if let Some(h) = sender.hashes.as_mut() {
-            h.set(9, [1u8; 32]);
+        if let Some(st) = sender.state.as_mut() {
+            st.hashes.set(9, [1u8; 32]);
         }
         sender.seal(&mut a).await.unwrap();
         let out = recv.await.unwrap().unwrap();
@@ -741,8 +997,10 @@ mod tests {
         let (mut br, bw) = tokio::io::split(b);
         let recv = tokio::spawn(async move { receiver.run(&mut br, bw).await });
         let all = allocated_chunks(&sfile, n * cs as u64, cs as u32).unwrap();
-        let wanted = sender.negotiate(&mut a, &mut ar, all).await.unwrap();
-        assert_eq!(wanted, vec![3, 7, 20]);
+        let neg = sender.negotiate(&mut a, &mut ar, all).await.unwrap();
+        assert_eq!(neg.wanted, vec![3, 7, 20]);
+        assert_eq!((neg.held, neg.deduped, neg.copied), (8, 0, 0));
+        let wanted = neg.wanted;
         sender.send(&mut a, wanted, false).await.unwrap();
         sender.sync(&mut a, &mut ar).await.unwrap();
         sender.seal(&mut a).await.unwrap();
@@ -820,3 +1078,7 @@ mod tests {
         assert!(e.to_string().contains("magic"), "{e}");
     }
 }
+
+#[cfg(test)]
+#[path = "disk_dedup_tests.rs"]
+mod dedup_tests;

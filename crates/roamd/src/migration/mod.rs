@@ -159,6 +159,10 @@ impl Meter {
         self.lock().mem = Some(st.clone());
     }
 
+    pub fn disk_counters(&self) -> Option<Arc<DiskCounters>> {
+        self.lock().disk.clone()
+    }
+
     pub fn disk_bytes(&self) -> u64 {
         self.lock()
             .disk

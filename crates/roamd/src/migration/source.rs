@@ -94,6 +94,8 @@ pub async fn migrate(
             tuning: serde_json::Value::Null,
             chunks_skipped: None,
             postcopy: None,
+            chunks_deduped: None,
+            least_bytes: None,
         },
         conn: None,
         qemu_migrating: false,
@@ -167,13 +169,19 @@ impl Source {
             },
         )
         .await?;
-        let base_chunks = match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
-            Msg::Accept { base_chunks, .. } => base_chunks,
-            Msg::Refuse { reason } => {
-                return Err(self.peer_err(format!("refused the VM: {reason}")))
-            }
-            other => return Err(unexpected("accept", &other)),
-        };
+        let (base_chunks, indexed_chunks, rate_hint) =
+            match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
+                Msg::Accept {
+                    base_chunks,
+                    indexed_chunks,
+                    link_rate_hint,
+                    ..
+                } => (base_chunks, indexed_chunks, link_rate_hint),
+                Msg::Refuse { reason } => {
+                    return Err(self.peer_err(format!("refused the VM: {reason}")))
+                }
+                other => return Err(unexpected("accept", &other)),
+            };
 
         // --- disk: bulk copy, then rounds on what the guest dirtied ----------------
         let (mut disk_tx, mut disk_rx) = conn
@@ -209,7 +217,11 @@ impl Source {
                     &conn,
                     &file,
                     &manifest,
-                    base_chunks,
+                    Accepted {
+                        base_chunks,
+                        indexed_chunks,
+                        rate_hint,
+                    },
                     &sub,
                     &mut sender,
                     &mut disk_tx,
@@ -342,6 +354,8 @@ impl Source {
         }
         let mut background = None;
         let mut _demand_server = None;
+        // The kept disk holds exactly what a pre-copy seals: its hashes index it later.
+        let mut kept_hashes = None;
         let root = if let Some((dtx, drx)) = demand {
             // Post-copy: name what the destination lacks, let the guest go, and copy
             // it in the background while the demand stream serves what the guest needs.
@@ -381,7 +395,9 @@ impl Source {
             // was started with -S and runs the guest only once the disks are proven equal,
             // so the check costs the downtime about a millisecond of hashing, not a round
             // trip.
-            sender.seal(&mut disk_tx).await?
+            let root = sender.seal(&mut disk_tx).await?;
+            kept_hashes = sender.hashes().cloned();
+            root
         };
         let disk_sync_ms = paused_at.elapsed().as_millis() as u64;
         self.rt
@@ -504,6 +520,10 @@ impl Source {
         if let Err(e) = self.rt.stop(&self.d.nbd).await {
             warn!(vm = %self.req.vm, "stopping the source QEMU after switchover: {e}");
         }
+        // The kept disk holds exactly what was sealed: index it from the sender's hashes.
+        if let Some(h) = &kept_hashes {
+            self.d.dedup.note_all(&self.rt.disk_path(), h);
+        }
         let mut r = self.d.vm_record(&self.req.vm)?;
         r.status = VmStatus::Moved;
         r.moved_to = Some(self.req.to.clone());
@@ -562,25 +582,35 @@ impl Source {
         conn: &Connection,
         file: &std::fs::File,
         manifest: &VmManifest,
-        base_chunks: u64,
+        accepted: Accepted,
         sub: &DirtySubscription,
         sender: &mut DiskSender,
         disk_tx: &mut SendStream,
         disk_rx: &mut roam_channel::RecvStream,
     ) -> Result<(f64, u64)> {
+        let Accepted {
+            base_chunks,
+            indexed_chunks,
+            rate_hint,
+        } = accepted;
         self.meter.phase(Phase::DiskBulk);
         let bulk = allocated_chunks(file, manifest.disk_bytes, CHUNK_SIZE)
             .map_err(|e| Error::io("map allocated disk ranges", e))?;
-        let t0 = Instant::now();
-        let before = conn.stats().tx_bytes;
-        if base_chunks > 0 {
-            // The destination holds an older copy: compare hashes, send only what differs.
+        let mut t0 = Instant::now();
+        let mut before = conn.stats().tx_bytes;
+        if base_chunks > 0 || indexed_chunks > 0 {
+            // The destination holds an older copy, or other disks that may share content:
+            // offer hashes, send only what it holds nowhere (see disk.rs, "Dedup").
             let offered = bulk.len();
-            let wanted = sender.negotiate(disk_tx, disk_rx, bulk).await?;
-            info!(vm = %self.req.vm, offered, wanted = wanted.len(), base_chunks,
+            let n = sender.negotiate(disk_tx, disk_rx, bulk).await?;
+            // The rate is measured on the chunks' transfer, not on hashing and its RTT.
+            t0 = Instant::now();
+            before = conn.stats().tx_bytes;
+            info!(vm = %self.req.vm, offered, wanted = n.wanted.len(), held = n.held,
+                deduped = n.deduped, copied = n.copied, base_chunks, indexed_chunks,
                 "destination already holds the rest");
-            self.result.chunks_skipped = Some((offered - wanted.len()) as u64);
-            sender.send(disk_tx, wanted, false).await?;
+            self.result.chunks_skipped = Some((offered - n.wanted.len()) as u64);
+            sender.send(disk_tx, n.wanted, false).await?;
         } else {
             sender.send(disk_tx, bulk, true).await?;
         }
@@ -589,13 +619,23 @@ impl Source {
         let bulk_s = t0.elapsed().as_secs_f64();
         let sent = conn.stats().tx_bytes.saturating_sub(before);
         let rtt_ms = conn.stats().rtt.as_millis() as u64;
-        // Only a copy that lasted long enough measures the link; else trust the estimate.
+        // Only a copy that lasted long enough measures the link; else the last figure
+        // either end measured (linkrate.rs), or the congestion window's estimate.
         let rate = if bulk_s > 1.0 {
-            sent as f64 / bulk_s
+            let r = sent as f64 / bulk_s;
+            self.d.link_rates.record(&self.req.to, r);
+            r
         } else {
-            conn.stats()
+            let known = self.d.link_rates.get(&self.req.to).max(rate_hint) as f64;
+            let estimate = conn
+                .stats()
                 .bandwidth_estimate_bytes_per_s()
-                .unwrap_or(12.5e6)
+                .unwrap_or(12.5e6);
+            if known > 0.0 {
+                known
+            } else {
+                estimate
+            }
         };
         let rate = self.capped(rate);
         self.meter.set_rate_hint(rate);
@@ -790,6 +830,12 @@ impl Source {
             };
         }
         self.result.bytes.disk = self.meter.disk_bytes();
+        if let Some(c) = self.meter.disk_counters() {
+            let deduped = c.deduped_chunks.load(std::sync::atomic::Ordering::Relaxed);
+            self.result.chunks_deduped = (deduped > 0).then_some(deduped);
+            self.result.least_bytes =
+                Some(c.least_bytes.load(std::sync::atomic::Ordering::Relaxed));
+        }
         self.result.phases = self.meter.phases();
         self.result.total_ms = self.meter.elapsed_ms();
         match outcome {
@@ -946,6 +992,13 @@ impl Source {
             Err(e) => warn!("query-status after failed migration: {e}"),
         }
     }
+}
+
+/// What the destination's `Accept` said about what it holds and the link.
+struct Accepted {
+    base_chunks: u64,
+    indexed_chunks: u64,
+    rate_hint: u64,
 }
 
 fn unexpected(wanted: &str, got: &Msg) -> Error {

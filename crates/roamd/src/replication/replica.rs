@@ -31,6 +31,7 @@ use tracing::{info, warn};
 use super::now_ms;
 use super::protocol::{admit_hello, Held, LocalVm, ReplMsg, REPL_VERSION};
 use crate::daemon::Daemon;
+use crate::dedup::SharedIndex;
 use crate::error::{Error, Result};
 use crate::state::{ReplicaRecord, VmStatus};
 
@@ -398,6 +399,7 @@ async fn session(d: &Arc<Daemon>, tx: &mut SendStream, mut rx: RecvStream, h: He
             h.source_host.clone(),
         );
         let token = token.clone();
+        let index = d.dedup.index();
         tokio::task::spawn_blocking(move || {
             let on_commit = |c: &BatchId, w: &ReplicaWriter| {
                 d.store.put_replica(&ReplicaRecord {
@@ -411,7 +413,7 @@ async fn session(d: &Arc<Daemon>, tx: &mut SendStream, mut rx: RecvStream, h: He
                     dir: dir.display().to_string(),
                 })
             };
-            work(&slot, &primary, &token, ev_rx, rep_tx, &on_commit)
+            work(&slot, &primary, &token, ev_rx, rep_tx, &on_commit, index)
         })
     };
     let replies = async {
@@ -502,6 +504,8 @@ struct Batch {
     seed: bool,
     offered: Vec<bool>,
     wants: Vec<u64>,
+    /// What this batch stages (chunk, content): recorded in the dedup index at commit.
+    staged: Vec<(u64, [u8; 32])>,
 }
 
 /// Called after each commit (roamd records it in its store).
@@ -514,6 +518,7 @@ fn work(
     mut ev: mpsc::Receiver<Event>,
     out: mpsc::UnboundedSender<Reply>,
     on_commit: OnCommit<'_>,
+    index: Option<SharedIndex>,
 ) -> Result<()> {
     let mut received = 0u64;
     let mut batch: Option<Batch> = None;
@@ -541,6 +546,7 @@ fn work(
                                     Vec::new()
                                 },
                                 wants: Vec::new(),
+                                staged: Vec::new(),
                             });
                             let _ = out.send(Reply::Msg(ReplMsg::Ready));
                         }
@@ -560,7 +566,16 @@ fn work(
                         .as_mut()
                         .ok_or_else(|| Error::Disk("chunk frame outside a batch".into()))?;
                     let sync = f.kind == Kind::Sync;
-                    frame(w, b, &mut received, f, &body, &out, on_commit)?;
+                    frame(
+                        w,
+                        b,
+                        &mut received,
+                        f,
+                        &body,
+                        &out,
+                        on_commit,
+                        index.as_ref(),
+                    )?;
                     if sync {
                         batch = None;
                     }
@@ -579,6 +594,7 @@ fn work(
     r
 }
 
+#[allow(clippy::too_many_arguments)]
 fn frame(
     w: &mut ReplicaWriter,
     b: &mut Batch,
@@ -587,6 +603,7 @@ fn frame(
     body: &[u8],
     out: &mpsc::UnboundedSender<Reply>,
     on_commit: OnCommit<'_>,
+    index: Option<&SharedIndex>,
 ) -> Result<()> {
     let (cs, count, bytes) = (u64::from(w.chunk_size()), w.chunk_count(), w.disk_bytes());
     let chunk_len = |i: u64| -> Result<usize> {
@@ -604,7 +621,22 @@ fn frame(
             let mut buf = vec![0u8; len];
             w.read_chunk(f.index, &mut buf).map_err(store_err)?;
             if *blake3::hash(&buf).as_bytes() != f.hash {
-                b.wants.push(f.index);
+                // Held anywhere else on this host (another disk, another offset)? The
+                // copy is staged like a received chunk, after its bytes hashed right.
+                let local = index.is_some_and(|ix| {
+                    matches!(
+                        ix.read()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .read_verified(&f.hash, &mut buf),
+                        Ok(Some(_))
+                    )
+                });
+                if local {
+                    w.stage(f.index, &buf).map_err(store_err)?;
+                    b.staged.push((f.index, f.hash));
+                } else {
+                    b.wants.push(f.index);
+                }
             }
         }
         Kind::Query => {
@@ -634,6 +666,10 @@ fn frame(
         Kind::Sync => {
             let committed = w.commit().map_err(store_err)?;
             on_commit(&committed, w)?;
+            if let Some(ix) = index {
+                crate::dedup::record_rows(ix, &w.disk_path(), &b.staged);
+            }
+            b.staged.clear();
             let _ = out.send(Reply::Frame(DiskFrame::sync(*received).encode_header()));
         }
         Kind::Zero | Kind::Data | Kind::Raw => {
@@ -651,6 +687,7 @@ fn frame(
                     .map_err(|e| Error::Disk(e.to_string()))?
             };
             w.stage(f.index, &data).map_err(store_err)?;
+            b.staged.push((f.index, *blake3::hash(&data).as_bytes()));
             *received += 1;
         }
         other => {
@@ -718,6 +755,7 @@ mod tests {
             rx,
             out,
             &on_commit,
+            None,
         );
         let mut got = Vec::new();
         while let Ok(x) = replies.try_recv() {

@@ -392,9 +392,9 @@ async fn session(
                     // Everything the primary holds, by hash: the replica says what it lacks.
                     let all = allocated_chunks(&file, rec.disk_bytes, CHUNK_SIZE)?;
                     let offered = all.len();
-                    let wanted = sender.negotiate(&mut w, &mut rx, all).await?;
-                    seed_stats = (offered, wanted.len());
-                    sender.send(&mut w, wanted, false).await?;
+                    let n = sender.negotiate(&mut w, &mut rx, all).await?;
+                    seed_stats = (offered, n.wanted.len());
+                    sender.send(&mut w, n.wanted, false).await?;
                 } else if first {
                     let all: Vec<u64> = tr.pending.iter().copied().collect();
                     sender.send(&mut w, all, false).await?;
