@@ -577,6 +577,7 @@ impl Source {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn precopy_disk(
         &mut self,
         conn: &Connection,
