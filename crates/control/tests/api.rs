@@ -81,6 +81,7 @@ async fn every_route_round_trips() {
         vcpus: 2,
         disk_image: Some("/srv/images/debian.qcow2".into()),
         hip_peers: Vec::new(),
+        hip_rvs: None,
     };
     let v = c.vm_create(&create).await.unwrap();
     assert_eq!(
@@ -139,6 +140,7 @@ async fn errors_map_to_codes_and_statuses() {
         vcpus: 1,
         disk_image: None,
         hip_peers: Vec::new(),
+        hip_rvs: None,
     };
     c.vm_create(&create).await.unwrap();
     let e = c.vm_create(&create).await.unwrap_err();
@@ -441,6 +443,7 @@ async fn replica_routes_round_trip() {
         vcpus: 1,
         disk_image: None,
         hip_peers: Vec::new(),
+        hip_rvs: None,
     })
     .await
     .unwrap();

@@ -24,14 +24,14 @@ use std::time::Instant;
 
 use roam_hip::wire::params::{Locator, LocatorAddr, LocatorSet, REG_TYPE_RENDEZVOUS};
 use roam_hip::wire::udp::{classify, frame_hip, UdpPayload};
-use roam_hip::{Hit, Host, Output, Packet, PacketType, State};
+use roam_hip::{Hit, Host, Output, Packet, State};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::backend::{EspBackend, UserEsp};
 use crate::beet::{self, Dest, View};
-use crate::config::{default_lsi, EndpointConfig, LsiTable};
+use crate::config::{default_lsi, EndpointConfig, LsiTable, PeerSpec};
 use crate::error::{Error, EspDrop};
 use crate::handover::{self, Carried};
 use crate::stats::Stats;
@@ -55,6 +55,9 @@ pub enum Command {
     /// state ([`crate::handover`]); the loop stops so that no further
     /// sequence numbers are used here.
     ExportAndStop(oneshot::Sender<Vec<u8>>),
+    /// A new entry for the static peer table (where to send I1 for that
+    /// HIT, its LSI); existing associations are not touched.
+    AddPeer(PeerSpec, oneshot::Sender<Result<Ipv4Addr, String>>),
     Stop,
 }
 
@@ -95,6 +98,16 @@ impl Handle {
             .await
             .map_err(|_| "endpoint stopped".to_string())?;
         rx.await.map_err(|_| "endpoint stopped".to_string())
+    }
+
+    /// Adds a correspondent; returns the LSI it is known by here.
+    pub async fn add_peer(&self, peer: PeerSpec) -> Result<Ipv4Addr, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::AddPeer(peer, tx))
+            .await
+            .map_err(|_| "endpoint stopped".to_string())?;
+        rx.await.map_err(|_| "endpoint stopped".to_string())?
     }
 
     pub async fn stop(&self) {
@@ -230,7 +243,7 @@ impl Endpoint {
         if cfg.serve_rvs && !hip.services.contains(&REG_TYPE_RENDEZVOUS) {
             hip.services.push(REG_TYPE_RENDEZVOUS);
         }
-        let mut host = Host::new(cfg.identity.clone(), hip, Instant::now())?;
+        let host = Host::new(cfg.identity.clone(), hip, Instant::now())?;
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel(16);
         let handle = Handle {
@@ -245,20 +258,6 @@ impl Endpoint {
         }
         info!(%hit, lsi = %our_lsi, %listen, dev = dev.name(),
             rvs = cfg.serve_rvs, "HIP endpoint up");
-        let mut first = Vec::new();
-        if let Some(r) = &cfg.register_with {
-            let addr = r
-                .addr
-                .ok_or_else(|| Error::PeerSpec(format!("{} (no address)", r.hit)))?;
-            // 2^((160-64)/8) s = 4096 s, the longest the default registrar grants.
-            first = host.connect_and_register(
-                Instant::now(),
-                r.hit,
-                addr,
-                vec![REG_TYPE_RENDEZVOUS],
-                160,
-            )?;
-        }
         let mut ep = Endpoint {
             host,
             esp,
@@ -278,7 +277,9 @@ impl Endpoint {
         if let Some(state) = &cfg.import {
             ep.import(state)?;
         }
-        ep.handle(first);
+        if let Some(r) = &cfg.register_with {
+            ep.register(r)?;
+        }
         let task = tokio::spawn(ep.run(rx));
         Ok((handle, task))
     }
@@ -316,6 +317,9 @@ impl Endpoint {
                     Some(Command::Status(reply)) => {
                         let _ = reply.send(self.status());
                     }
+                    Some(Command::AddPeer(p, reply)) => {
+                        let _ = reply.send(self.add_peer(p));
+                    }
                     Some(Command::ExportAndStop(reply)) => {
                         let _ = reply.send(self.export());
                         break;
@@ -328,6 +332,43 @@ impl Endpoint {
             }
         }
         info!("HIP endpoint stopped");
+    }
+
+    /// Registers with a rendezvous server (RFC 8003 in the base exchange,
+    /// RFC 8004 rendezvous type). An association with it that arrived
+    /// with a migrated VM already carries the registration: the server
+    /// keeps it and follows our UPDATE, so no new exchange is started.
+    fn register(&mut self, r: &PeerSpec) -> Result<(), Error> {
+        let addr = r
+            .addr
+            .ok_or_else(|| Error::PeerSpec(format!("{} (no address)", r.hit)))?;
+        if self.established.contains(&r.hit) {
+            info!(rvs = %r.hit, "registration carried over");
+            return Ok(());
+        }
+        // 2^((160-64)/8) s = 4096 s, the longest the default registrar grants.
+        let outs = self.host.connect_and_register(
+            Instant::now(),
+            r.hit,
+            addr,
+            vec![REG_TYPE_RENDEZVOUS],
+            160,
+        )?;
+        self.handle(outs);
+        Ok(())
+    }
+
+    fn add_peer(&mut self, p: PeerSpec) -> Result<Ipv4Addr, String> {
+        let lsi = match p.lsi {
+            Some(l) => {
+                self.lsis.bind(p.hit, l).map_err(|e| e.to_string())?;
+                l
+            }
+            None => self.lsis.ensure(p.hit),
+        };
+        info!(peer = %p.hit, %lsi, addr = ?p.addr, "peer added");
+        self.peers.insert(p.hit, p.addr);
+        Ok(lsi)
     }
 
     fn on_tun(&mut self, pkt: &[u8]) {
@@ -445,36 +486,27 @@ impl Endpoint {
     /// forwarded with FROM and RVS_HMAC to the HIT's current address.
     /// Returns true if the packet was consumed.
     fn relay(&mut self, p: &Packet, from: SocketAddr) -> bool {
-        let target = p.header.receiver_hit;
-        if p.header.packet_type != PacketType::I1 || target == self.host.hit() {
-            return false;
-        }
-        let registered = self
-            .host
-            .registrations()
-            .iter()
-            .any(|(h, types, _)| *h == target && types.contains(&REG_TYPE_RENDEZVOUS));
-        let (Some(keys), Some(to)) = (self.host.keys(&target), self.host.peer_addr(&target)) else {
-            return false;
-        };
-        if !registered {
-            return false;
-        }
-        let relayed = roam_hip::rvs::relay_i1(p, from.ip(), keys.rhash, &keys.hip.our_mac);
-        match relayed.and_then(|r| r.encode().map_err(Into::into)) {
-            Ok(bytes) => {
-                if self.sock.try_send_to(&frame_hip(&bytes), to).is_ok() {
-                    Stats::bump(&self.stats.rvs_relayed);
-                } else {
-                    Stats::bump(&self.stats.send_errors);
+        match roam_hip::rvs::relay_for(&self.host, p, from) {
+            None => false,
+            Some(Ok((to, relayed))) => {
+                match relayed.encode() {
+                    Ok(bytes) if self.sock.try_send_to(&frame_hip(&bytes), to).is_ok() => {
+                        Stats::bump(&self.stats.rvs_relayed)
+                    }
+                    Ok(_) => Stats::bump(&self.stats.send_errors),
+                    Err(e) => {
+                        debug!(%to, "relay: {e}");
+                        Stats::bump(&self.stats.hip_dropped);
+                    }
                 }
+                true
             }
-            Err(e) => {
-                debug!(%target, "relay: {e}");
+            Some(Err(e)) => {
+                debug!(%from, "relay: {e}");
                 Stats::bump(&self.stats.hip_dropped);
+                true
             }
         }
-        true
     }
 
     fn on_esp(&mut self, d: &[u8]) {

@@ -203,6 +203,7 @@ impl Lab {
                 vcpus: 1,
                 disk_image: Some(image.clone()),
                 hip_peers: Vec::new(),
+        hip_rvs: None,
             })
             .await?;
         let _ = std::fs::remove_file(&image);
