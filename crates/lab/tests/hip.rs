@@ -272,3 +272,130 @@ async fn tcp_connection_to_a_vm_survives_an_aborted_migration() {
     );
     lab.shutdown().await;
 }
+
+/// Starts a TCP client in the correspondent's namespace streaming through the echo
+/// service at `to`; returns once 64 KiB came back.
+async fn stream_through(lab: &Lab, to: SocketAddr, what: &str) -> (Arc<Echo>, Client, Duration) {
+    let ns = lab.correspondent_ns().unwrap().to_string();
+    let echo = Arc::new(Echo::default());
+    let e2 = echo.clone();
+    let t0 = Instant::now();
+    let client = roam_wan::netns::spawn_in(&ns, move || stream(to, e2)).unwrap();
+    assert!(
+        wait_received(&echo, 64 << 10, Duration::from_secs(60)).await,
+        "{what}: no echo through the rendezvous server (received {} bytes); see {}",
+        echo.received.load(Ordering::Relaxed),
+        lab.root.display()
+    );
+    (echo, client, t0.elapsed())
+}
+
+/// Rendezvous (RFC 8004 with RFC 8003 registration): the VM registers its HIT with a
+/// rendezvous server; a correspondent that knows only that HIT and the server's address
+/// reaches the VM's echo service; the VM migrates office → home and the connection
+/// survives (the VM's UPDATE re-points the server too); then the correspondent moves to
+/// another subnet and, having lost all state, reaches the VM again through the server:
+/// both ends have moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendezvous_finds_a_vm_after_both_ends_moved() {
+    use roam_lab::hipproc::{self, MOVED_CORRESPONDENT_IP, PORT, RVS_IP};
+    let lab = Lab::start(config()).await.unwrap();
+    let rvs = hipproc::start_rvs(&lab).await.unwrap();
+    let rvs_at = format!("{RVS_IP}:{PORT}");
+    let rvs_spec = format!("{}@{rvs_at}", rvs.hit);
+    lab.create_vm_with_rvs("office", "desk", Some(rvs_spec.clone()))
+        .await
+        .unwrap();
+    let net = lab
+        .host("office")
+        .client
+        .vm_show("desk")
+        .await
+        .unwrap()
+        .net
+        .unwrap();
+    assert_eq!(net.rvs.as_deref(), Some(rvs_spec.as_str()));
+    let office = roam_lab::lab::HOSTS[0].1;
+    let home = roam_lab::lab::HOSTS[1].1;
+    // Registration: the server knows the VM's HIT at office's address.
+    let registered_at = |at: &str| {
+        let at = format!("addr {at}:");
+        let hit = net.hit.clone();
+        let st = rvs.ctl("status").unwrap_or_default();
+        st.lines()
+            .any(|l| l.contains(&hit) && l.contains("Established") && l.contains(&at))
+    };
+    assert!(
+        roam_lab::lab::wait_until(Duration::from_secs(20), || registered_at(office)).await,
+        "the VM did not register with the RVS: {}\n{}",
+        rvs.ctl("status").unwrap_or_default(),
+        rvs.log_text()
+    );
+
+    // The correspondent knows the VM's HIT and the RVS's address, nothing else.
+    let id = lab.root.join("corr.id");
+    let ns = lab.correspondent_ns().unwrap().to_string();
+    let mut corr = hipproc::start_correspondent(
+        &lab,
+        "corr",
+        roam_lab::lab::CORRESPONDENT_IP,
+        &id,
+        std::slice::from_ref(&net.hit),
+        Some(&rvs_at),
+    )
+    .await
+    .unwrap();
+    let to: SocketAddr = format!("{}:7", net.lsi).parse().unwrap();
+    let (echo, client, first) = stream_through(&lab, to, "first connection").await;
+    assert_eq!(rvs.stat("rvs_relayed"), 1, "{}", rvs.log_text());
+    let st = corr.ctl("status").unwrap();
+    assert!(st.contains(&format!("addr {office}:")), "{st}");
+
+    // The VM moves; the connection survives, and the server follows the VM.
+    let r = lab.migrate("desk", "office", "home", |_| {}).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
+    let after = echo.received.load(Ordering::Relaxed);
+    assert!(
+        wait_received(&echo, after + (100 << 10), Duration::from_secs(30)).await,
+        "the connection stalled after the move"
+    );
+    let sent = finish_stream(&echo, client).await;
+    assert!(
+        roam_lab::lab::wait_until(Duration::from_secs(10), || registered_at(home)).await,
+        "the RVS did not follow the VM: {}",
+        rvs.ctl("status").unwrap_or_default()
+    );
+
+    // The correspondent moves to another subnet and starts afresh (same identity, no
+    // association, no idea where the VM went): only the server can find it.
+    corr.stop();
+    hipproc::wan_addr(&ns, "add", &format!("{MOVED_CORRESPONDENT_IP}/32")).unwrap();
+    hipproc::wan_addr(&ns, "del", &format!("{}/24", roam_lab::lab::CORRESPONDENT_IP)).unwrap();
+    let corr2 = hipproc::start_correspondent(
+        &lab,
+        "corr-moved",
+        MOVED_CORRESPONDENT_IP,
+        &id,
+        std::slice::from_ref(&net.hit),
+        Some(&rvs_at),
+    )
+    .await
+    .unwrap();
+    assert_eq!(corr2.hit, corr.hit);
+    let (echo2, client2, second) = stream_through(&lab, to, "after both moved").await;
+    let sent2 = finish_stream(&echo2, client2).await;
+    assert_eq!(rvs.stat("rvs_relayed"), 2, "{}", rvs.log_text());
+    let st = corr2.ctl("status").unwrap();
+    assert!(st.contains(&format!("addr {home}:")), "{st}");
+    println!(
+        "rendezvous: first connection echoed 64 KiB after {} ms, {sent} bytes each way \
+         across the move (migration downtime {:?} ms); after both moved, 64 KiB after {} ms, \
+         {sent2} bytes each way",
+        first.as_millis(),
+        r.downtime_ms,
+        second.as_millis()
+    );
+    drop(corr2);
+    drop(rvs);
+    lab.shutdown().await;
+}
