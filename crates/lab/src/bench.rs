@@ -40,6 +40,8 @@ pub struct MigrationFigures {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub nbd: Value,
+    /// HIP base exchange at 40 ms RTT, direct and through a rendezvous server.
+    pub hip: Option<crate::hipbench::HipFigures>,
     pub migrations: Vec<MigrationFigures>,
     pub checks: Vec<Check>,
 }
@@ -136,6 +138,17 @@ pub fn checks(nbd: &Value, migrations: &[MigrationFigures]) -> Vec<Check> {
     out
 }
 
+/// The HIP base exchange's promise: at most 2 × RTT + 20 ms (RTT measured in the run).
+pub fn hip_checks(h: &crate::hipbench::HipFigures) -> Vec<Check> {
+    let d = crate::hipbench::median(&h.direct_ms);
+    vec![Check {
+        name: format!("HIP base exchange at {} ms RTT, median ms", h.link_rtt_ms),
+        measured: d,
+        target: format!("<= {:.1} (2 x RTT + 20)", h.target_ms()),
+        met: d <= h.target_ms(),
+    }]
+}
+
 /// The table a person reads.
 pub fn render(r: &BenchReport) -> String {
     let mut s = String::new();
@@ -144,6 +157,10 @@ pub fn render(r: &BenchReport) -> String {
         "  {}\n\n",
         serde_json::to_string(&r.nbd).unwrap_or_default()
     ));
+    if let Some(h) = &r.hip {
+        s.push_str(&h.render());
+        s.push('\n');
+    }
     s.push_str(&format!(
         "{:<22} {:>9} {:>10} {:>11} {:>11} {:>9} {:>9} {:>9} {:>6}\n",
         "migration",

@@ -17,6 +17,7 @@
 
 pub mod bench;
 pub mod bins;
+pub mod hipbench;
 pub mod hipproc;
 pub mod host;
 pub mod lab;

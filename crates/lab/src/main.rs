@@ -92,6 +92,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Only the HIP base-exchange figures: direct and through a rendezvous server, beside
+    /// the RTT measured in the same run.
+    BenchHip {
+        #[arg(long, default_value_t = 40.0)]
+        rtt_ms: f64,
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn link_params(l: &LinkArgs) -> LinkParams {
@@ -167,9 +177,33 @@ async fn main() -> anyhow::Result<()> {
             lab.shutdown().await;
             Ok(())
         }
+        Cmd::BenchHip {
+            rtt_ms,
+            rounds,
+            json,
+        } => {
+            let hip = roam_lab::hipbench::run(rtt_ms, rounds.max(1))?;
+            if json {
+                println!("{}", serde_json::to_string(&hip)?);
+            } else {
+                print!("{}", hip.render());
+                for c in roam_lab::bench::hip_checks(&hip) {
+                    println!(
+                        "  [{}] {} {:.1}  target {}",
+                        if c.met { "ok" } else { "MISS" },
+                        c.name,
+                        c.measured,
+                        c.target
+                    );
+                }
+            }
+            Ok(())
+        }
         Cmd::Bench { vm, quick, json } => {
             eprintln!("roam-lab bench: NBD, roam against qemu-nbd");
             let nbd = roam_lab::bench::nbd_bench(quick)?;
+            eprintln!("roam-lab bench: HIP base exchange at 40 ms RTT, direct and via an RVS");
+            let hip = roam_lab::hipbench::run(40.0, if quick { 3 } else { 10 })?;
             let mut migrations = Vec::new();
             for (label, mbit, rtt, loss) in [
                 ("100 Mbit/s, 40 ms", 100.0, 40.0, 0.1),
@@ -185,9 +219,11 @@ async fn main() -> anyhow::Result<()> {
                 let cfg = lab_config(&link, &vm, false);
                 migrations.push(roam_lab::bench::migration(label, cfg).await?);
             }
-            let checks = roam_lab::bench::checks(&nbd, &migrations);
+            let mut checks = roam_lab::bench::checks(&nbd, &migrations);
+            checks.extend(roam_lab::bench::hip_checks(&hip));
             let report = roam_lab::bench::BenchReport {
                 nbd,
+                hip: Some(hip),
                 migrations,
                 checks,
             };
