@@ -546,13 +546,13 @@ impl Endpoint {
         for o in outs {
             match o {
                 Output::Send { to, packet } => match packet.encode() {
-                    Ok(bytes) => {
-                        if self.sock.try_send_to(&frame_hip(&bytes), to).is_ok() {
-                            Stats::bump(&self.stats.hip_out);
-                        } else {
+                    Ok(bytes) => match self.sock.try_send_to(&frame_hip(&bytes), to) {
+                        Ok(_) => Stats::bump(&self.stats.hip_out),
+                        Err(e) => {
+                            debug!(%to, "HIP send: {e}");
                             Stats::bump(&self.stats.send_errors);
                         }
-                    }
+                    },
                     Err(e) => warn!("encode: {e}"),
                 },
                 Output::Established { peer, keys } => {

@@ -229,7 +229,8 @@ pub fn run(rtt_ms: f64, rounds: usize) -> Result<HipFigures, LabError> {
     let mut nss = Vec::new();
     let mut ports = Vec::new();
     for (name, ip) in names.iter().zip([I_IP, R_IP, V_IP]) {
-        let ns = NetNs::create(&netns::unique_name(name)).map_err(|e| LabError::Net(e.to_string()))?;
+        let ns =
+            NetNs::create(&netns::unique_name(name)).map_err(|e| LabError::Net(e.to_string()))?;
         let cidr = format!("{}.{}.{}.{}/24", ip[0], ip[1], ip[2], ip[3])
             .parse()
             .map_err(|e| LabError::Net(format!("{e}")))?;
@@ -259,17 +260,25 @@ fn measure(
     rtt_ms: f64,
     stop: &Arc<AtomicBool>,
 ) -> Result<HipFigures, LabError> {
-    let spawn = |ns: &NetNs, f: Box<dyn FnOnce() -> Result<(), String> + Send>| -> Result<Server, LabError> {
+    let spawn = |ns: &NetNs,
+                 f: Box<dyn FnOnce() -> Result<(), String> + Send>|
+     -> Result<Server, LabError> {
         netns::spawn_in(ns.name(), f).map_err(|e| LabError::Net(e.to_string()))
     };
     let (rid, vid) = (HostIdentity::generate(), HostIdentity::generate());
     let (rhit, vhit) = (rid.hit(), vid.hit());
     let v_at = SocketAddr::from((V_IP, HIP_UDP_PORT));
     let r_at = SocketAddr::from((R_IP, HIP_UDP_PORT));
-    let (rready, vready) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let (rready, vready) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
     let mut servers = Vec::new();
     let (s, v) = (stop.clone(), vready.clone());
-    servers.push(spawn(&nss[2], Box::new(move || serve(vid, v_at, true, None, s, v)))?);
+    servers.push(spawn(
+        &nss[2],
+        Box::new(move || serve(vid, v_at, true, None, s, v)),
+    )?);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !vready.load(Ordering::SeqCst) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
@@ -283,7 +292,8 @@ fn measure(
     servers.push(spawn(
         &nss[1],
         Box::new(move || {
-            let sock = UdpSocket::bind(SocketAddr::from((R_IP, PING_PORT))).map_err(|e| e.to_string())?;
+            let sock =
+                UdpSocket::bind(SocketAddr::from((R_IP, PING_PORT))).map_err(|e| e.to_string())?;
             sock.set_read_timeout(Some(Duration::from_millis(50)))
                 .map_err(|e| e.to_string())?;
             let mut buf = [0u8; 64];
@@ -301,7 +311,9 @@ fn measure(
     }
     if !rready.load(Ordering::SeqCst) {
         stop.store(true, Ordering::SeqCst);
-        return Err(LabError::Net("the responder did not register with the RVS".into()));
+        return Err(LabError::Net(
+            "the responder did not register with the RVS".into(),
+        ));
     }
     let figures = netns::run_in(nss[0].name(), move || -> Result<HipFigures, String> {
         let rtt = pings(20)?;

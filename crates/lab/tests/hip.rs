@@ -370,7 +370,12 @@ async fn rendezvous_finds_a_vm_after_both_ends_moved() {
     // association, no idea where the VM went): only the server can find it.
     corr.stop();
     hipproc::wan_addr(&ns, "add", &format!("{MOVED_CORRESPONDENT_IP}/32")).unwrap();
-    hipproc::wan_addr(&ns, "del", &format!("{}/24", roam_lab::lab::CORRESPONDENT_IP)).unwrap();
+    hipproc::wan_addr(
+        &ns,
+        "del",
+        &format!("{}/24", roam_lab::lab::CORRESPONDENT_IP),
+    )
+    .unwrap();
     let corr2 = hipproc::start_correspondent(
         &lab,
         "corr-moved",

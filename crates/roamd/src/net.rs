@@ -349,6 +349,33 @@ mod tests {
     }
 
     #[test]
+    fn rendezvous_server_needs_a_hit_and_an_address() {
+        let mut s = new_spec();
+        assert_eq!(rvs_spec(&s).unwrap(), None);
+        let hit = identity(&new_spec()).unwrap().hit();
+        s.rvs = Some(format!("{hit}@198.18.3.3:10500"));
+        let p = rvs_spec(&s).unwrap().unwrap();
+        assert_eq!(
+            (p.hit, p.addr),
+            (hit, Some("198.18.3.3:10500".parse().unwrap()))
+        );
+        assert_eq!(info(&s, None).unwrap().rvs, s.rvs);
+        for bad in [
+            hit.to_string(),
+            "198.18.3.3:10500".into(),
+            format!("{hit}@nowhere"),
+        ] {
+            s.rvs = Some(bad.clone());
+            assert!(matches!(rvs_spec(&s), Err(Error::BadRequest(_))), "{bad}");
+        }
+        // Records and manifests from before the field load without it.
+        let mut v = serde_json::to_value(new_spec()).unwrap();
+        v.as_object_mut().unwrap().remove("rvs");
+        let old: NetSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(old.rvs, None);
+    }
+
+    #[test]
     fn bad_stored_values_are_errors() {
         let mut s = new_spec();
         s.hip_secret = "zz".into();
