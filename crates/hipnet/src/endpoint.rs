@@ -41,6 +41,8 @@ use crate::tun::Tun;
 const BUF: usize = 65536;
 /// Lifetime announced for our locators (RFC 8046 §4), seconds.
 const LOCATOR_LIFETIME: u32 = 3600;
+/// How often a registration that failed (rendezvous server unreachable) is retried.
+const REGISTER_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Requests to the endpoint task.
 #[derive(Debug)]
@@ -131,6 +133,8 @@ pub struct Endpoint {
     queue_len: usize,
     established: HashSet<Hit>,
     serve_rvs: bool,
+    /// The rendezvous server we keep registered with.
+    register_with: Option<PeerSpec>,
     stats: Arc<Stats>,
 }
 
@@ -272,6 +276,7 @@ impl Endpoint {
             queue_len: cfg.queue_len,
             established: HashSet::new(),
             serve_rvs: cfg.serve_rvs,
+            register_with: cfg.register_with.clone(),
             stats,
         };
         if let Some(state) = &cfg.import {
@@ -287,6 +292,8 @@ impl Endpoint {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut ubuf = vec![0u8; BUF];
         let mut tbuf = vec![0u8; BUF];
+        let mut reg_tick = tokio::time::interval(REGISTER_RETRY);
+        reg_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self
                 .host
@@ -305,6 +312,7 @@ impl Endpoint {
                         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     }
                 },
+                _ = reg_tick.tick(), if self.register_with.is_some() => self.keep_registered(),
                 _ = tokio::time::sleep_until(deadline) => {
                     let outs = self.host.poll(Instant::now());
                     self.handle(outs);
@@ -356,6 +364,23 @@ impl Endpoint {
         )?;
         self.handle(outs);
         Ok(())
+    }
+
+    /// Registers again when the last attempt failed or the association with the
+    /// server went away (it is retried until the server answers).
+    fn keep_registered(&mut self) {
+        let Some(r) = self.register_with.clone() else {
+            return;
+        };
+        if matches!(
+            self.host.state(&r.hit),
+            State::Unassociated | State::Closed | State::EFailed
+        ) {
+            info!(rvs = %r.hit, "registering with the rendezvous server again");
+            if let Err(e) = self.register(&r) {
+                warn!(rvs = %r.hit, "registration: {e}");
+            }
+        }
     }
 
     fn add_peer(&mut self, p: PeerSpec) -> Result<Ipv4Addr, String> {

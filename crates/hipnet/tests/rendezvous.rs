@@ -170,3 +170,29 @@ async fn peers_added_by_hit_reach_a_registered_host_before_and_after_it_moves() 
     assert_eq!(&recv(&mut b2).await[28..], b"still here");
     assert!(a.from_net.try_recv().is_err(), "nothing was sent to A");
 }
+
+/// A host whose rendezvous server is not up yet (a VM started before it) keeps trying
+/// and registers once the server answers.
+#[tokio::test]
+async fn registration_is_retried_until_the_server_answers() {
+    let vid = HostIdentity::generate();
+    let v_at = SocketAddr::new(lo(6).into(), 10500);
+    let mut bc = cfg(HostIdentity::generate(), SocketAddr::new(lo(7).into(), 0));
+    bc.register_with = Some(format!("{}@{v_at}", vid.hit()).parse().unwrap());
+    // Give up on the first attempt quickly: 3 tries, 50 ms apart at first.
+    bc.hip.retransmit_initial = Duration::from_millis(50);
+    bc.hip.retries_max = 2;
+    let b = start(bc).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(b.h.stats.get("failed"), Some(1), "{}", b.h.stats.render());
+
+    let mut vc = cfg(vid, v_at);
+    vc.serve_rvs = true;
+    let (v, _vt) = Endpoint::start_on(vc, Box::new(UserEsp::new()), PacketDev::None)
+        .await
+        .unwrap();
+    let b_hit = b.h.hit.to_string();
+    let st = wait_status(&v, |s| s.contains(&b_hit)).await;
+    assert!(st.contains(&format!("addr {}", b.h.listen)), "{st}");
+    assert_eq!(v.stats.get("established"), Some(1));
+}

@@ -345,6 +345,21 @@ async fn rendezvous_finds_a_vm_after_both_ends_moved() {
     )
     .await
     .unwrap();
+    // `roam vm peer-add`: the running VM's endpoint learns the correspondent at once, and
+    // the peer travels with the VM's record.
+    let corr_at = format!("{}@{}:{PORT}", corr.hit, roam_lab::lab::CORRESPONDENT_IP);
+    let shown = lab
+        .host("office")
+        .client
+        .vm_peer_add("desk", &corr_at)
+        .await
+        .unwrap();
+    assert_eq!(shown.net.unwrap().peers, vec![corr_at.clone()]);
+    let log = std::fs::read_to_string(&lab.host("office").log).unwrap();
+    assert!(
+        log.contains("peer added"),
+        "the running endpoint was not told"
+    );
     let to: SocketAddr = format!("{}:7", net.lsi).parse().unwrap();
     let (echo, client, first) = stream_through(&lab, to, "first connection").await;
     assert_eq!(rvs.stat("rvs_relayed"), 1, "{}", rvs.log_text());
@@ -360,6 +375,8 @@ async fn rendezvous_finds_a_vm_after_both_ends_moved() {
         "the connection stalled after the move"
     );
     let sent = finish_stream(&echo, client).await;
+    let at_home = lab.host("home").client.vm_show("desk").await.unwrap();
+    assert_eq!(at_home.net.unwrap().peers, vec![corr_at]);
     assert!(
         roam_lab::lab::wait_until(Duration::from_secs(10), || registered_at(home)).await,
         "the RVS did not follow the VM: {}",
