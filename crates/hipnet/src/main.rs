@@ -154,6 +154,14 @@ fn main() -> Result<()> {
             mtu,
         } => {
             let id = load_identity(&identity)?;
+            if rvs.is_some() && listen.port() != roam_hip::wire::udp::HIP_UDP_PORT {
+                // A relayed I1's FROM has no port: Responders answer at 10500.
+                eprintln!(
+                    "roam-hip: warning: --rvs with --listen port {} (not 10500): peers \
+                     reached through the rendezvous server answer at port 10500",
+                    listen.port()
+                );
+            }
             let mut cfg = EndpointConfig::new(id, listen, &tun);
             cfg.lsi = lsi;
             cfg.peers = peer;
