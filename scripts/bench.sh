@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 {
   bash scripts/setup.sh
-  cargo build --release --bins -p roamd -p roam-control -p roam-lab -p roam-agent -p roam-nbd
+  cargo build --release --bins -p roamd -p roam-control -p roam-lab -p roam-agent -p roam-nbd -p roam-hipnet
 } 1>&2
 exec "${CARGO_TARGET_DIR:-target}/release/roam-lab" bench "$@"

@@ -378,7 +378,7 @@ pub struct LinkStats {
 ///
 /// Its JSON keys are a contract (`roam --json migrate` prints it, the lab tool parses it):
 /// `vm`, `from`, `to`, `outcome`, `error` (only when aborted), `total_ms`, `downtime_ms`,
-/// `guest_downtime_ms`, `bytes`, `link`, `acked_writes`, `acked_writes_lost`,
+/// `guest_downtime_ms`, `pause_ms`, `bytes`, `link`, `acked_writes`, `acked_writes_lost`,
 /// `guest_rebooted`, `accel`, `phases`, `tuning`. Keys may be added, never removed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrationResult {
@@ -399,6 +399,12 @@ pub struct MigrationResult {
     pub downtime_ms: Option<u64>,
     /// Longest heartbeat gap the guest agent saw; `None` without an agent.
     pub guest_downtime_ms: Option<u64>,
+    /// The guest's real pause: from its stop at the source to its resume at the
+    /// destination (QMP events, compared across the two hosts' clocks — exact in the
+    /// lab, as good as their synchronisation elsewhere). Unlike `downtime_ms` it
+    /// includes the device state's trip over the link and its load.
+    #[serde(default)]
+    pub pause_ms: Option<u64>,
     /// Bytes moved.
     pub bytes: ByteCounts,
     /// The link as measured.

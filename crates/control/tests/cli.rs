@@ -35,7 +35,7 @@ fn keys(v: &serde_json::Value) -> BTreeSet<&str> {
     v.as_object().unwrap().keys().map(String::as_str).collect()
 }
 
-const RESULT_KEYS: [&str; 15] = [
+const RESULT_KEYS: [&str; 16] = [
     "vm",
     "from",
     "to",
@@ -43,6 +43,7 @@ const RESULT_KEYS: [&str; 15] = [
     "total_ms",
     "downtime_ms",
     "guest_downtime_ms",
+    "pause_ms",
     "bytes",
     "link",
     "acked_writes",
@@ -101,7 +102,7 @@ async fn migrate_human_output() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(
-        out.starts_with("desk moved office → home in 1.2 s: downtime 45 ms (QEMU), 120 ms (guest)"),
+        out.starts_with("desk moved office → home in 1.2 s: paused - (QEMU's figure 45 ms), heartbeat gap 120 ms"),
         "{out}"
     );
     assert!(out.contains("0 lost"), "{out}");

@@ -195,6 +195,10 @@ pub struct EndpointConfig {
     /// Associations carried from another host ([`crate::handover`]),
     /// installed as ESTABLISHED at start.
     pub import: Option<Vec<u8>>,
+    /// How far to move the imported associations' UPDATE SEQ ahead
+    /// ([`roam_hip::Host::advance_update_ids`]): non-zero when the host takes
+    /// back an identity it handed over, whose new host may have used the next SEQ.
+    pub import_update_skip: u32,
     /// Unix socket for `roam-hip ctl`.
     pub control: Option<PathBuf>,
     pub mtu: u16,
@@ -219,6 +223,7 @@ impl EndpointConfig {
             register_with: None,
             serve_rvs: false,
             import: None,
+            import_update_skip: 0,
             control: None,
             mtu: 1400,
             queue_len: 16,

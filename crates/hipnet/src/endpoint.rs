@@ -281,6 +281,7 @@ impl Endpoint {
         };
         if let Some(state) = &cfg.import {
             ep.import(state)?;
+            ep.host.advance_update_ids(cfg.import_update_skip);
         }
         if let Some(r) = &cfg.register_with {
             ep.register(r)?;

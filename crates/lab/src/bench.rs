@@ -43,6 +43,8 @@ pub struct BenchReport {
     /// HIP base exchange at 40 ms RTT, direct and through a rendezvous server.
     pub hip: Option<crate::hipbench::HipFigures>,
     pub migrations: Vec<MigrationFigures>,
+    /// HIP handover gap, ESP and base exchange ([`crate::bench_net`]).
+    pub net: Option<crate::bench_net::NetFigures>,
     pub checks: Vec<Check>,
 }
 
@@ -152,41 +154,23 @@ pub fn hip_checks(h: &crate::hipbench::HipFigures) -> Vec<Check> {
 /// The table a person reads.
 pub fn render(r: &BenchReport) -> String {
     let mut s = String::new();
-    s.push_str("NBD (qemu-img bench, same file, same run)\n");
-    s.push_str(&format!(
-        "  {}\n\n",
-        serde_json::to_string(&r.nbd).unwrap_or_default()
-    ));
-    if let Some(h) = &r.hip {
-        s.push_str(&h.render());
-        s.push('\n');
-    }
-    s.push_str(&format!(
-        "{:<22} {:>9} {:>10} {:>11} {:>11} {:>9} {:>9} {:>9} {:>6}\n",
-        "migration",
-        "total s",
-        "downtime",
-        "guest gap",
-        "memory MB",
-        "disk MB",
-        "wire MB",
-        "wire/pay",
-        "lost"
-    ));
-    for m in &r.migrations {
-        let x = &m.result;
+    if !r.nbd.is_null() {
+        s.push_str("NBD (qemu-img bench, same file, same run)\n");
         s.push_str(&format!(
-            "{:<22} {:>9.2} {:>8} ms {:>8} ms {:>11.1} {:>9.1} {:>9.1} {:>9.3} {:>6}\n",
-            m.label,
-            x.total_ms as f64 / 1000.0,
-            x.downtime_ms.map_or("-".into(), |d| d.to_string()),
-            x.guest_downtime_ms.map_or("-".into(), |d| d.to_string()),
-            x.bytes.memory as f64 / 1e6,
-            x.bytes.disk as f64 / 1e6,
-            x.bytes.wire as f64 / 1e6,
-            m.wire_overhead,
-            x.acked_writes_lost,
+            "  {}\n\n",
+            serde_json::to_string(&r.nbd).unwrap_or_default()
         ));
+    }
+    if !r.migrations.is_empty() {
+        s.push_str(&migration_table(&r.migrations));
+    }
+    if let Some(n) = &r.net {
+        s.push('\n');
+        s.push_str(&crate::bench_net::render(n));
+    }
+    if let Some(h) = &r.hip {
+        s.push('\n');
+        s.push_str(&h.render());
     }
     s.push_str("\nchecks (SPECIFICATION.md)\n");
     for c in &r.checks {
@@ -196,6 +180,40 @@ pub fn render(r: &BenchReport) -> String {
             c.name,
             c.measured,
             c.target
+        ));
+    }
+    s
+}
+
+fn migration_table(migrations: &[MigrationFigures]) -> String {
+    let ms = |v: Option<u64>| v.map_or("-".into(), |d| format!("{d} ms"));
+    let mut s = format!(
+        "{:<22} {:>9} {:>10} {:>10} {:>10} {:>11} {:>9} {:>9} {:>9} {:>6}\n",
+        "migration",
+        "total s",
+        "paused",
+        "QEMU dt",
+        "hb gap",
+        "memory MB",
+        "disk MB",
+        "wire MB",
+        "wire/pay",
+        "lost"
+    );
+    for m in migrations {
+        let x = &m.result;
+        s.push_str(&format!(
+            "{:<22} {:>9.2} {:>10} {:>10} {:>10} {:>11.1} {:>9.1} {:>9.1} {:>9.3} {:>6}\n",
+            m.label,
+            x.total_ms as f64 / 1000.0,
+            ms(x.pause_ms),
+            ms(x.downtime_ms),
+            ms(x.guest_downtime_ms),
+            x.bytes.memory as f64 / 1e6,
+            x.bytes.disk as f64 / 1e6,
+            x.bytes.wire as f64 / 1e6,
+            m.wire_overhead,
+            x.acked_writes_lost,
         ));
     }
     s

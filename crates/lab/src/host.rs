@@ -21,6 +21,9 @@ pub struct Host {
     pub client: Client,
     child: Option<Child>,
     roamd: PathBuf,
+    /// Extra environment for the daemon (e.g. `ROAM_FAULTS`), applied at the next
+    /// [`Host::spawn`].
+    pub env: Vec<(String, String)>,
 }
 
 #[derive(serde::Deserialize)]
@@ -67,6 +70,7 @@ impl Host {
             client: Client::new(&socket),
             child: None,
             roamd: roamd.to_path_buf(),
+            env: Vec::new(),
         };
         h.spawn().await?;
         Ok(h)
@@ -106,6 +110,7 @@ impl Host {
             .arg("run")
             .arg("--state")
             .arg(&self.state)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -16,7 +16,9 @@
 //! [`Lab`] value and removed when it is dropped, by id — also when a test fails.
 
 pub mod bench;
+pub mod bench_net;
 pub mod bins;
+pub mod echo;
 pub mod hipbench;
 pub mod hipproc;
 pub mod host;

@@ -91,6 +91,9 @@ enum Cmd {
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
+        /// Run only these parts (comma-separated): nbd, migration, net. Default: all.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<BenchPart>,
     },
     /// Only the HIP base-exchange figures: direct and through a rendezvous server, beside
     /// the RTT measured in the same run.
@@ -102,6 +105,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The parts of `roam-lab bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchPart {
+    Nbd,
+    Migration,
+    Net,
 }
 
 fn link_params(l: &LinkArgs) -> LinkParams {
@@ -199,16 +210,29 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { vm, quick, json } => {
-            eprintln!("roam-lab bench: NBD, roam against qemu-nbd");
-            let nbd = roam_lab::bench::nbd_bench(quick)?;
-            eprintln!("roam-lab bench: HIP base exchange at 40 ms RTT, direct and via an RVS");
-            let hip = roam_lab::hipbench::run(40.0, if quick { 3 } else { 10 })?;
+        Cmd::Bench {
+            vm,
+            quick,
+            json,
+            only,
+        } => {
+            let run = |p: BenchPart| only.is_empty() || only.contains(&p);
+            let nbd = if run(BenchPart::Nbd) {
+                eprintln!("roam-lab bench: NBD, roam against qemu-nbd");
+                roam_lab::bench::nbd_bench(quick)?
+            } else {
+                serde_json::Value::Null
+            };
             let mut migrations = Vec::new();
-            for (label, mbit, rtt, loss) in [
-                ("100 Mbit/s, 40 ms", 100.0, 40.0, 0.1),
-                ("1 Gbit/s, 10 ms", 1000.0, 10.0, 0.0),
-            ] {
+            let links: &[(&str, f64, f64, f64)] = if run(BenchPart::Migration) {
+                &[
+                    ("100 Mbit/s, 40 ms", 100.0, 40.0, 0.1),
+                    ("1 Gbit/s, 10 ms", 1000.0, 10.0, 0.0),
+                ]
+            } else {
+                &[]
+            };
+            for &(label, mbit, rtt, loss) in links {
                 eprintln!("roam-lab bench: migration over {label}, {loss}% loss");
                 let link = LinkArgs {
                     bandwidth_mbit: mbit,
@@ -219,12 +243,40 @@ async fn main() -> anyhow::Result<()> {
                 let cfg = lab_config(&link, &vm, false);
                 migrations.push(roam_lab::bench::migration(label, cfg).await?);
             }
+            let net = if run(BenchPart::Net) {
+                eprintln!("roam-lab bench: user-space ESP and base exchange on loopback");
+                let esp =
+                    tokio::task::spawn_blocking(move || roam_lab::bench_net::esp(quick)).await??;
+                eprintln!("roam-lab bench: HIP handover of a live TCP stream, 100 Mbit/s, 40 ms");
+                let handover =
+                    roam_lab::bench_net::handover(roam_lab::bench_net::handover_config(false))
+                        .await?;
+                Some(roam_lab::bench_net::NetFigures { handover, esp })
+            } else {
+                None
+            };
+            let hip = if run(BenchPart::Net) {
+                eprintln!("roam-lab bench: HIP base exchange at 40 ms RTT, direct and via an RVS");
+                let rounds = if quick { 3 } else { 10 };
+                Some(
+                    tokio::task::spawn_blocking(move || roam_lab::hipbench::run(40.0, rounds))
+                        .await??,
+                )
+            } else {
+                None
+            };
             let mut checks = roam_lab::bench::checks(&nbd, &migrations);
-            checks.extend(roam_lab::bench::hip_checks(&hip));
+            if let Some(n) = &net {
+                checks.extend(roam_lab::bench_net::checks(n));
+            }
+            if let Some(h) = &hip {
+                checks.extend(roam_lab::bench::hip_checks(h));
+            }
             let report = roam_lab::bench::BenchReport {
                 nbd,
-                hip: Some(hip),
+                hip,
                 migrations,
+                net,
                 checks,
             };
             if json {
@@ -316,6 +368,12 @@ fn print_summary(r: &MigrationResult) {
         println!("  error              {e}");
     }
     println!("  total time         {:.2} s", r.total_ms as f64 / 1000.0);
+    println!(
+        "  guest paused       {}",
+        r.pause_ms.map_or("-".into(), |d| format!(
+            "{d} ms (stop at source → run at destination)"
+        ))
+    );
     println!(
         "  downtime (QEMU)    {}",
         r.downtime_ms.map_or("-".into(), |d| format!("{d} ms"))

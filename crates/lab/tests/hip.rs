@@ -6,112 +6,14 @@
 // Tests and their helpers may unwrap (project rule).
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use roam_control::api::{Outcome, Workload};
+use roam_lab::echo::EchoClient;
 use roam_lab::{Lab, LabConfig};
 use roam_wan::LinkParams;
-
-/// Byte `i` of the stream: distinct at every offset (a lost, repeated or reordered run of
-/// bytes of any length shows up as a mismatch).
-fn pattern(i: u64) -> u8 {
-    let mut z = (i / 8).wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    z.to_le_bytes()[(i % 8) as usize]
-}
-
-#[derive(Default)]
-struct Echo {
-    sent: AtomicU64,
-    received: AtomicU64,
-    mismatch: Mutex<Option<String>>,
-    /// Longest time between two reads that returned data, and when it ended.
-    max_gap: Mutex<(Duration, Option<Instant>)>,
-    stop_writing: AtomicBool,
-    done: AtomicBool,
-}
-
-/// Connects (retrying while the guest gets its lease) and streams until told to stop.
-fn stream(to: SocketAddr, echo: Arc<Echo>) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let conn = loop {
-        match TcpStream::connect_timeout(&to, Duration::from_secs(3)) {
-            Ok(c) => break c,
-            Err(e) if Instant::now() > deadline => return Err(format!("connect {to}: {e}")),
-            Err(_) => std::thread::sleep(Duration::from_millis(500)),
-        }
-    };
-    conn.set_nodelay(true).map_err(|e| e.to_string())?;
-    conn.set_read_timeout(Some(Duration::from_millis(500)))
-        .map_err(|e| e.to_string())?;
-    let mut w = conn.try_clone().map_err(|e| e.to_string())?;
-    let we = echo.clone();
-    let writer = std::thread::spawn(move || {
-        // 1 KiB every 5 ms: ~200 KB/s each way, steady, far below the link.
-        let mut off = 0u64;
-        while !we.stop_writing.load(Ordering::Relaxed) {
-            let buf: Vec<u8> = (off..off + 1024).map(pattern).collect();
-            if w.write_all(&buf).is_err() {
-                break;
-            }
-            off += 1024;
-            we.sent.store(off, Ordering::Relaxed);
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _ = w.shutdown(std::net::Shutdown::Write);
-    });
-    let mut r = conn;
-    let mut buf = vec![0u8; 65536];
-    let mut at = 0u64;
-    let mut last = Instant::now();
-    loop {
-        match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                let now = Instant::now();
-                let gap = now - last;
-                last = now;
-                {
-                    let mut g = echo.max_gap.lock().unwrap();
-                    if at > 0 && gap > g.0 {
-                        *g = (gap, Some(now));
-                    }
-                }
-                for (k, b) in buf[..n].iter().enumerate() {
-                    let i = at + k as u64;
-                    if *b != pattern(i) {
-                        let mut m = echo.mismatch.lock().unwrap();
-                        if m.is_none() {
-                            *m = Some(format!("byte {i}: got {b:#04x}, want {:#04x}", pattern(i)));
-                        }
-                    }
-                }
-                at += n as u64;
-                echo.received.store(at, Ordering::Relaxed);
-            }
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
-            {
-                if echo.done.load(Ordering::Relaxed) {
-                    break;
-                }
-            }
-            Err(e) => {
-                let _ = writer.join();
-                return Err(format!("read after {at} bytes: {e}"));
-            }
-        }
-    }
-    let _ = writer.join();
-    Ok(())
-}
 
 fn config() -> LabConfig {
     LabConfig {
@@ -131,21 +33,8 @@ fn config() -> LabConfig {
     }
 }
 
-async fn wait_received(echo: &Echo, at_least: u64, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if echo.received.load(Ordering::Relaxed) >= at_least {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
-type Client = std::thread::JoinHandle<Result<Result<(), String>, roam_wan::netns::NetnsError>>;
-
 /// A lab with a VM on office and a correspondent streaming through the VM's echo service.
-async fn streaming_lab() -> (Lab, Arc<Echo>, Client, roam_control::api::VmNetInfo) {
+async fn streaming_lab() -> (Lab, EchoClient, roam_control::api::VmNetInfo) {
     let mut lab = Lab::start(config()).await.unwrap();
     lab.create_vm("office", "desk").await.unwrap();
     let info = lab.host("office").client.vm_show("desk").await.unwrap();
@@ -156,79 +45,59 @@ async fn streaming_lab() -> (Lab, Arc<Echo>, Client, roam_control::api::VmNetInf
     lab.start_correspondent(&[peer]).await.unwrap();
 
     let to: SocketAddr = format!("{}:7", net.lsi).parse().unwrap();
-    let echo = Arc::new(Echo::default());
-    let ns = lab.correspondent_ns().unwrap().to_string();
-    let e2 = echo.clone();
-    let client = roam_wan::netns::spawn_in(&ns, move || stream(to, e2)).unwrap();
-    // The stream runs before the move.
-    if !wait_received(&echo, 100 << 10, Duration::from_secs(90)).await {
-        // The echo service comes from the guest image's init: an image published from an
-        // older scripts/guest-init.sh has none (rebuild: scripts/guest-image.sh --force).
-        let serial = lab.root.join("office-run/vms/desk/serial.log");
-        let log = std::fs::read_to_string(&serial).unwrap_or_default();
-        panic!(
-            "no echo from the VM through HIP (received {} bytes); guest echo service {}; \
-             see {}/correspondent.log and {}",
-            echo.received.load(Ordering::Relaxed),
-            if log.contains("echo service on tcp port 7") {
-                "started"
-            } else {
-                "NOT started (guest image without it?)"
-            },
-            lab.root.display(),
-            serial.display()
-        );
-    }
-    (lab, echo, client, net)
-}
-
-/// Stops writing and checks that every byte sent came back exactly once, in order.
-async fn finish_stream(echo: &Echo, client: Client) -> u64 {
-    echo.stop_writing.store(true, Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let sent = echo.sent.load(Ordering::Relaxed);
-    let all_back = wait_received(echo, sent, Duration::from_secs(20)).await;
-    echo.done.store(true, Ordering::Relaxed);
-    let res = tokio::task::spawn_blocking(move || client.join())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    res.unwrap_or_else(|e| panic!("stream: {e}"));
-    let received = echo.received.load(Ordering::Relaxed);
-    assert!(all_back, "sent {sent} bytes, {received} came back");
-    assert_eq!(received, sent, "bytes duplicated or lost");
-    assert_eq!(*echo.mismatch.lock().unwrap(), None);
-    sent
+    let client = match EchoClient::start(&lab, to).await {
+        Ok(c) => c,
+        Err(e) => {
+            // The echo service comes from the guest image's init: an image published
+            // from an older scripts/guest-init.sh has none (rebuild:
+            // scripts/guest-image.sh --force).
+            let serial = lab.root.join("office-run/vms/desk/serial.log");
+            let log = std::fs::read_to_string(&serial).unwrap_or_default();
+            panic!(
+                "{e}; guest echo service {}; see {}/correspondent.log and {}",
+                if log.contains("echo service on tcp port 7") {
+                    "started"
+                } else {
+                    "NOT started (guest image without it?)"
+                },
+                lab.root.display(),
+                serial.display()
+            );
+        }
+    };
+    (lab, client, net)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_connection_to_a_vm_survives_its_migration() {
-    let (lab, echo, client, net) = streaming_lab().await;
-    let before = echo.received.load(Ordering::Relaxed);
+    let (lab, client, net) = streaming_lab().await;
+    let echo = client.echo.clone();
+    let before = echo.received();
     let r = lab.migrate("desk", "office", "home", |_| {}).await.unwrap();
     assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
     let moved_at = Instant::now();
 
     // The stream goes on after the move: at least another 200 KiB echoed from home.
-    let after = echo.received.load(Ordering::Relaxed);
+    let after = echo.received();
     assert!(
-        wait_received(&echo, after + (200 << 10), Duration::from_secs(30)).await,
+        echo.wait_received(after + (200 << 10), Duration::from_secs(30))
+            .await,
         "the connection stalled after the move ({} bytes received, {after} at the switch)",
-        echo.received.load(Ordering::Relaxed)
+        echo.received()
     );
     let home = lab.host("home").client.vm_show("desk").await.unwrap();
     assert_eq!(home.net.as_ref().map(|n| &n.hit), Some(&net.hit));
 
     // Stop writing; everything sent must come back exactly once, in order.
-    let sent = finish_stream(&echo, client).await;
-    let (gap, gap_at) = *echo.max_gap.lock().unwrap();
+    let sent = client.finish().await.unwrap();
+    let (gap, gap_at) = echo.max_gap();
     println!(
         "HIP handover: {sent} bytes each way ({before} before the move), longest gap between \
          received bytes {} ms (it ended {:?} before the migration call returned), \
-         migration downtime {:?} ms, guest downtime {:?} ms",
+         guest paused {:?} ms (QEMU's downtime figure {:?} ms, heartbeat gap {:?} ms)",
         gap.as_millis(),
         gap_at.map(|t| moved_at.saturating_duration_since(t)),
+        r.pause_ms,
         r.downtime_ms,
         r.guest_downtime_ms
     );
@@ -241,7 +110,8 @@ async fn tcp_connection_to_a_vm_survives_its_migration() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_connection_to_a_vm_survives_an_aborted_migration() {
-    let (mut lab, echo, client, _net) = streaming_lab().await;
+    let (mut lab, client, _net) = streaming_lab().await;
+    let echo = client.echo.clone();
     let home_pid = lab.host_mut("home").pid().expect("home roamd runs");
     let killed = AtomicBool::new(false);
     let r = lab
@@ -259,13 +129,14 @@ async fn tcp_connection_to_a_vm_survives_an_aborted_migration() {
     assert!(killed.load(Ordering::SeqCst), "home was never killed");
     assert_eq!(r.outcome, Outcome::Aborted);
     // The VM stayed on office, and so did its endpoint: the stream goes on.
-    let after = echo.received.load(Ordering::Relaxed);
+    let after = echo.received();
     assert!(
-        wait_received(&echo, after + (100 << 10), Duration::from_secs(30)).await,
+        echo.wait_received(after + (100 << 10), Duration::from_secs(30))
+            .await,
         "the connection stalled after the abort"
     );
-    let sent = finish_stream(&echo, client).await;
-    let (gap, _) = *echo.max_gap.lock().unwrap();
+    let sent = client.finish().await.unwrap();
+    let (gap, _) = echo.max_gap();
     println!(
         "aborted migration: {sent} bytes each way, longest gap {} ms",
         gap.as_millis()
@@ -273,21 +144,41 @@ async fn tcp_connection_to_a_vm_survives_an_aborted_migration() {
     lab.shutdown().await;
 }
 
-/// Starts a TCP client in the correspondent's namespace streaming through the echo
-/// service at `to`; returns once 64 KiB came back.
-async fn stream_through(lab: &Lab, to: SocketAddr, what: &str) -> (Arc<Echo>, Client, Duration) {
-    let ns = lab.correspondent_ns().unwrap().to_string();
-    let echo = Arc::new(Echo::default());
-    let e2 = echo.clone();
-    let t0 = Instant::now();
-    let client = roam_wan::netns::spawn_in(&ns, move || stream(to, e2)).unwrap();
+/// The destination announces its locator before its guest runs; if it then calls
+/// the handover off, the source must take the identity back and bring the peers back
+/// to itself — with an UPDATE the peer does not discard as a repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connection_survives_a_handover_refused_after_the_update() {
+    let (mut lab, client, _net) = streaming_lab().await;
+    let echo = client.echo.clone();
+    let home = lab.host_mut("home");
+    home.env
+        .push(("ROAM_FAULTS".into(), "refuse-handover".into()));
+    home.spawn().await.unwrap();
+    let r = lab.migrate("desk", "office", "home", |_| {}).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Aborted, "the fault must abort the move");
+    let home_log = std::fs::read_to_string(&lab.host("home").log).unwrap();
     assert!(
-        wait_received(&echo, 64 << 10, Duration::from_secs(60)).await,
-        "{what}: no echo through the rendezvous server (received {} bytes); see {}",
-        echo.received.load(Ordering::Relaxed),
-        lab.root.display()
+        home_log.contains("HIP: UPDATE with our locator sent"),
+        "home never announced itself, so the move back was not exercised"
     );
-    (echo, client, t0.elapsed())
+    let office = lab.host("office").client.vm_show("desk").await.unwrap();
+    assert_eq!(office.state, roam_control::api::VmState::Running);
+    // The VM stayed on office and the peer came back to it: the stream goes on.
+    let after = echo.received();
+    assert!(
+        echo.wait_received(after + (100 << 10), Duration::from_secs(30))
+            .await,
+        "the connection stalled after the refused handover ({} bytes, {after} at the abort)",
+        echo.received()
+    );
+    let sent = client.finish().await.unwrap();
+    let (gap, _) = echo.max_gap();
+    println!(
+        "refused handover: {sent} bytes each way, longest gap {} ms",
+        gap.as_millis()
+    );
+    lab.shutdown().await;
 }
 
 /// Rendezvous (RFC 8004 with RFC 8003 registration): the VM registers its HIT with a
@@ -361,7 +252,15 @@ async fn rendezvous_finds_a_vm_after_both_ends_moved() {
         "the running endpoint was not told"
     );
     let to: SocketAddr = format!("{}:7", net.lsi).parse().unwrap();
-    let (echo, client, first) = stream_through(&lab, to, "first connection").await;
+    let t0 = Instant::now();
+    let client = EchoClient::start(&lab, to).await.unwrap_or_else(|e| {
+        panic!(
+            "first connection via the RVS: {e}; see {}",
+            lab.root.display()
+        )
+    });
+    let first = t0.elapsed();
+    let echo = client.echo.clone();
     assert_eq!(rvs.stat("rvs_relayed"), 1, "{}", rvs.log_text());
     let st = corr.ctl("status").unwrap();
     assert!(st.contains(&format!("addr {office}:")), "{st}");
@@ -369,12 +268,13 @@ async fn rendezvous_finds_a_vm_after_both_ends_moved() {
     // The VM moves; the connection survives, and the server follows the VM.
     let r = lab.migrate("desk", "office", "home", |_| {}).await.unwrap();
     assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
-    let after = echo.received.load(Ordering::Relaxed);
+    let after = echo.received();
     assert!(
-        wait_received(&echo, after + (100 << 10), Duration::from_secs(30)).await,
+        echo.wait_received(after + (100 << 10), Duration::from_secs(30))
+            .await,
         "the connection stalled after the move"
     );
-    let sent = finish_stream(&echo, client).await;
+    let sent = client.finish().await.unwrap();
     let at_home = lab.host("home").client.vm_show("desk").await.unwrap();
     assert_eq!(at_home.net.unwrap().peers, vec![corr_at]);
     assert!(
@@ -404,14 +304,18 @@ async fn rendezvous_finds_a_vm_after_both_ends_moved() {
     .await
     .unwrap();
     assert_eq!(corr2.hit, corr.hit);
-    let (echo2, client2, second) = stream_through(&lab, to, "after both moved").await;
-    let sent2 = finish_stream(&echo2, client2).await;
+    let t0 = Instant::now();
+    let client2 = EchoClient::start(&lab, to)
+        .await
+        .unwrap_or_else(|e| panic!("after both moved: {e}; see {}", lab.root.display()));
+    let second = t0.elapsed();
+    let sent2 = client2.finish().await.unwrap();
     assert_eq!(rvs.stat("rvs_relayed"), 2, "{}", rvs.log_text());
     let st = corr2.ctl("status").unwrap();
     assert!(st.contains(&format!("addr {home}:")), "{st}");
     println!(
-        "rendezvous: first connection echoed 64 KiB after {} ms, {sent} bytes each way \
-         across the move (migration downtime {:?} ms); after both moved, 64 KiB after {} ms, \
+        "rendezvous: first connection echoed 100 KiB after {} ms, {sent} bytes each way \
+         across the move (migration downtime {:?} ms); after both moved, 100 KiB after {} ms, \
          {sent2} bytes each way",
         first.as_millis(),
         r.downtime_ms,

@@ -12,10 +12,14 @@ use serde::{Deserialize, Serialize};
 /// (the VM's HIP association state, sent by the source at pre-switchover when the
 /// manifest has `net`). A version-1 source sends neither; a destination then runs the
 /// VM without network state, as version 1 did.
-pub const PROTOCOL_VERSION: u16 = 2;
+///
+/// 3: `Msg::EndpointAt` (D → S, VMs with `net`): where the VM's HIP endpoint now
+/// listens, so the source forwards the ESP packets that still reach it during the
+/// handover instead of dropping them. Either side at version 2 simply does without.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Oldest version a destination still accepts ("current plus previous").
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// A file the VM needs besides its disk (kernel, initramfs), named by content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +127,11 @@ pub enum Msg {
     Running {
         first_heartbeat_unix_ms: u64,
         boot_id: Option<String>,
+        /// When D let the guest run (unix ms, D's clock). With the source's stop time
+        /// it gives the real pause; QEMU's own downtime figure ends when the source
+        /// has written the device state, before it crossed the link and was loaded.
+        #[serde(default)]
+        resumed_unix_ms: Option<u64>,
     },
     /// S → D: ask the guest agent on D to re-read every acknowledged record.
     Verify {
@@ -144,6 +153,11 @@ pub enum Msg {
     /// source had none to hand over). D starts the VM's HIP endpoint from it and
     /// announces its own locator once the guest runs.
     Associations { state: String },
+    /// D → S (both at version ≥ 3), once D's HIP endpoint runs from the associations
+    /// and has announced its locator: the endpoint's UDP address. Peers' ESP packets
+    /// sent before they learnt the new locator still reach S; S forwards them here
+    /// rather than letting TCP wait out a retransmission timeout.
+    EndpointAt { addr: String },
     /// S → D: the source QEMU has quit; D owns the VM at this generation.
     Commit {
         generation: u64,
@@ -179,6 +193,7 @@ impl Msg {
             Msg::Verify { .. } => "verify",
             Msg::VerifyReport { .. } => "verify_report",
             Msg::Associations { .. } => "associations",
+            Msg::EndpointAt { .. } => "endpoint_at",
             Msg::Commit { .. } => "commit",
             Msg::Committed => "committed",
             Msg::Abort(_) => "abort",
@@ -213,6 +228,9 @@ mod tests {
             Msg::MemoryReady,
             Msg::Associations {
                 state: "52484950".into(),
+            },
+            Msg::EndpointAt {
+                addr: "198.18.2.2:10500".into(),
             },
         ];
         for m in msgs {

@@ -16,6 +16,8 @@
 mod config;
 mod daemon;
 mod error;
+mod esp_forward;
+mod fault;
 mod migration;
 mod net;
 mod peer;

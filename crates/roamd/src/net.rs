@@ -29,6 +29,11 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
+use crate::esp_forward::Forwarder;
+
+/// How many UPDATE SEQ numbers a reclaimed association skips: more than a destination
+/// sends in one handover (one announcement, whose retransmissions reuse its SEQ).
+const RECLAIM_UPDATE_SKIP: u32 = 16;
 
 /// First UDP port tried for a VM's endpoint (RFC 5770's HIP port).
 pub const FIRST_PORT: u16 = 10500;
@@ -181,6 +186,23 @@ impl VmNet {
     /// Start the VM's HIP endpoint on `ip` (the host's WAN address), on the first free
     /// port from [`FIRST_PORT`], optionally with associations carried from another host.
     pub async fn start_endpoint(&self, ip: IpAddr, import: Option<Vec<u8>>) -> Result<()> {
+        self.start_endpoint_skipping(ip, import, 0).await
+    }
+
+    /// Take back associations this host exported for a handover that was called off.
+    /// The destination may already have announced its locator with the next UPDATE
+    /// SEQ; ours must go past it or peers would ignore the move back.
+    pub async fn reclaim_endpoint(&self, ip: IpAddr, import: Vec<u8>) -> Result<()> {
+        self.start_endpoint_skipping(ip, Some(import), RECLAIM_UPDATE_SKIP)
+            .await
+    }
+
+    async fn start_endpoint_skipping(
+        &self,
+        ip: IpAddr,
+        import: Option<Vec<u8>>,
+        update_skip: u32,
+    ) -> Result<()> {
         let spec = self.spec.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut peers = Vec::new();
         for p in &spec.peers {
@@ -202,6 +224,7 @@ impl VmNet {
             cfg.lsi = Some(self.lsi);
             cfg.peers = peers.clone();
             cfg.import = import.clone();
+            cfg.import_update_skip = update_skip;
             cfg.mtu = spec.mtu;
             cfg.rvs = rvs.as_ref().and_then(|r| r.addr);
             cfg.register_with = rvs.clone();
@@ -272,6 +295,29 @@ impl VmNet {
                 .map_err(|e| Error::Migration(format!("export HIP associations: {e}"))),
             None => Ok(Vec::new()),
         }
+    }
+
+    /// Like [`VmNet::export_and_stop`], and leave a forwarding pointer on the released
+    /// port ([`crate::esp_forward`]): ESP that peers send here until they learn the new
+    /// locator is held, then passed on once the destination says where it listens.
+    /// No pointer (only a warning) if the port cannot be taken back.
+    pub async fn export_and_forward(&self) -> Result<(Vec<u8>, Option<Forwarder>)> {
+        let listen = self.listen();
+        let state = self.export_and_stop().await?;
+        let Some(listen) = listen.filter(|_| !state.is_empty()) else {
+            return Ok((state, None));
+        };
+        // The endpoint's task drops its socket just after it answered.
+        let mut last = None;
+        for _ in 0..50 {
+            match Forwarder::bind(listen).await {
+                Ok(f) => return Ok((state, Some(f))),
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        warn!(%listen, "no ESP forwarding pointer: {}", last.map(|e| e.to_string()).unwrap_or_default());
+        Ok((state, None))
     }
 
     /// Tell every peer our new locator (after the guest resumed on this host).

@@ -67,6 +67,7 @@ pub fn result(vm: &str, to: &str, outcome: Outcome) -> MigrationResult {
         total_ms: 1234,
         downtime_ms: Some(45),
         guest_downtime_ms: Some(120),
+        pause_ms: None,
         bytes: ByteCounts {
             memory: 1 << 30,
             disk: 100 << 20,

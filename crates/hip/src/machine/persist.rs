@@ -143,6 +143,17 @@ impl Host {
         Ok(out)
     }
 
+    /// Moves every association's next UPDATE SEQ `by` ahead. After a handover
+    /// that was called off, the host that takes the identity back resumes from
+    /// the state it exported; the other host may already have announced with
+    /// the next SEQ, and a peer silently ignores a repeated SEQ (RFC 7401
+    /// §6.12.1), so the move back must skip past anything it could have sent.
+    pub fn advance_update_ids(&mut self, by: u32) {
+        for a in self.assocs.values_mut() {
+            a.update_id = a.update_id.wrapping_add(by);
+        }
+    }
+
     /// Installs an association exported by another host running the same
     /// identity (the VM moved here). It becomes ESTABLISHED; announce the
     /// new locator with [`Host::update_locators`].

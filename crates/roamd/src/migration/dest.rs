@@ -7,7 +7,7 @@
 //! export, no socket, no file is left behind.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use roam_channel::{Connection, RecvStream, SendStream, StreamKind};
 use roam_migrate::protocol::{version_accepted, FileRef, Msg, VmManifest};
@@ -253,11 +253,33 @@ impl Dest {
             .map_err(|e| Error::Vm(format!("migrate-incoming: {e}")))?;
         send_ctl(ctl_tx, &Msg::MemoryReady).await?;
 
+        // A VM with a network: its associations come first once the guest is paused at
+        // the source; take them over while the disk is sealed (see `take_associations`).
+        // Until then the pre-copy runs, as long as it takes: no timeout, a broken
+        // channel or a failed disk stream ends the wait. A version-2 source seals the
+        // disk before it sends them.
+        let never = || Error::Migration("the disk stream never arrived".into());
+        let mut disk_rx = disk_rx;
+        let mut sealed = None;
+        if rt.net.is_some() && self.vm.net.is_some() {
+            let first = tokio::select! {
+                m = roam_channel::recv_msg::<Msg>(ctl_rx) => {
+                    m.map_err(|e| Error::Migration(format!("control stream: {e}")))?
+                }
+                s = &mut disk_rx => {
+                    sealed = Some(s.map_err(|_| never())??);
+                    recv_ctl(ctl_rx, STEP_TIMEOUT).await?
+                }
+            };
+            self.take_associations(&rt, ctl_tx, first).await?;
+        }
+
         // The seal: the disk must be whole and equal before the source switches.
-        let seal = disk_rx
-            .await
-            .map_err(|_| Error::Migration("the disk stream never arrived".into()))??;
-        let ok = seal.ok;
+        let seal = match sealed {
+            Some(s) => s,
+            None => disk_rx.await.map_err(|_| never())??,
+        };
+        let ok = seal.ok && !crate::fault::active("refuse-handover");
         send_ctl(
             ctl_tx,
             &Msg::DiskVerified {
@@ -276,42 +298,8 @@ impl Dest {
         if !ok {
             return Err(Error::Migration("disk digest mismatch".into()));
         }
-        // A VM with a network: its associations come next (the guest is paused at the
-        // source). Start its endpoint here from them; peers learn our locator once the
-        // guest runs.
-        if let (Some(net), true) = (&rt.net, self.vm.net.is_some() && self.version >= 2) {
-            let state = match recv_ctl(ctl_rx, STEP_TIMEOUT).await? {
-                Msg::Associations { state } => state,
-                Msg::Abort(r) => {
-                    return Err(Error::Migration(format!("source aborted: {}", r.message)))
-                }
-                other => {
-                    return Err(Error::Migration(format!(
-                        "protocol: expected associations, got {}",
-                        other.name()
-                    )))
-                }
-            };
-            // A state we cannot use is no reason to refuse the VM: a guest without its
-            // connections is the lesser harm. Say so loudly.
-            let import = if state.len() > 2 * roam_migrate::protocol::MAX_ASSOCIATIONS_BYTES {
-                warn!(vm = %self.vm.name, len = state.len(), "association state exceeds the cap; dropped");
-                None
-            } else {
-                match hex::decode(&state) {
-                    Ok(b) => (!b.is_empty()).then_some(b),
-                    Err(e) => {
-                        warn!(vm = %self.vm.name, "association state unreadable ({e}); dropped");
-                        None
-                    }
-                }
-            };
-            if let Err(e) = net.start_endpoint(d.cfg.listen.ip(), import).await {
-                warn!(vm = %self.vm.name, "HIP endpoint not started; the VM runs without its associations: {e}");
-            }
-        }
-
-        // QEMU finishes loading and runs the guest (autostart).
+        // QEMU finishes loading the device state; the guest stays held (-S).
+        let t_load = Instant::now();
         let st = rt
             .vm()
             .await?
@@ -336,7 +324,9 @@ impl Dest {
         // (-S). Record this host as the owner first — everything that can fail here fails
         // before the guest runs, so a refusal still leaves the source free to resume —
         // then let it run.
+        let t_own = Instant::now();
         self.take_ownership(&rt).await?;
+        let t_cont = Instant::now();
         let status = rt
             .vm()
             .await?
@@ -351,13 +341,14 @@ impl Dest {
                 return Ok(());
             }
         }
-        // The guest runs here: tell its HIP peers where it is now.
-        if let Some(net) = &rt.net {
-            match net.set_locator(d.cfg.listen.ip()).await {
-                Ok(n) => info!(vm = %self.vm.name, peers = n, "HIP: UPDATE with our locator sent"),
-                Err(e) => warn!(vm = %self.vm.name, "HIP locator update: {e}"),
-            }
-        }
+        let resumed_unix_ms = crate::daemon::now_ms();
+        info!(
+            vm = %self.vm.name,
+            load_ms = t_own.duration_since(t_load).as_millis() as u64,
+            own_ms = t_cont.duration_since(t_own).as_millis() as u64,
+            cont_ms = t_cont.elapsed().as_millis() as u64,
+            "the guest runs here"
+        );
         let hb = rt
             .agent
             .wait_heartbeat_after(0, Duration::from_secs(30))
@@ -368,6 +359,7 @@ impl Dest {
             &Msg::Running {
                 first_heartbeat_unix_ms: hb.unwrap_or(0),
                 boot_id: snap.boot_id.clone(),
+                resumed_unix_ms: Some(resumed_unix_ms),
             },
         )
         .await?;
@@ -424,6 +416,72 @@ impl Dest {
                 }
             }
         }
+    }
+
+    /// Takes over the VM's HIP associations, paused at the source, and announces this
+    /// host's locator at once: peers switch while the disk is sealed and QEMU loads the
+    /// device state, so their packets are here, held in the LAN, when the guest runs.
+    /// Should the handover fail after all, the source takes the identity back and
+    /// announces itself again.
+    async fn take_associations(
+        &mut self,
+        rt: &Arc<RunningVm>,
+        ctl_tx: &mut SendStream,
+        msg: Msg,
+    ) -> Result<()> {
+        let d = &self.d;
+        let Some(net) = &rt.net else {
+            return Ok(());
+        };
+        let state = match msg {
+            Msg::Associations { state } => state,
+            Msg::Abort(r) => {
+                return Err(Error::Migration(format!("source aborted: {}", r.message)))
+            }
+            other => {
+                return Err(Error::Migration(format!(
+                    "protocol: expected associations, got {}",
+                    other.name()
+                )))
+            }
+        };
+        // A state we cannot use is no reason to refuse the VM: a guest without its
+        // connections is the lesser harm. Say so loudly.
+        let import = if state.len() > 2 * roam_migrate::protocol::MAX_ASSOCIATIONS_BYTES {
+            warn!(vm = %self.vm.name, len = state.len(), "association state exceeds the cap; dropped");
+            None
+        } else {
+            match hex::decode(&state) {
+                Ok(b) => (!b.is_empty()).then_some(b),
+                Err(e) => {
+                    warn!(vm = %self.vm.name, "association state unreadable ({e}); dropped");
+                    None
+                }
+            }
+        };
+        if let Err(e) = net.start_endpoint(d.cfg.listen.ip(), import).await {
+            warn!(vm = %self.vm.name, "HIP endpoint not started; the VM runs without its associations: {e}");
+        } else {
+            // Announce the new locator now, while QEMU still loads the device state,
+            // not after `cont`: a peer's packets then reach this host by the time the
+            // guest runs (held in the LAN until then), so its TCP sees a pause, not
+            // a loss and a retransmission timeout. Should the handover still fail,
+            // the source takes the identity back and announces itself again.
+            match net.set_locator(d.cfg.listen.ip()).await {
+                Ok(n) => info!(vm = %self.vm.name, peers = n, "HIP: UPDATE with our locator sent"),
+                Err(e) => warn!(vm = %self.vm.name, "HIP locator update: {e}"),
+            }
+            if let (Some(addr), true) = (net.listen(), self.version >= 3) {
+                send_ctl(
+                    ctl_tx,
+                    &Msg::EndpointAt {
+                        addr: addr.to_string(),
+                    },
+                )
+                .await?;
+            }
+        }
+        Ok(())
     }
 
     /// Copy the disk this host kept when the VM left (status `moved`), if it has one of

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use roam_channel::{Connection, PublicKey, SendStream, StreamKind};
+use roam_channel::{Connection, PublicKey, RecvStream, SendStream, StreamKind};
 use roam_control::api::{
     ApiError, ByteCounts, LinkStats, MigrateRequest, MigrationResult, Outcome, Phase, Progress,
 };
@@ -73,6 +73,7 @@ pub async fn migrate(
             total_ms: 0,
             downtime_ms: None,
             guest_downtime_ms: None,
+            pause_ms: None,
             bytes: ByteCounts::default(),
             link: LinkStats::default(),
             acked_writes: 0,
@@ -87,6 +88,7 @@ pub async fn migrate(
         qemu_migrating: false,
         continued: false,
         hip_export: None,
+        hip_forward: None,
         refused: false,
     };
     info!(vm = %req.vm, to = %req.to, "migration starting");
@@ -111,6 +113,8 @@ struct Source {
     /// refused handover) the endpoint restarts from them: the peers never heard of a
     /// move, so nothing else has to be undone.
     hip_export: Option<Vec<u8>>,
+    /// The forwarding pointer left on the VM's old HIP port during the handover.
+    hip_forward: Option<crate::esp_forward::Forwarder>,
     /// After `migrate-continue`, the destination refused the handover before running the
     /// guest (its QEMU is held with -S until the disk digest matches).
     refused: bool,
@@ -248,6 +252,10 @@ impl Source {
             .apply_tuning(&tuning)
             .await
             .map_err(|e| Error::Vm(format!("set migration parameters: {e}")))?;
+        // Subscribed before the start so no state change falls in between: the guest is
+        // paused from the moment QEMU enters pre-switchover, and every millisecond until
+        // roam notices is downtime. A 200 ms poll alone cost 100 ms on average.
+        let mut events = self.rt.vm().await?.subscribe();
         self.rt
             .vm()
             .await?
@@ -257,8 +265,24 @@ impl Source {
         self.qemu_migrating = true;
         // While QEMU copies memory, keep the disk's dirty set small.
         let mut tick = tokio::time::interval(Duration::from_millis(200));
+        // When the guest stopped (QMP STOP), for the real pause figure.
+        let mut stopped_unix_ms = None;
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                ev = events.recv() => match ev {
+                    Ok(roam_vm::VmEvent::Stop) => {
+                        stopped_unix_ms = Some(now_ms());
+                        continue;
+                    }
+                    Ok(roam_vm::VmEvent::Migration { .. })
+                    | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    // Other events: no reason to query before the next tick.
+                    Ok(_) => continue,
+                    // QMP gone: the query below reports it.
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {}
+                },
+            }
             let st = self
                 .rt
                 .vm()
@@ -294,18 +318,18 @@ impl Source {
         // --- switchover: the guest is paused; make the disks provably equal ------------
         self.meter.phase(Phase::Switchover);
         let paused_at = Instant::now();
-        let last = sub.take();
-        sender.send(&mut disk_tx, last, false).await?;
-        // The destination checks the digest while the device state travels: its QEMU
-        // was started with -S and runs the guest only once the disks are proven equal,
-        // so the check costs the downtime about a millisecond of hashing, not a round trip.
-        let root = sender.seal(&mut disk_tx).await?;
+        info!(vm = %self.req.vm, "guest paused for the switchover");
+        // Without the STOP event (lagged receiver), now is within a poll of it.
+        let stopped_unix_ms = stopped_unix_ms.or_else(|| Some(now_ms()));
         // The guest is paused: freeze its HIP endpoint here (no sequence number may be
-        // used twice) and hand its associations to the destination, which announces its
-        // own locator once the guest runs there.
+        // used twice) and hand its associations over first, so the destination can
+        // announce its locator while the disk is sealed and the device state travels:
+        // peers then switch before the guest resumes. A forwarding pointer on the old
+        // port passes on what they send meanwhile.
         if let (Some(_), Some(net)) = (&rec.net, &self.rt.net) {
-            let state = net.export_and_stop().await?;
+            let (state, forward) = net.export_and_forward().await?;
             self.hip_export = Some(state.clone());
+            self.hip_forward = forward;
             send_ctl(
                 &mut ctl_tx,
                 &Msg::Associations {
@@ -314,6 +338,12 @@ impl Source {
             )
             .await?;
         }
+        let last = sub.take();
+        sender.send(&mut disk_tx, last, false).await?;
+        // The destination checks the digest while the device state travels: its QEMU
+        // was started with -S and runs the guest only once the disks are proven equal,
+        // so the check costs the downtime about a millisecond of hashing, not a round trip.
+        let root = sender.seal(&mut disk_tx).await?;
         let disk_sync_ms = paused_at.elapsed().as_millis() as u64;
         self.rt
             .vm()
@@ -347,7 +377,7 @@ impl Source {
         }
         // Until the destination confirms the disks, it has not run the guest: a refusal
         // here means the guest is safe to resume on this host.
-        match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
+        match self.recv_ctl_noting_endpoint(&mut ctl_rx).await? {
             Msg::DiskVerified { ok: true, .. } => {}
             Msg::DiskVerified {
                 ok: false,
@@ -369,11 +399,17 @@ impl Source {
         info!(vm = %self.req.vm, disk_sync_ms, downtime_ms = ?st.downtime_ms, "switched over");
 
         // --- the guest must run at the destination before we let go ---------------------
-        let (first_hb, their_boot) = match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
+        let (first_hb, their_boot) = match self.recv_ctl_noting_endpoint(&mut ctl_rx).await? {
             Msg::Running {
                 first_heartbeat_unix_ms,
                 boot_id,
-            } => (first_heartbeat_unix_ms, boot_id),
+                resumed_unix_ms,
+            } => {
+                self.result.pause_ms = resumed_unix_ms
+                    .zip(stopped_unix_ms)
+                    .map(|(r, s)| r.saturating_sub(s));
+                (first_heartbeat_unix_ms, boot_id)
+            }
             other => return Err(unexpected("running", &other)),
         };
         let our = self.rt.agent.snapshot();
@@ -455,6 +491,11 @@ impl Source {
             Err(e) => warn!("after commit: {e}"),
         }
         drop(relay);
+        // Peers acknowledged the new locator long ago (the verify step alone takes
+        // longer than their UPDATE round trip): the pointer has done its job.
+        if let Some(f) = self.hip_forward.take() {
+            f.stop().await;
+        }
         Ok(())
     }
 
@@ -555,18 +596,58 @@ impl Source {
     }
 
     /// The guest resumes here: so does its HIP endpoint, from the associations exported
-    /// at pre-switchover (when it got that far).
+    /// at pre-switchover (when it got that far). The destination may already have
+    /// announced its own locator (it does so before its guest runs), so peers are told
+    /// to come back here — with an UPDATE SEQ past the destination's.
     async fn restart_hip(&self, export: Option<Vec<u8>>) {
-        if let (Some(state), Some(net)) = (export, &self.rt.net) {
-            let import = (!state.is_empty()).then_some(state);
-            if let Err(e) = net.start_endpoint(self.d.cfg.listen.ip(), import).await {
-                warn!(vm = %self.req.vm, "restart the HIP endpoint after the abort: {e}");
+        let (Some(state), Some(net)) = (export, &self.rt.net) else {
+            return;
+        };
+        if state.is_empty() {
+            return;
+        }
+        let ip = self.d.cfg.listen.ip();
+        if let Err(e) = net.reclaim_endpoint(ip, state).await {
+            warn!(vm = %self.req.vm, "restart the HIP endpoint after the abort: {e}");
+            return;
+        }
+        match net.set_locator(ip).await {
+            Ok(n) => info!(vm = %self.req.vm, peers = n, "HIP: peers told the VM stayed here"),
+            Err(e) => warn!(vm = %self.req.vm, "HIP locator after the abort: {e}"),
+        }
+    }
+
+    /// The next control message, after acting on any `EndpointAt` (which the
+    /// destination sends whenever its HIP endpoint comes up, between other steps).
+    async fn recv_ctl_noting_endpoint(&mut self, rx: &mut RecvStream) -> Result<Msg> {
+        loop {
+            match recv_ctl(rx, STEP_TIMEOUT).await? {
+                Msg::EndpointAt { addr } => self.point_hip_to(&addr),
+                m => return Ok(m),
             }
+        }
+    }
+
+    /// The destination's endpoint runs: pass on what peers still send here.
+    fn point_hip_to(&mut self, addr: &str) {
+        let to = match addr.parse::<std::net::SocketAddr>() {
+            Ok(a) if !a.ip().is_unspecified() && a.port() != 0 => a,
+            _ => {
+                warn!(vm = %self.req.vm, addr, "destination sent an unusable HIP endpoint address");
+                return;
+            }
+        };
+        if let Some(f) = self.hip_forward.as_mut() {
+            f.forward_to(to);
         }
     }
 
     /// After a failure: the VM must be running here, as it was.
     async fn recover(&mut self) {
+        // The old port is needed back by the endpoint that restarts here.
+        if let Some(f) = self.hip_forward.take() {
+            f.stop().await;
+        }
         let mut hip_export = self.hip_export.take();
         let vm = match self.rt.vm().await {
             Ok(vm) => vm,

@@ -230,11 +230,12 @@ pub fn vm_line(v: &VmInfo) -> String {
 pub fn migration_summary(r: &MigrationResult) -> String {
     let mut s = match r.outcome {
         Outcome::Completed => format!(
-            "{} moved {} → {} in {}: downtime {} (QEMU), {} (guest)\n",
+            "{} moved {} → {} in {}: paused {} (QEMU's figure {}), heartbeat gap {}\n",
             r.vm,
             r.from,
             r.to,
             format_ms(r.total_ms),
+            opt(r.pause_ms.map(format_ms)),
             opt(r.downtime_ms.map(format_ms)),
             opt(r.guest_downtime_ms.map(format_ms)),
         ),
