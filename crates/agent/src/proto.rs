@@ -248,6 +248,9 @@ pub struct WorkloadConfig {
     pub mem_working_set_mib: u32,
     /// Durable 4 KiB log writes per second.
     pub disk_writes_per_s: u32,
+    /// Operations per second on files under `/data/churn` (rewrite + fsync + rename,
+    /// append + fsync, delete): ext4 metadata changes, each made durable by a FLUSH.
+    pub file_writes_per_s: u32,
 }
 
 /// Messages from the agent to the host.
@@ -445,6 +448,7 @@ mod tests {
                 mem_dirty_mib_s: 1,
                 mem_working_set_mib: 2,
                 disk_writes_per_s: 3,
+                file_writes_per_s: 4,
             }),
             HostMsg::Verify { upto_seq: 99 },
             HostMsg::Ping { nonce: 1 },

@@ -187,6 +187,7 @@ fn agent_process_acks_durably_verifies_and_survives_respawn() {
             disk_writes_per_s: 500,
             mem_dirty_mib_s: 50,
             mem_working_set_mib: 16,
+            ..Default::default()
         }),
     );
     pump(&rx, &mut seen, Duration::from_secs(10), |s| {

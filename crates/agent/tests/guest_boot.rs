@@ -91,6 +91,7 @@ async fn guest_agent_boots_writes_durably_and_verifies() {
         disk_writes_per_s: 200,
         mem_dirty_mib_s: 20,
         mem_working_set_mib: 32,
+        ..Default::default()
     })
     .await
     .unwrap();

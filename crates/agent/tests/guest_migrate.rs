@@ -91,6 +91,7 @@ async fn agent_survives_live_migration_and_measures_downtime() {
             disk_writes_per_s: 100,
             mem_dirty_mib_s: 10,
             mem_working_set_mib: 32,
+            ..Default::default()
         })
         .await
         .unwrap();

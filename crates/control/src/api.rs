@@ -492,6 +492,10 @@ pub struct Workload {
     /// Durable 4 KiB record writes per second, each acknowledged to the host.
     #[serde(default)]
     pub disk_writes_per_s: u32,
+    /// File operations per second on the guest's ext4 `/data` (rewrite, append, delete,
+    /// each fsynced): real file-system metadata changes on the disk.
+    #[serde(default)]
+    pub file_writes_per_s: u32,
 }
 
 /// What the host sees of a VM's guest agent (`GET /v1/vms/{name}/agent`).

@@ -105,6 +105,12 @@ pub struct Inbound {
     window: ReplayWindow,
 }
 
+/// KEYMAT octets one pair of SAs of `suite` draws (both directions), or
+/// None for a suite this crate does not implement.
+pub fn keymat_len(suite: u16) -> Option<usize> {
+    (suite == ESP_SUITE_AES128_CBC_SHA256).then_some(2 * (ENC_KEY_LEN + AUTH_KEY_LEN))
+}
+
 /// Builds both SAs of an association from its KEYMAT (RFC 7402 §7 order:
 /// SA-gl encryption, SA-gl authentication, SA-lg encryption, SA-lg
 /// authentication; SA-gl carries HOST_g's outgoing traffic).

@@ -1,10 +1,11 @@
 //! Host identities, HIT derivation (RFC 7401 §3.2 + RFC 7343 ORCHIDv2), HIT
 //! suites (§5.2.10) and LSI allocation.
 //!
-//! The local identity is an ECDSA P-256 key (HI algorithm 7, curve 1), which
+//! A local identity is an ECDSA P-256 key (HI algorithm 7, curve 1), which
 //! puts its HIT in suite 2 (ECDSA/SHA-384): RFC 7401 Table 10 hashes every
-//! ECDSA HI with SHA-384, whatever the curve. Suite 1 (RSA/DSA, SHA-256) is
-//! understood for hashing and HMAC, but RSA keys are not implemented.
+//! ECDSA HI with SHA-384, whatever the curve; or an RSA key (HI algorithm
+//! 5, [`crate::hi_rsa`]), whose HIT is in suite 1 (RSA/DSA, SHA-256). DSA
+//! keys are not implemented.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -157,11 +158,21 @@ fn ecdsa_hi(key: &VerifyingKey) -> Vec<u8> {
     hi
 }
 
+/// The private half of a host identity.
+#[derive(Clone)]
+enum Secret {
+    Ecdsa(SigningKey),
+    Rsa(Box<rsa::RsaPrivateKey>),
+}
+
+/// Largest encoded secret [`HostIdentity::from_secret`] parses.
+const SECRET_MAX: usize = 4096;
+
 /// Our own host identity: the private key, its HOST_ID encoding and HIT.
 /// This is what travels with a VM when it migrates.
 #[derive(Clone)]
 pub struct HostIdentity {
-    key: SigningKey,
+    key: Secret,
     hi: Vec<u8>,
     hit: Hit,
 }
@@ -178,6 +189,12 @@ impl HostIdentity {
         Self::from_key(SigningKey::random(&mut OsRng))
     }
 
+    /// A fresh RSA identity (HI algorithm 5, HIT suite 1) of `bits` bits
+    /// (1024..=4096; 2048 or more outside tests).
+    pub fn generate_rsa(bits: usize) -> Result<Self, CryptoError> {
+        Ok(Self::from_rsa(crate::hi_rsa::generate(bits)?))
+    }
+
     /// Restores an identity from its 32-byte private scalar.
     pub fn from_secret_bytes(secret: &[u8; 32]) -> Result<Self, CryptoError> {
         let key = SigningKey::from_bytes(secret.into()).map_err(|_| CryptoError::HostId)?;
@@ -187,12 +204,78 @@ impl HostIdentity {
     fn from_key(key: SigningKey) -> Self {
         let hi = ecdsa_hi(key.verifying_key());
         let hit = orchid(HitSuite::EcdsaSha384, &hi);
-        HostIdentity { key, hi, hit }
+        HostIdentity {
+            key: Secret::Ecdsa(key),
+            hi,
+            hit,
+        }
     }
 
-    /// The 32-byte private scalar (secret: store encrypted).
+    fn from_rsa(key: rsa::RsaPrivateKey) -> Self {
+        let hi = crate::hi_rsa::encode_hi(&key.to_public_key());
+        let hit = orchid(HitSuite::RsaDsaSha256, &hi);
+        HostIdentity {
+            key: Secret::Rsa(Box::new(key)),
+            hi,
+            hit,
+        }
+    }
+
+    /// The 32-byte private scalar of an ECDSA identity (secret: store
+    /// encrypted). An RSA identity has none and gives all zeros, which
+    /// [`HostIdentity::from_secret_bytes`] refuses; use
+    /// [`HostIdentity::to_secret`] for any identity.
     pub fn secret_bytes(&self) -> [u8; 32] {
-        self.key.to_bytes().into()
+        match &self.key {
+            Secret::Ecdsa(k) => k.to_bytes().into(),
+            Secret::Rsa(_) => [0; 32],
+        }
+    }
+
+    /// The private key of any identity: algorithm (u16) | key, where the
+    /// key is the P-256 scalar (ECDSA) or the PKCS#1 DER RSAPrivateKey (RSA).
+    /// Secret: store encrypted.
+    pub fn to_secret(&self) -> Vec<u8> {
+        let mut v = self.algorithm().to_be_bytes().to_vec();
+        match &self.key {
+            Secret::Ecdsa(k) => v.extend_from_slice(&k.to_bytes()),
+            Secret::Rsa(k) => {
+                use rsa::pkcs1::EncodeRsaPrivateKey;
+                // Encoding a valid key into DER cannot fail.
+                if let Ok(der) = k.to_pkcs1_der() {
+                    v.extend_from_slice(der.as_bytes());
+                }
+            }
+        }
+        v
+    }
+
+    /// Restores any identity from [`HostIdentity::to_secret`]'s bytes
+    /// (bounded to 4 KiB before parsing).
+    pub fn from_secret(b: &[u8]) -> Result<Self, CryptoError> {
+        if b.len() < 2 || b.len() > SECRET_MAX {
+            return Err(CryptoError::HostId);
+        }
+        let (alg, key) = b.split_at(2);
+        match u16::from_be_bytes([alg[0], alg[1]]) {
+            algorithm::ECDSA => {
+                let k: &[u8; 32] = key.try_into().map_err(|_| CryptoError::HostId)?;
+                Self::from_secret_bytes(k)
+            }
+            algorithm::RSA => {
+                use rsa::pkcs1::DecodeRsaPrivateKey;
+                use rsa::traits::PublicKeyParts;
+                let k = rsa::RsaPrivateKey::from_pkcs1_der(key).map_err(|_| CryptoError::HostId)?;
+                let bits = k.size() * 8;
+                if !(crate::hi_rsa::MIN_BITS..=crate::hi_rsa::MAX_BITS).contains(&bits)
+                    || k.validate().is_err()
+                {
+                    return Err(CryptoError::HostId);
+                }
+                Ok(Self::from_rsa(k))
+            }
+            other => Err(CryptoError::HiAlgorithm(other)),
+        }
     }
 
     pub fn hit(&self) -> Hit {
@@ -200,59 +283,92 @@ impl HostIdentity {
     }
 
     pub fn suite(&self) -> HitSuite {
-        HitSuite::EcdsaSha384
+        match self.key {
+            Secret::Ecdsa(_) => HitSuite::EcdsaSha384,
+            Secret::Rsa(_) => HitSuite::RsaDsaSha256,
+        }
     }
 
     pub fn algorithm(&self) -> u16 {
-        algorithm::ECDSA
+        match self.key {
+            Secret::Ecdsa(_) => algorithm::ECDSA,
+            Secret::Rsa(_) => algorithm::RSA,
+        }
     }
 
     /// The HOST_ID parameter (no domain identifier).
     pub fn host_id_param(&self) -> HostIdParam {
         HostIdParam {
-            algorithm: algorithm::ECDSA,
+            algorithm: self.algorithm(),
             hi: self.hi.clone(),
             di_type: di_type::NONE,
             di: Vec::new(),
         }
     }
 
-    /// ECDSA over the SHA-384 digest of `data` (the hash of HIT suite 2,
-    /// ECDSA/SHA-384; FIPS 186-4 truncates it to the P-256 order), encoded
-    /// as r | s (RFC 6090), 64 bytes.
+    /// Signs `data` with the identity's algorithm and its suite's hash:
+    /// ECDSA over the SHA-384 digest (FIPS 186-4 truncates it to the P-256
+    /// order), encoded r | s (RFC 6090), 64 bytes; RSA with RSASSA-PSS /
+    /// SHA-256, as long as the modulus.
     pub fn sign(&self, data: &[u8]) -> Vec<u8> {
-        let digest = Sha384::digest(data);
-        // Signing a well-formed digest with a valid key cannot fail.
-        let sig: Signature = self
-            .key
-            .sign_prehash(&digest)
-            .unwrap_or_else(|_| unreachable!("ECDSA prehash signing failed"));
-        sig.to_bytes().to_vec()
+        match &self.key {
+            Secret::Ecdsa(key) => {
+                let digest = Sha384::digest(data);
+                // Signing a well-formed digest with a valid key cannot fail.
+                let sig: Signature = key
+                    .sign_prehash(&digest)
+                    .unwrap_or_else(|_| unreachable!("ECDSA prehash signing failed"));
+                sig.to_bytes().to_vec()
+            }
+            // PSS fails only for a modulus too short for the salt and
+            // hash, which key generation and import exclude.
+            Secret::Rsa(key) => crate::hi_rsa::sign(key, data)
+                .unwrap_or_else(|_| unreachable!("RSA-PSS signing failed")),
+        }
     }
 
     pub fn peer(&self) -> PeerIdentity {
+        let key = match &self.key {
+            Secret::Ecdsa(k) => PeerKey::Ecdsa(*k.verifying_key()),
+            Secret::Rsa(k) => PeerKey::Rsa(Box::new(k.to_public_key())),
+        };
         PeerIdentity {
-            algorithm: algorithm::ECDSA,
-            key: *self.key.verifying_key(),
+            algorithm: self.algorithm(),
+            key,
             hit: self.hit,
         }
     }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum PeerKey {
+    Ecdsa(VerifyingKey),
+    Rsa(Box<rsa::RsaPublicKey>),
 }
 
 /// A verified-format peer public identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerIdentity {
     pub algorithm: u16,
-    key: VerifyingKey,
+    key: PeerKey,
     hit: Hit,
 }
 
 impl PeerIdentity {
     /// Parses a HOST_ID and derives the HIT from its HI bytes as received.
     pub fn from_param(p: &HostIdParam) -> Result<Self, CryptoError> {
-        if p.algorithm != algorithm::ECDSA {
-            return Err(CryptoError::HiAlgorithm(p.algorithm));
+        match p.algorithm {
+            algorithm::ECDSA => Self::ecdsa(p),
+            algorithm::RSA => Ok(PeerIdentity {
+                algorithm: p.algorithm,
+                key: PeerKey::Rsa(Box::new(crate::hi_rsa::decode_hi(&p.hi)?)),
+                hit: orchid(HitSuite::RsaDsaSha256, &p.hi),
+            }),
+            other => Err(CryptoError::HiAlgorithm(other)),
         }
+    }
+
+    fn ecdsa(p: &HostIdParam) -> Result<Self, CryptoError> {
         if p.hi.len() < 2 || u16::from_be_bytes([p.hi[0], p.hi[1]]) != ECC_CURVE_P256 {
             return Err(CryptoError::HostId);
         }
@@ -270,7 +386,7 @@ impl PeerIdentity {
         .map_err(|_| CryptoError::HostId)?;
         Ok(PeerIdentity {
             algorithm: p.algorithm,
-            key,
+            key: PeerKey::Ecdsa(key),
             hit: orchid(HitSuite::EcdsaSha384, &p.hi),
         })
     }
@@ -280,10 +396,14 @@ impl PeerIdentity {
     }
 
     pub fn verify(&self, data: &[u8], sig: &[u8]) -> Result<(), CryptoError> {
-        let sig = Signature::from_slice(sig).map_err(|_| CryptoError::Signature)?;
-        self.key
-            .verify_prehash(&Sha384::digest(data), &sig)
-            .map_err(|_| CryptoError::Signature)
+        match &self.key {
+            PeerKey::Ecdsa(key) => {
+                let sig = Signature::from_slice(sig).map_err(|_| CryptoError::Signature)?;
+                key.verify_prehash(&Sha384::digest(data), &sig)
+                    .map_err(|_| CryptoError::Signature)
+            }
+            PeerKey::Rsa(key) => crate::hi_rsa::verify(key, data, sig),
+        }
     }
 }
 

@@ -38,8 +38,9 @@
 //!   critical ones reject the packet. Property tests and a cargo-fuzz
 //!   target (`fuzz/`) cover the decoder.
 //! - HITs per RFC 7343 ORCHIDv2 (2001:20::/28, OGA ID = HIT suite, middle 96
-//!   bits of the hash); ECDSA P-256 identities (suite 2, SHA-384). LSIs from
-//!   198.19.0.0/16.
+//!   bits of the hash); ECDSA P-256 identities (suite 2, SHA-384) and RSA
+//!   identities ([`hi_rsa`]: RFC 3110 key format, RSASSA-PSS/SHA-256, suite
+//!   1). LSIs from 198.19.0.0/16.
 //! - DH groups 7 (P-256) and 3 (1536-bit MODP, the one §5.2.7 makes
 //!   mandatory); KEYMAT by HKDF (§6.5); the puzzle (§4.1.2, §6.3);
 //!   HIP_MAC, HIP_MAC_2, HIP_SIGNATURE, HIP_SIGNATURE_2 (§6.4); AES-128-CBC
@@ -47,7 +48,11 @@
 //! - The state machine of §4.4 / §6: base exchange, retransmission,
 //!   simultaneous open, R1 precreation with a rotating puzzle secret, #K
 //!   raised under an I1 flood, CLOSE/CLOSE_ACK, NOTIFY, UPDATE with SEQ/ACK
-//!   and LOCATOR_SET.
+//!   and LOCATOR_SET; return routability of a new peer locator
+//!   (ECHO_REQUEST_SIGNED / ECHO_RESPONSE_SIGNED, RFC 8046 §5.4) with
+//!   credit-based authorisation for data sent before it is verified;
+//!   rekeying the ESP SAs through UPDATE with ESP_INFO (RFC 7402 §3.3,
+//!   keys drawn further along the KEYMAT, no new DH).
 //! - ESP suite 8 (AES-128-CBC, HMAC-SHA-256-128) in BEET semantics with a
 //!   64-packet anti-replay window.
 //! - Registration (RFC 8003) inside the base exchange: REG_INFO in R1,
@@ -61,10 +66,8 @@
 //!   exchange from the RFC text with Python's `cryptography`.
 //!
 //! ## Not implemented
-//! RSA and DSA host identities (HIT suite 1 is understood for hashing only),
-//! ECDSA P-384 and ECDSA_LOW, DH groups 4, 8, 9, 10, 11, opportunistic mode,
-//! CERT, rekeying through UPDATE/ESP_INFO, RFC 8046 address verification
-//! policy and multihoming, registration through UPDATE, cancellation and
+//! DSA host identities, ECDSA P-384 and ECDSA_LOW, DH groups 4, 8, 9, 10, 11, opportunistic mode,
+//! CERT, rekeying with a new Diffie-Hellman, multihoming (RFC 8047), registration through UPDATE, cancellation and
 //! expiry (RFC 8003 §3.3-3.4),
 //! ICMP error generation, the RVS's own registration bookkeeping, ESP suites other than 8 and extended sequence
 //! numbers.
@@ -72,6 +75,7 @@
 pub mod crypto;
 pub mod error;
 pub mod esp;
+pub mod hi_rsa;
 pub mod identity;
 pub mod machine;
 pub mod rvs;

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -79,29 +79,50 @@ def covered(buf, params, below, extra=b"", zero_receiver=False, zero_puzzle=Fals
     return bytes(hdr + body)
 
 
-def hit_of(hi):
-    h = hashlib.sha384(CONTEXT_ID + hi).digest()
+# HIT suite (OGA ID) -> hash (RFC 7401 Table 10): 1 = RSA/DSA with SHA-256,
+# 2 = ECDSA with SHA-384. The suite follows from the HI algorithm.
+SUITE_HASH = {1: hashlib.sha256, 2: hashlib.sha384}
+ALG_SUITE = {5: 1, 7: 2}
+
+
+def hit_of(hi, suite):
+    h = SUITE_HASH[suite](CONTEXT_ID + hi).digest()
     start = (len(h) - 12) // 2
-    return bytes.fromhex("20010022") + h[start:start + 12]
+    return bytes([0x20, 0x01, 0x00, 0x20 | suite]) + h[start:start + 12]
 
 
-def ecdsa_key(host_id_contents):
+def host_key(host_id_contents):
+    """(HI, public key, algorithm) of a HOST_ID: ECDSA P-256 or RSA (RFC 3110)."""
     hi_len = int.from_bytes(host_id_contents[0:2], "big")
     alg = int.from_bytes(host_id_contents[4:6], "big")
     hi = host_id_contents[6:6 + hi_len]
-    check(alg == 7, "HI algorithm ECDSA")
-    check(hi[0:2] == b"\0\1" and hi[2] == 4 and len(hi) == 67, "P-256 uncompressed HI")
-    x, y = int.from_bytes(hi[3:35], "big"), int.from_bytes(hi[35:67], "big")
-    return hi, ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key()
+    if alg == 7:
+        check(hi[0:2] == b"\0\1" and hi[2] == 4 and len(hi) == 67, "P-256 uncompressed HI")
+        x, y = int.from_bytes(hi[3:35], "big"), int.from_bytes(hi[35:67], "big")
+        return hi, ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key(), alg
+    check(alg == 5, "HI algorithm ECDSA (7) or RSA (5)")
+    if hi[0] != 0:
+        elen, rest = hi[0], hi[1:]
+    else:
+        elen, rest = int.from_bytes(hi[1:3], "big"), hi[3:]
+    e, n = rest[:elen], rest[elen:]
+    check(e[0] != 0 and n[0] != 0, "RFC 3110: no leading zero octets")
+    pub = rsa.RSAPublicNumbers(int.from_bytes(e, "big"), int.from_bytes(n, "big")).public_key()
+    return hi, pub, alg
 
 
-def verify_sig(key, sig_contents, data, what):
-    check(int.from_bytes(sig_contents[0:2], "big") == 7, f"{what} algorithm 7")
+def verify_sig(key, alg, sig_contents, data, what):
+    check(int.from_bytes(sig_contents[0:2], "big") == alg, f"{what} algorithm {alg}")
     sig = sig_contents[2:]
-    check(len(sig) == 64, f"{what} is r|s")
-    der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
     try:
-        key.verify(der, data, ec.ECDSA(hashes.SHA384()))
+        if alg == 7:
+            check(len(sig) == 64, f"{what} is r|s")
+            der = encode_dss_signature(int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big"))
+            key.verify(der, data, ec.ECDSA(hashes.SHA384()))
+        else:
+            check(len(sig) == key.key_size // 8, f"{what} is as long as the modulus")
+            pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+            key.verify(sig, data, pss, hashes.SHA256())
     except Exception:
         check(False, f"{what} verifies")
 
@@ -118,10 +139,15 @@ def main(d):
     p_r1 = parse(r1, 2)
     check(r1[8:24] == hit_r and r1[24:40] == hit_i, "R1 HITs")
     host_r = get(p_r1, T_HOST_ID)
-    hi_r, key_r = ecdsa_key(host_r[2])
-    check(hit_of(hi_r) == hit_r, "Responder HIT = ORCHIDv2(SHA-384, HI)")
-    check(hit_r[3] & 0x0F == 2, "OGA ID 2")
-    check(get(p_r1, T_HIT_SUITE_LIST)[2] == b"\x20", "HIT_SUITE_LIST ECDSA/SHA-384")
+    hi_r, key_r, alg_r = host_key(host_r[2])
+    suite_r, suite_i = ALG_SUITE[alg_r], hit_i[3] & 0x0F
+    check(hit_of(hi_r, suite_r) == hit_r, "Responder HIT = ORCHIDv2(suite hash, HI)")
+    suites = get(p_r1, T_HIT_SUITE_LIST)[2]
+    check(suites[0] == suite_r << 4, "HIT_SUITE_LIST starts with the Responder's suite")
+    check(suite_i << 4 in suites, "HIT_SUITE_LIST accepts the Initiator's suite")
+    # RHASH is the Responder's suite hash: puzzle, HMAC and KDF use it.
+    rh = SUITE_HASH[suite_r]
+    n = rh().digest_size
     dh = get(p_r1, T_DH)[2]
     r_groups = get(p_r1, T_DH_GROUP_LIST)[2]
     best = next(g for g in r_groups if g in groups)
@@ -129,28 +155,29 @@ def main(d):
     check(int.from_bytes(dh[1:3], "big") == len(dh) - 3, "DH public value length")
     check(get(p_r1, T_TFL)[2] == T_ESP_TRANSFORM.to_bytes(2, "big"), "R1 transport = ESP")
     get(p_r1, T_ESP_TRANSFORM)
-    verify_sig(key_r, get(p_r1, T_SIG2)[2],
+    verify_sig(key_r, alg_r, get(p_r1, T_SIG2)[2],
                covered(r1, p_r1, T_SIG2, zero_receiver=True, zero_puzzle=True), "R1 HIP_SIGNATURE_2")
     puzzle = get(p_r1, T_PUZZLE)[2]
     k, I = puzzle[0], puzzle[4:]
-    check(len(I) == 48, "#I is RHASH_len (SHA-384)")
+    check(len(I) == n, "#I is RHASH_len")
 
     p_i2 = parse(i2, 3)
     check(i2[8:24] == hit_i and i2[24:40] == hit_r, "I2 HITs")
     check(get(p_i2, T_R1_COUNTER)[3] == get(p_r1, T_R1_COUNTER)[3], "R1_COUNTER echoed verbatim")
     sol = get(p_i2, T_SOLUTION)[2]
     check(sol[0] == k and sol[2:4] == puzzle[2:4], "SOLUTION echoes #K and Opaque")
-    check(sol[4:52] == I, "SOLUTION echoes #I")
-    J = sol[52:100]
-    h = int.from_bytes(hashlib.sha384(I + hit_i + hit_r + J).digest(), "big")
-    check(h & ((1 << k) - 1) == 0, "puzzle: low #K bits of SHA-384(I|HIT-I|HIT-R|J) are zero")
+    check(sol[4:4 + n] == I, "SOLUTION echoes #I")
+    J = sol[4 + n:4 + 2 * n]
+    h = int.from_bytes(rh(I + hit_i + hit_r + J).digest(), "big")
+    check(h & ((1 << k) - 1) == 0, "puzzle: low #K bits of RHASH(I|HIT-I|HIT-R|J) are zero")
     cipher = get(p_i2, T_CIPHER)[2]
     check(cipher == b"\x00\x02", "I2 picked AES-128-CBC")
     check(get(p_i2, T_DH)[2][0] == best, "I2 DH group")
 
     # KEYMAT drawing order (§6.5): HOST_g's keys first.
     i_is_g = int.from_bytes(hit_i, "big") > int.from_bytes(hit_r, "big")
-    gl_enc, gl_mac, lg_enc, lg_mac = keymat[0:16], keymat[16:64], keymat[64:80], keymat[80:128]
+    gl_enc, gl_mac = keymat[0:16], keymat[16:16 + n]
+    lg_enc, lg_mac = keymat[16 + n:32 + n], keymat[32 + n:32 + 2 * n]
     i_enc, i_mac = (gl_enc, gl_mac) if i_is_g else (lg_enc, lg_mac)
     r_mac = lg_mac if i_is_g else gl_mac
 
@@ -160,18 +187,19 @@ def main(d):
     plain = dec.update(ct) + dec.finalize()
     check(int.from_bytes(plain[0:2], "big") == T_HOST_ID, "ENCRYPTED holds HOST_ID")
     hl = int.from_bytes(plain[2:4], "big")
-    hi_i, key_i = ecdsa_key(plain[4:4 + hl])
-    check(hit_of(hi_i) == hit_i, "Initiator HIT = ORCHIDv2(SHA-384, HI)")
-    mac = hmac.new(i_mac, covered(i2, p_i2, T_MAC), hashlib.sha384).digest()
-    check(get(p_i2, T_MAC)[2] == mac, "I2 HIP_MAC (HMAC-SHA-384, Initiator key)")
-    verify_sig(key_i, get(p_i2, T_SIG)[2], covered(i2, p_i2, T_SIG), "I2 HIP_SIGNATURE")
+    hi_i, key_i, alg_i = host_key(plain[4:4 + hl])
+    check(ALG_SUITE[alg_i] == suite_i, "Initiator HIT suite matches its HI algorithm")
+    check(hit_of(hi_i, suite_i) == hit_i, "Initiator HIT = ORCHIDv2(suite hash, HI)")
+    mac = hmac.new(i_mac, covered(i2, p_i2, T_MAC), rh).digest()
+    check(get(p_i2, T_MAC)[2] == mac, "I2 HIP_MAC (HMAC-RHASH, Initiator key)")
+    verify_sig(key_i, alg_i, get(p_i2, T_SIG)[2], covered(i2, p_i2, T_SIG), "I2 HIP_SIGNATURE")
     check(len(get(p_i2, T_ESP_INFO)[2]) == 12, "I2 ESP_INFO")
 
     p_r2 = parse(r2, 4)
     check(r2[8:24] == hit_r and r2[24:40] == hit_i, "R2 HITs")
-    mac2 = hmac.new(r_mac, covered(r2, p_r2, T_MAC2, extra=host_r[3]), hashlib.sha384).digest()
+    mac2 = hmac.new(r_mac, covered(r2, p_r2, T_MAC2, extra=host_r[3]), rh).digest()
     check(get(p_r2, T_MAC2)[2] == mac2, "R2 HIP_MAC_2 (covers the R1 HOST_ID)")
-    verify_sig(key_r, get(p_r2, T_SIG)[2], covered(r2, p_r2, T_SIG), "R2 HIP_SIGNATURE")
+    verify_sig(key_r, alg_r, get(p_r2, T_SIG)[2], covered(r2, p_r2, T_SIG), "R2 HIP_SIGNATURE")
     print("independent check: all RFC 7401 base exchange checks passed")
 
 

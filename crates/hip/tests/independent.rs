@@ -14,12 +14,21 @@ use roam_hip::identity::HostIdentity;
 use roam_hip::machine::{Config, Host, Output};
 use roam_hip::wire::PacketType;
 
-#[test]
-fn python_checker_accepts_our_base_exchange() {
+/// The 2048-bit RSA key of the tests (made with `openssl genrsa`; PKCS#1).
+pub fn rsa_test_identity() -> HostIdentity {
+    let mut secret = roam_hip::identity::algorithm::RSA.to_be_bytes().to_vec();
+    secret.extend_from_slice(include_bytes!("data/rsa2048-test-key.der"));
+    HostIdentity::from_secret(&secret).unwrap()
+}
+
+/// Runs a base exchange between `ids[0]` (Initiator) and `ids[1]` and
+/// checks its packets with tests/hip_check.py.
+fn exchange_passes_the_checker(ids: [HostIdentity; 2]) -> tempfile::TempDir {
     let now = Instant::now();
+    let [id0, id1] = ids;
     let mut hosts = [
-        Host::new(HostIdentity::generate(), Config::default(), now).unwrap(),
-        Host::new(HostIdentity::generate(), Config::default(), now).unwrap(),
+        Host::new(id0, Config::default(), now).unwrap(),
+        Host::new(id1, Config::default(), now).unwrap(),
     ];
     let addr: [SocketAddr; 2] = [
         "198.18.0.1:10500".parse().unwrap(),
@@ -73,6 +82,13 @@ fn python_checker_accepts_our_base_exchange() {
         "{text}"
     );
 
+    dir
+}
+
+#[test]
+fn python_checker_accepts_our_base_exchange() {
+    let dir = exchange_passes_the_checker([HostIdentity::generate(), HostIdentity::generate()]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/hip_check.py");
     // The checker is not a rubber stamp: a flipped bit in the R2's HIP_MAC_2
     // (its first parameter after ESP_INFO) must make it fail.
     let r2_path = dir.path().join("r2.bin");
@@ -95,4 +111,15 @@ fn python() -> &'static str {
     } else {
         "python3"
     }
+}
+
+#[test]
+fn python_checker_accepts_rsa_initiator_with_ecdsa_responder() {
+    exchange_passes_the_checker([rsa_test_identity(), HostIdentity::generate()]);
+}
+
+#[test]
+fn python_checker_accepts_ecdsa_initiator_with_rsa_responder() {
+    // RHASH is then SHA-256 (the RSA Responder's suite) for puzzle, MACs, KDF.
+    exchange_passes_the_checker([HostIdentity::generate(), rsa_test_identity()]);
 }

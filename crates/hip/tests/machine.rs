@@ -460,6 +460,8 @@ fn update_with_locator_set_is_acked() {
         lifetime: 120,
         addr: LocatorAddr::Ip("::ffff:198.18.7.2".parse().unwrap()),
     }]);
+    // A moved there: B checks the new locator with an echo request.
+    net.addrs[0] = "198.18.7.2:10500".parse().unwrap();
     // Lose the first UPDATE: it is retransmitted.
     net.drop = vec![(PacketType::Update, 1)];
     let outs = net.hosts[0]
@@ -478,6 +480,8 @@ fn update_with_locator_set_is_acked() {
         .events
         .iter()
         .any(|(i, o)| *i == 0 && matches!(o, Output::UpdateAcked { update_id: 0, .. })));
+    assert!(net.events.iter().any(|(i, o)| *i == 1
+        && matches!(o, Output::PeerAddressVerified { addr, .. } if *addr == net.addrs[0])));
     // B moved from R2-SENT to ESTABLISHED on the UPDATE.
     assert_eq!(net.hosts[1].state(&net.hit(0)), State::Established);
 }

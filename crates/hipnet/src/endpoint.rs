@@ -22,6 +22,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use roam_hip::machine::DataPath;
 use roam_hip::wire::params::{Locator, LocatorAddr, LocatorSet, REG_TYPE_RENDEZVOUS};
 use roam_hip::wire::udp::{classify, frame_hip, UdpPayload};
 use roam_hip::{Hit, Host, Output, Packet, State};
@@ -420,16 +421,15 @@ impl Endpoint {
         };
         if self.esp.has_sa(&peer) {
             let (nh, payload) = (o.next_header, o.payload);
-            self.send_esp(&peer, nh, payload);
+            if !self.send_esp(&peer, nh, payload) {
+                // Held: the peer's new locator is unverified and out of
+                // credit; flushed when the echo comes back.
+                self.enqueue(peer, pkt);
+            }
             return;
         }
         // No SA yet: keep a few packets and start the base exchange.
-        let q = self.queues.entry(peer).or_default();
-        if q.len() >= self.queue_len {
-            Stats::bump(&self.stats.queue_dropped);
-        } else {
-            q.push_back(pkt.to_vec());
-        }
+        self.enqueue(peer, pkt);
         if matches!(
             self.host.state(&peer),
             State::Unassociated | State::Closed | State::Closing | State::EFailed
@@ -458,10 +458,28 @@ impl Endpoint {
         }
     }
 
-    fn send_esp(&mut self, peer: &Hit, nh: u8, payload: &[u8]) {
-        let Some(to) = self.host.peer_addr(peer) else {
-            Stats::bump(&self.stats.tun_dropped);
-            return;
+    fn enqueue(&mut self, peer: Hit, pkt: &[u8]) {
+        let q = self.queues.entry(peer).or_default();
+        if q.len() >= self.queue_len {
+            Stats::bump(&self.stats.queue_dropped);
+        } else {
+            q.push_back(pkt.to_vec());
+        }
+    }
+
+    /// Seals and sends; false if the packet must be held (return
+    /// routability: unverified locator, no credit).
+    fn send_esp(&mut self, peer: &Hit, nh: u8, payload: &[u8]) -> bool {
+        let to = match self.host.outbound_data(Instant::now(), peer, payload.len()) {
+            DataPath::Send(to) => to,
+            DataPath::Hold => {
+                Stats::bump(&self.stats.rr_held);
+                return false;
+            }
+            DataPath::NoAssociation => {
+                Stats::bump(&self.stats.tun_dropped);
+                return true;
+            }
         };
         match self.esp.seal(peer, nh, payload) {
             Ok(d) => {
@@ -476,6 +494,7 @@ impl Endpoint {
                 Stats::bump(&self.stats.tun_dropped);
             }
         }
+        true
     }
 
     fn on_udp(&mut self, d: &[u8], from: SocketAddr) {
@@ -548,7 +567,7 @@ impl Endpoint {
                 return;
             }
         };
-        self.host.data_received(&peer);
+        self.host.inbound_data(Instant::now(), &peer, payload.len());
         let view = View {
             our_hit: self.host.hit(),
             peer_hit: peer,
@@ -601,11 +620,34 @@ impl Endpoint {
                     info!(%peer, "association closed");
                     self.forget(&peer);
                 }
-                Output::PeerLocators {
+                Output::PeerLocators { peer, from, .. } => {
+                    // roam_hip switched to the locator (unverified, within
+                    // credit) and sent the echo request.
+                    info!(%peer, %from, addr = ?self.host.peer_addr(&peer), "peer moved");
+                    Stats::bump(&self.stats.peer_moves);
+                }
+                Output::PeerAddressVerified { peer, addr } => {
+                    info!(%peer, %addr, "peer locator verified");
+                    Stats::bump(&self.stats.rr_verified);
+                    self.flush_queue(peer);
+                }
+                Output::PeerAddressFailed {
                     peer,
-                    from,
-                    locators,
-                } => self.peer_moved(peer, from, &locators),
+                    addr,
+                    fallback,
+                } => {
+                    warn!(%peer, %addr, %fallback, "peer locator did not answer");
+                    Stats::bump(&self.stats.rr_failed);
+                    self.flush_queue(peer);
+                }
+                Output::Rekeyed { peer, keys } => {
+                    // New SPIs and keys (RFC 7402 §3.3); packets still in
+                    // flight on the old inbound SA are lost.
+                    match self.esp.install(peer, &keys) {
+                        Ok(()) => info!(%peer, spi = keys.our_spi, "rekeyed"),
+                        Err(e) => warn!(%peer, "installing rekeyed SAs: {e}"),
+                    }
+                }
                 Output::UpdateAcked { peer, update_id } => {
                     info!(%peer, update_id, "UPDATE acknowledged")
                 }
@@ -640,34 +682,10 @@ impl Endpoint {
         for pkt in q {
             if let Ok(o) = beet::outbound(&pkt, &our_hit) {
                 let (nh, payload) = (o.next_header, o.payload);
-                self.send_esp(&peer, nh, payload);
-            }
-        }
-    }
-
-    /// A verified UPDATE named new locators. Traffic follows the preferred
-    /// one at once (credit-based: the UPDATE is signed and arrived from
-    /// that address; an ECHO_REQUEST round trip is not yet done).
-    fn peer_moved(&mut self, peer: Hit, from: SocketAddr, locators: &LocatorSet) {
-        let pick = locators
-            .0
-            .iter()
-            .find(|l| l.preferred)
-            .or(locators.0.first())
-            .and_then(|l| match l.addr {
-                LocatorAddr::Ip(a) | LocatorAddr::EspSpi { addr: a, .. } => {
-                    Some(roam_hip::rvs::from_v6(a))
+                if !self.send_esp(&peer, nh, payload) {
+                    Stats::bump(&self.stats.queue_dropped);
                 }
-                LocatorAddr::Other { .. } => None,
-            });
-        let ip = pick.unwrap_or(from.ip());
-        if ip != from.ip() {
-            warn!(%peer, %ip, %from, "locator differs from the UPDATE's source");
-        }
-        let addr = SocketAddr::new(ip, from.port());
-        if self.host.set_peer_addr(&peer, addr) {
-            info!(%peer, %addr, "peer moved");
-            Stats::bump(&self.stats.peer_moves);
+            }
         }
     }
 

@@ -60,6 +60,13 @@ stats! {
     updates_sent,
     /// Peers that moved (verified UPDATE with a locator).
     peer_moves,
+    /// Packets held because a peer's new locator was unverified and out of
+    /// credit (RFC 8046 §5.3.2).
+    rr_held,
+    /// New peer locators that answered the echo request.
+    rr_verified,
+    /// New peer locators that never answered (traffic went back).
+    rr_failed,
     /// I1s relayed to a registered Responder (rendezvous server role).
     rvs_relayed,
 }

@@ -131,6 +131,9 @@ async fn lsi_and_hit_packets_cross_and_survive_a_handover() {
     assert_eq!(s.get("esp_replayed"), Some(0));
     assert_eq!(s.get("established"), Some(1));
     assert_eq!(s.get("peer_moves"), Some(1));
+    // B checked the new locator (echo request to a2's port, RFC 8046).
+    assert_eq!(s.get("rr_verified"), Some(1));
+    assert_eq!(s.get("rr_failed"), Some(0));
     assert_eq!(a2.h.stats.get("established"), Some(0));
 
     // Stopping sends CLOSE: the peer leaves ESTABLISHED.
@@ -138,4 +141,41 @@ async fn lsi_and_hit_packets_cross_and_survive_a_handover() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let st = a2.h.status().await;
     assert!(!st.contains("state Established"), "{st}");
+}
+
+#[tokio::test]
+async fn a_move_to_another_address_is_verified_before_it_is_trusted() {
+    let (ida, idb) = (HostIdentity::generate(), HostIdentity::generate());
+    let hit_b = idb.hit();
+    let mut b = side(idb, Vec::new(), None).await;
+    let spec = format!("{hit_b}@{}", b.h.listen);
+    let mut a = side(ida, vec![spec.parse().unwrap()], None).await;
+    let b_lsi = default_lsi(&hit_b);
+    a.to_net
+        .send(udp4(a.h.lsi, b_lsi, b"before"))
+        .await
+        .unwrap();
+    assert_eq!(&recv(&mut b).await[28..], b"before");
+    // A's address changes: the socket is rebound on 127.0.0.2, same port.
+    assert_eq!(a.h.set_locator("127.0.0.2".parse().unwrap()).await, Ok(1));
+    let new_addr = SocketAddr::new("127.0.0.2".parse().unwrap(), a.h.listen.port());
+    let mut verified = false;
+    for _ in 0..100 {
+        if b.h.stats.get("rr_verified") == Some(1) {
+            verified = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(verified, "B never verified A's new locator");
+    let st = b.h.status().await;
+    assert!(st.contains(&new_addr.to_string()), "{st}");
+    // Data from B reaches A at its new address.
+    b.to_net
+        .send(udp4(b.h.lsi, default_lsi(&a.h.hit), b"after"))
+        .await
+        .unwrap();
+    assert_eq!(&recv(&mut a).await[28..], b"after");
+    assert_eq!(b.h.stats.get("rr_failed"), Some(0));
+    assert_eq!(b.h.stats.get("hip_dropped"), Some(0));
 }

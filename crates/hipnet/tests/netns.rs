@@ -102,6 +102,14 @@ fn stream_survives_a_locator_change() {
     let (a, b) = (lab.corr.stats(), lab.vm.stats());
     assert_eq!(a["peer_moves"], 1, "{a:?}\n{}", lab.logs());
     assert_eq!(b["updates_sent"], 1);
+    // The correspondent checked the new locator (RFC 8046 echo) and sent
+    // within its credit meanwhile.
+    assert_eq!(a["rr_verified"], 1, "{a:?}\n{}", lab.logs());
+    assert_eq!(a["rr_failed"], 0, "{a:?}");
+    println!(
+        "return routability: verified {}, packets held for credit {}",
+        a["rr_verified"], a["rr_held"]
+    );
     let status = lab.corr.ctl("status");
     assert!(
         status.contains(&format!("addr {VM_ADDR2}:10500")),

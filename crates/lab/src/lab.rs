@@ -68,6 +68,7 @@ impl Default for LabConfig {
                 mem_dirty_mib_s: 32,
                 mem_working_set_mib: 64,
                 disk_writes_per_s: 50,
+                ..Default::default()
             },
             home_state_limit_mib: None,
             keep: false,

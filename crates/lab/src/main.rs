@@ -135,6 +135,7 @@ fn lab_config(link: &LinkArgs, vm: &VmArgs, keep: bool) -> LabConfig {
             mem_dirty_mib_s: vm.dirty_mib_s,
             mem_working_set_mib: 64.min(vm.memory_mib as u32 / 4),
             disk_writes_per_s: vm.writes_per_s,
+            ..Default::default()
         },
         home_state_limit_mib: None,
         keep,

@@ -22,6 +22,7 @@ fn small(link: LinkParams) -> LabConfig {
             mem_dirty_mib_s: 16,
             mem_working_set_mib: 32,
             disk_writes_per_s: 40,
+            ..Default::default()
         },
         home_state_limit_mib: None,
         keep: std::env::var_os("ROAM_LAB_KEEP").is_some(),

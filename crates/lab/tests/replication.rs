@@ -26,6 +26,7 @@ fn config() -> LabConfig {
             mem_dirty_mib_s: 8,
             mem_working_set_mib: 16,
             disk_writes_per_s: 40,
+            ..Default::default()
         },
         home_state_limit_mib: None,
         keep: std::env::var_os("ROAM_LAB_KEEP").is_some(),
@@ -159,6 +160,16 @@ async fn replica_follows_the_guest_survives_an_outage_and_seeds_the_move() {
         |r| caught_up(r, t2),
     )
     .await;
+    // Resumed without resending what the replica held: the first seed carried the data;
+    // any later one (a batch whose commit reply the outage swallowed) only the changes.
+    let s = seeds(&lab.host("office").log);
+    assert!(!s.is_empty() && s[0].1 >= 500, "{s:?}");
+    assert!(
+        s[1..]
+            .iter()
+            .all(|&(offered, sent)| sent < 100 && sent * 10 < offered),
+        "a seed after the outage resent what the replica held: {s:?}"
+    );
 
     // `roam replica list --json`, as a person runs it.
     let roam = roam_lab::bins::find("roam").expect("roam binary built");

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use roam_channel::{ChannelConfig, Endpoint, Identity, PublicKey, TrustSet};
+use roam_channel::{Endpoint, Identity, PublicKey, TrustSet};
 use roam_control::api::{
     self as api, AgentStatus, ApiError, HostInfo, MigrateRequest, MigrationResult, PeerAdd,
     PeerInfo, Progress, ReplicaInfo, VmCreate, VmInfo, VmPeerAdd, VmState, Workload,
@@ -128,7 +128,7 @@ pub async fn run(state: PathBuf, socket: Option<PathBuf>) -> anyhow::Result<()> 
         cfg.listen,
         identity.clone(),
         trust.clone(),
-        ChannelConfig::default(),
+        crate::replication::testhooks::channel_config(),
     )
     .map_err(|e| anyhow::anyhow!("peer channel on {}: {e}", cfg.listen))?;
     let nbd = Arc::new(
@@ -638,6 +638,7 @@ impl Host for Daemon {
                 mem_dirty_mib_s: w.mem_dirty_mib_s,
                 mem_working_set_mib: w.mem_working_set_mib,
                 disk_writes_per_s: w.disk_writes_per_s,
+                file_writes_per_s: w.file_writes_per_s,
             })
             .await
             .map_err(|e| ApiError::unavailable(format!("guest agent of '{name}': {e}")))?;

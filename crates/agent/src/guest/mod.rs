@@ -5,13 +5,14 @@
 //!   disk thread ──(ack after O_DSYNC write)──┤ bounded queue ──> writer thread ──> /dev/vportNpM
 //!   verify thread ──(verify_report)──┘     (dropped while the host is away)
 //!   mem thread: dirties its working set          reader (main thread) <── /dev/vportNpM
-//!                                                 config / verify / ping
+//!   files thread: fsynced ext4 churn in /data      config / verify / ping
 //! ```
 //! Nothing waits on the host: while the chardev has no client (e.g. during a
 //! migration, before the destination's monitor connects) messages are dropped,
 //! never buffered without bound, and the workloads keep going.
 
 pub mod disk;
+pub mod files;
 pub mod mem;
 pub mod port;
 pub mod sys;
@@ -215,6 +216,10 @@ pub fn run(paths: Paths) -> Result<(), GuestError> {
     if sh.disk.is_some() {
         let sh = sh.clone();
         spawn("disk", move || disk::write_loop(sh))?;
+    }
+    if sh.data_mounted {
+        let sh = sh.clone();
+        spawn("files", move || files::file_loop(sh))?;
     }
     port::reader_loop(sh, port).map_err(GuestError::Port)
 }

@@ -14,7 +14,7 @@ use crate::wire::params::*;
 use crate::wire::{Hit, Packet, PacketType};
 
 impl Host {
-    fn signed_with_mac(&self, peer: &Hit, mut p: Packet) -> Result<Packet, Error> {
+    pub(crate) fn signed_with_mac(&self, peer: &Hit, mut p: Packet) -> Result<Packet, Error> {
         let a = self
             .assocs
             .get(peer)
@@ -201,7 +201,7 @@ impl Host {
 
     pub(crate) fn on_update(
         &mut self,
-        _now: Instant,
+        now: Instant,
         from: SocketAddr,
         p: &Packet,
     ) -> Result<Vec<Output>, Error> {
@@ -217,7 +217,11 @@ impl Host {
             return Err(Error::Unexpected("UPDATE without SEQ or ACK"));
         }
         self.verify_mac_sig(&peer, p)?;
+        // The answer to an address check first: a wrong one changes nothing.
+        let echo: Option<EchoResponseSigned> = p.get()?;
+        let verified = self.echo_answer(&peer, ack.as_ref(), echo.as_ref().map(|e| &e.0[..]))?;
         let mut out = Vec::new();
+        let mut acked = None;
         {
             let a = self
                 .assocs
@@ -232,6 +236,7 @@ impl Host {
                 if ack.0.contains(&pending) {
                     a.update_pending = None;
                     a.retransmit = None;
+                    acked = Some(pending);
                     out.push(Output::UpdateAcked {
                         peer,
                         update_id: pending,
@@ -239,40 +244,55 @@ impl Host {
                 }
             }
         }
+        if let Some(addr) = verified {
+            out.extend(self.address_verified(peer, addr));
+        }
+        if let Some(id) = acked {
+            out.extend(self.rekey_acked(peer, id)?);
+        }
         if let Some(Seq(id)) = seq {
-            let fresh = {
+            let (fresh, prev) = {
                 let a = self
                     .assocs
                     .get_mut(&peer)
                     .ok_or(Error::Unexpected("no association"))?;
-                let fresh = a
-                    .peer_update_id
-                    .is_none_or(|last| id.wrapping_sub(last) as i32 > 0);
+                let prev = a.peer_update_id;
+                let fresh = prev.is_none_or(|last| id.wrapping_sub(last) as i32 > 0);
                 if fresh {
                     a.peer_update_id = Some(id);
                 }
-                fresh
+                (fresh, prev)
             };
             if fresh {
-                if let Some(locators) = p.get::<LocatorSet>()? {
-                    out.push(Output::PeerLocators {
-                        peer,
-                        from,
-                        locators,
-                    });
+                if let Some(info) = p.get::<EspInfo>()? {
+                    match self.on_esp_info(now, peer, from, id, &info, ack.as_ref()) {
+                        Ok(o) => out.extend(o),
+                        Err(e) => {
+                            // Unprocessed: its retransmission must not be
+                            // taken for a duplicate.
+                            if let Some(a) = self.assocs.get_mut(&peer) {
+                                a.peer_update_id = prev;
+                            }
+                            return Err(e);
+                        }
+                    }
+                    return Ok(out);
                 }
             }
-            // Duplicates are ACKed again but not reprocessed (§6.12.1).
-            let mut reply = Packet::new(PacketType::Update, self.id.hit(), peer);
-            reply.add(&Ack(vec![id]))?;
-            if let Some(e) = p.get::<EchoRequestSigned>()? {
-                reply.add(&EchoResponseSigned(e.0))?;
+            let locators = if fresh { p.get::<LocatorSet>()? } else { None };
+            if let Some(locators) = &locators {
+                out.push(Output::PeerLocators {
+                    peer,
+                    from,
+                    locators: locators.clone(),
+                });
             }
-            let reply = self.signed_with_mac(&peer, reply)?;
-            out.push(Output::Send {
-                to: from,
-                packet: reply,
-            });
+            // Duplicates are ACKed again but not reprocessed (§6.12.1); an
+            // echo request is answered every time.
+            let echo_req = p.get::<EchoRequestSigned>()?.map(|e| e.0);
+            let (reply, to) =
+                self.update_reply(now, peer, from, id, locators.as_ref(), echo_req)?;
+            out.push(Output::Send { to, packet: reply });
         }
         Ok(out)
     }

@@ -15,7 +15,9 @@
 
 mod close;
 mod initiator;
+mod mobility;
 mod persist;
+mod rekey;
 mod responder;
 
 use std::collections::HashMap;
@@ -29,6 +31,7 @@ use crate::identity::{HostIdentity, PeerIdentity, Rhash};
 use crate::wire::params::{LocatorSet, Notification};
 use crate::wire::{Hit, Packet, RawParam};
 
+pub use mobility::{chosen_locator, AddrState, DataPath, MobilityConfig, MobilityStats};
 pub use responder::PuzzleConfig;
 
 /// ESP transform suite 8: AES-128-CBC with HMAC-SHA-256 (RFC 7402 §5.1.2).
@@ -79,6 +82,8 @@ pub struct Config {
     /// UDP port peers listen on (RFC 5770: 10500); used to answer an I1
     /// relayed by a rendezvous server, whose FROM carries only an address.
     pub udp_port: u16,
+    /// Return routability and credit-based authorisation (RFC 8046).
+    pub mobility: MobilityConfig,
 }
 
 impl Default for Config {
@@ -98,6 +103,7 @@ impl Default for Config {
             services: Vec::new(),
             // 2^((96-64)/8) = 16 s to 2^((160-64)/8) = 4096 s.
             service_lifetime: (96, 160),
+            mobility: MobilityConfig::default(),
         }
     }
 }
@@ -146,6 +152,21 @@ pub enum Output {
         peer: Hit,
         from: SocketAddr,
         locators: LocatorSet,
+    },
+    /// The peer's new locator answered our echo request (RFC 8046 §5.4):
+    /// data held for lack of credit can go now.
+    PeerAddressVerified { peer: Hit, addr: SocketAddr },
+    /// The new locator never answered: traffic is back on `fallback`.
+    PeerAddressFailed {
+        peer: Hit,
+        addr: SocketAddr,
+        fallback: SocketAddr,
+    },
+    /// The ESP SAs were rekeyed (RFC 7402 §3.3): install these keys (new
+    /// SPIs, keys drawn at the new `esp_keymat_index`).
+    Rekeyed {
+        peer: Hit,
+        keys: Box<AssociationKeys>,
     },
     /// The peer acknowledged our UPDATE.
     UpdateAcked { peer: Hit, update_id: u32 },
@@ -199,6 +220,14 @@ pub(crate) struct Association {
     pub wanted_registration: Option<(Vec<u8>, u8)>,
     /// Registration granted on this association: types, lifetime.
     pub registration: Option<(Vec<u8>, u8)>,
+    /// Whether `peer_addr` is verified (RFC 8046 §5.4).
+    pub addr_state: AddrState,
+    /// The outstanding check of a new peer locator.
+    pub verification: Option<mobility::Verification>,
+    /// Credit-based authorisation for an unverified `peer_addr`.
+    pub credit: mobility::Credit,
+    /// A rekey of the ESP SAs in progress.
+    pub rekey: Option<rekey::Rekey>,
 }
 
 impl Association {
@@ -221,6 +250,10 @@ impl Association {
             peer_update_id: None,
             wanted_registration: None,
             registration: None,
+            addr_state: AddrState::Active,
+            verification: None,
+            credit: mobility::Credit::default(),
+            rekey: None,
         }
     }
 }
@@ -232,6 +265,7 @@ pub struct Host {
     pub(crate) cfg: Config,
     pub(crate) assocs: HashMap<Hit, Association>,
     pub(crate) responder: responder::ResponderState,
+    pub(crate) mobility: MobilityStats,
 }
 
 impl Host {
@@ -242,6 +276,7 @@ impl Host {
             cfg,
             assocs: HashMap::new(),
             responder,
+            mobility: MobilityStats::default(),
         })
     }
 
@@ -272,6 +307,13 @@ impl Host {
             .and_then(|a| a.keys.as_ref())
     }
 
+    /// Keys of the association with `peer` in any state that has them,
+    /// I2-SENT included (diagnostics and interop tests: compare KEYMAT with
+    /// another implementation before R2).
+    pub fn negotiated_keys(&self, peer: &Hit) -> Option<&AssociationKeys> {
+        self.assocs.get(peer).and_then(|a| a.keys.as_ref())
+    }
+
     /// Peers registered with us as a registrar, with the granted types and
     /// lifetime (a rendezvous server relays I1s for these HITs).
     pub fn registrations(&self) -> Vec<(Hit, Vec<u8>, u8)> {
@@ -292,6 +334,8 @@ impl Host {
         match self.assocs.get_mut(peer) {
             Some(a) => {
                 a.peer_addr = addr;
+                a.addr_state = AddrState::Active;
+                a.verification = None;
                 true
             }
             None => false,
@@ -348,9 +392,13 @@ impl Host {
     /// The earliest time `poll` has work to do.
     pub fn next_deadline(&self) -> Option<Instant> {
         let assoc = self.assocs.values().flat_map(|a| {
-            [a.retransmit.as_ref().map(|r| r.next), a.deadline]
-                .into_iter()
-                .flatten()
+            [
+                a.retransmit.as_ref().map(|r| r.next),
+                a.verification.as_ref().map(|v| v.retransmit.next),
+                a.deadline,
+            ]
+            .into_iter()
+            .flatten()
         });
         assoc.chain(std::iter::once(self.responder.rotate_at)).min()
     }
@@ -366,6 +414,7 @@ impl Host {
         let hold = self.cfg.state_hold;
         let mut remove = Vec::new();
         for a in self.assocs.values_mut() {
+            mobility::poll_verification(a, now, retries_max, &mut self.mobility, &mut out);
             if let Some(r) = a.retransmit.as_mut() {
                 if now >= r.next {
                     let expired = match r.give_up_at {

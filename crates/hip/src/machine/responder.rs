@@ -176,7 +176,16 @@ impl Host {
         })?;
         p.add(&HipCipher(self.cfg.ciphers.clone()))?;
         p.add(&self.id.host_id_param())?;
-        p.add(&HitSuiteList(vec![self.id.suite().list_octet()]))?;
+        // Every suite we can verify an Initiator in, ours first (§5.2.10).
+        let mut suites = vec![self.id.suite()];
+        for s in [HitSuite::EcdsaSha384, HitSuite::RsaDsaSha256] {
+            if !suites.contains(&s) {
+                suites.push(s);
+            }
+        }
+        p.add(&HitSuiteList(
+            suites.iter().map(|s| s.list_octet()).collect(),
+        ))?;
         p.add(&DhGroupList(self.cfg.dh_groups.clone()))?;
         p.add(&TransportFormatList(vec![ty::ESP_TRANSFORM]))?;
         p.add(&EspTransform(self.cfg.esp_suites.clone()))?;

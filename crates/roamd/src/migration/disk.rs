@@ -62,6 +62,11 @@ impl DiskSender {
         self.level = level;
     }
 
+    /// For each chunk, the hash of the bytes last read (and sent or offered).
+    pub fn hashes(&self) -> Option<&ChunkHashes> {
+        self.hashes.as_ref()
+    }
+
     /// Send `chunks` in order. With `skip_zero` (the first pass to an empty destination)
     /// all-zero chunks are not sent at all; otherwise they go as `Zero` frames so the
     /// destination clears what it held.

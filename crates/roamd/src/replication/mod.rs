@@ -29,6 +29,7 @@
 pub mod protocol;
 pub mod replica;
 pub mod source;
+pub mod testhooks;
 mod throttle;
 
 use std::collections::HashMap;

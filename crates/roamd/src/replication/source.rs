@@ -29,6 +29,7 @@ use tracing::{info, warn};
 
 use super::now_ms;
 use super::protocol::{needs_seed, next_seq, ReplMsg, REPL_VERSION};
+use super::testhooks;
 use super::throttle::{Bucket, Throttled};
 use crate::daemon::Daemon;
 use crate::migration::disk::{allocated_chunks, DiskSender};
@@ -162,6 +163,13 @@ impl Link {
         });
     }
 
+    fn last_sync(&self) -> Option<u64> {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_sync_unix_ms
+    }
+
     pub fn info(&self) -> ReplicaInfo {
         let s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         ReplicaInfo {
@@ -233,6 +241,7 @@ async fn run(link: Arc<Link>, d: Arc<Daemon>, bucket: Arc<Bucket>) {
             });
         }
         let Some(t) = tr.as_mut() else { continue };
+        let synced_before = link.last_sync();
         match session(&d, &link, &rt, t, &bucket).await {
             Ok(()) => backoff = Duration::from_secs(1),
             Err(SessErr::Stale(why)) => {
@@ -245,6 +254,10 @@ async fn run(link: Arc<Link>, d: Arc<Daemon>, bucket: Arc<Bucket>) {
             }
             Err(SessErr::Other(why)) => {
                 link.pause(format!("link: {why}"));
+                // A session that committed something was healthy: retry soon again.
+                if link.last_sync() != synced_before {
+                    backoff = Duration::from_secs(1);
+                }
                 // Keep the lag figures live while the link is down.
                 let until = Instant::now() + backoff;
                 while Instant::now() < until && !link.stop.is_cancelled() {
@@ -370,7 +383,7 @@ async fn session(
             let mut cut = CutBuilder::new(MAX_PASSES);
             let mut seed_stats = (0usize, 0usize);
             let mut first = true;
-            loop {
+            let cut_epoch = loop {
                 cut.begin_pass(rt.tracker.flush_epoch());
                 let taken = tr.sub.take();
                 tr.pending.extend(taken.iter().copied());
@@ -389,7 +402,7 @@ async fn session(
                 }
                 first = false;
                 match cut.end_pass(rt.tracker.flush_epoch()) {
-                    PassEnd::Consistent { .. } => break,
+                    PassEnd::Consistent { flush_epoch } => break flush_epoch,
                     PassEnd::Again | PassEnd::Gate => {
                         if cut.passes().is_multiple_of(64) {
                             warn!(vm = %link.vm, passes = cut.passes(),
@@ -397,8 +410,19 @@ async fn session(
                         }
                     }
                 }
-            }
+            };
+            testhooks::proposed(testhooks::Proposal {
+                source: &d.cfg.name,
+                vm: &link.vm,
+                host: &link.host,
+                seq,
+                flush_epoch: cut_epoch,
+                seed,
+                chunks: &tr.pending,
+                hashes: sender.hashes(),
+            });
             sender.sync(&mut w, &mut rx).await?; // answered once committed
+            testhooks::committed(&link.vm, &link.host);
             tr.pending.clear();
             tr.synced_to = Some(Version { generation, seq });
             if seed {

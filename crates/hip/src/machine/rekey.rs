@@ -1,0 +1,223 @@
+//! Rekeying an association's ESP SAs through UPDATE (RFC 7402 §3.3, §6.9;
+//! RFC 7401 §6.11), without a new Diffie-Hellman: the new keys are drawn
+//! from the existing KEYMAT, at the larger of the two Keymat Index values
+//! the peers announce, which each set just past the keys in use.
+//!
+//! ```text
+//!  A (rekey)                                                  B
+//!   │ UPDATE(ESP_INFO{idx_a, old=A's SPI, new=A'}, SEQ=x)      │
+//!   ├────────────────────────────────────────────────────────►│ old == what B sends to?
+//!   │ UPDATE(ESP_INFO{idx, old=B's SPI, new=B'}, SEQ=y, ACK=x) │ idx = max(idx_a, idx_b)
+//!   │◄────────────────────────────────────────────────────────┤
+//!   │ Rekeyed: in A', out B', keys at idx                      │
+//!   │ UPDATE(ACK=y)                                            │
+//!   ├────────────────────────────────────────────────────────►│ Rekeyed: in B', out A'
+//! ```
+//! Both UPDATEs with SEQ are retransmitted until ACKed. When the KEYMAT is
+//! used up, [`Host::rekey`] fails with `CryptoError::Keymat` (a rekey with
+//! a new DH is not implemented).
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::{random_spi, AssociationKeys, Host, Output, State};
+use crate::error::{CryptoError, Error};
+use crate::esp;
+use crate::wire::params::{Ack, EspInfo, Seq};
+use crate::wire::{Hit, Packet, PacketType};
+
+/// A rekey in progress.
+#[derive(Clone, Debug)]
+pub(crate) struct Rekey {
+    /// Our UPDATE carrying our ESP_INFO.
+    pub update_id: u32,
+    /// Our new inbound SPI.
+    pub new_spi: u32,
+    pub index: usize,
+    /// The peer's new inbound SPI, once known (we answered its request).
+    pub peer_new_spi: Option<u32>,
+}
+
+/// The Keymat Index just past the SAs in use, checked against the KEYMAT.
+fn next_index(k: &AssociationKeys) -> Result<usize, Error> {
+    let n = esp::keymat_len(k.esp_suite).ok_or(CryptoError::Esp("unsupported ESP suite"))?;
+    let next = k.esp_keymat_index + n;
+    if next + n > k.keymat.len() || next > usize::from(u16::MAX) {
+        return Err(CryptoError::Keymat.into());
+    }
+    Ok(next)
+}
+
+fn rekeyed(
+    k: &AssociationKeys,
+    index: usize,
+    our_spi: u32,
+    peer_spi: u32,
+) -> Result<AssociationKeys, Error> {
+    let n = esp::keymat_len(k.esp_suite).ok_or(CryptoError::Esp("unsupported ESP suite"))?;
+    if index + n > k.keymat.len() || index < k.esp_keymat_index {
+        return Err(CryptoError::Keymat.into());
+    }
+    Ok(AssociationKeys {
+        esp_keymat_index: index,
+        our_spi,
+        peer_spi,
+        ..k.clone()
+    })
+}
+
+impl Host {
+    /// Starts a rekey of the ESP SAs with `peer` (ESTABLISHED, no UPDATE
+    /// outstanding). [`Output::Rekeyed`] reports the new keys.
+    pub fn rekey(&mut self, now: Instant, peer: Hit) -> Result<Vec<Output>, Error> {
+        let a = self
+            .assocs
+            .get(&peer)
+            .filter(|a| a.state == State::Established)
+            .ok_or(Error::Unexpected("rekey needs an established association"))?;
+        if a.update_pending.is_some() || a.rekey.is_some() {
+            return Err(Error::Unexpected("an UPDATE is already outstanding"));
+        }
+        let keys = a.keys.as_ref().ok_or(Error::Unexpected("no keys"))?;
+        let index = next_index(keys)?;
+        let new_spi = random_spi();
+        let id = a.update_id;
+        let mut p = Packet::new(PacketType::Update, self.id.hit(), peer);
+        p.add(&EspInfo {
+            keymat_index: index as u16,
+            old_spi: keys.our_spi,
+            new_spi,
+        })?;
+        p.add(&Seq(id))?;
+        let p = self.signed_with_mac(&peer, p)?;
+        let r = self.start_retransmit(p.clone(), now);
+        let a = self
+            .assocs
+            .get_mut(&peer)
+            .ok_or(Error::Unexpected("no association"))?;
+        a.update_pending = Some(id);
+        a.update_id = id.wrapping_add(1);
+        a.retransmit = Some(r);
+        a.rekey = Some(Rekey {
+            update_id: id,
+            new_spi,
+            index,
+            peer_new_spi: None,
+        });
+        Ok(vec![Output::Send {
+            to: a.peer_addr,
+            packet: p,
+        }])
+    }
+
+    /// Our rekey UPDATE `update_id` was ACKed. If it answered the peer's
+    /// request, the new SAs are in place now.
+    pub(crate) fn rekey_acked(
+        &mut self,
+        peer: Hit,
+        update_id: u32,
+    ) -> Result<Option<Output>, Error> {
+        let Some(a) = self.assocs.get_mut(&peer) else {
+            return Ok(None);
+        };
+        let Some(r) = a.rekey.clone().filter(|r| r.update_id == update_id) else {
+            return Ok(None);
+        };
+        let Some(peer_spi) = r.peer_new_spi else {
+            // Our own request: completes with the peer's ESP_INFO.
+            return Ok(None);
+        };
+        let keys = a.keys.as_ref().ok_or(Error::Unexpected("no keys"))?;
+        let new = rekeyed(keys, r.index, r.new_spi, peer_spi)?;
+        a.keys = Some(new.clone());
+        a.rekey = None;
+        Ok(Some(Output::Rekeyed {
+            peer,
+            keys: Box::new(new),
+        }))
+    }
+
+    /// A fresh UPDATE with ESP_INFO and SEQ `seq_id`: the peer's rekey
+    /// request, or its answer to ours (then `acked_ours`).
+    pub(crate) fn on_esp_info(
+        &mut self,
+        now: Instant,
+        peer: Hit,
+        from: SocketAddr,
+        seq_id: u32,
+        info: &EspInfo,
+        ack: Option<&Ack>,
+    ) -> Result<Vec<Output>, Error> {
+        let a = self
+            .assocs
+            .get(&peer)
+            .ok_or(Error::Unexpected("no association"))?;
+        let keys = a.keys.as_ref().ok_or(Error::Unexpected("no keys"))?;
+        // old_spi names the SA the peer receives on: the one we send with.
+        if info.old_spi != keys.peer_spi || info.new_spi <= 255 {
+            return Err(Error::Unexpected("ESP_INFO does not match the SA in use"));
+        }
+        let ours = a.rekey.clone();
+        match ours {
+            Some(r) if r.peer_new_spi.is_none() => {
+                if !ack.is_some_and(|k| k.0.contains(&r.update_id)) {
+                    return Err(Error::Unexpected("simultaneous rekey"));
+                }
+                let index = r.index.max(usize::from(info.keymat_index));
+                let new = rekeyed(keys, index, r.new_spi, info.new_spi)?;
+                let (reply, to) = self.update_reply(now, peer, from, seq_id, None, None)?;
+                let a = self
+                    .assocs
+                    .get_mut(&peer)
+                    .ok_or(Error::Unexpected("no association"))?;
+                a.keys = Some(new.clone());
+                a.rekey = None;
+                Ok(vec![
+                    Output::Rekeyed {
+                        peer,
+                        keys: Box::new(new),
+                    },
+                    Output::Send { to, packet: reply },
+                ])
+            }
+            Some(_) => Err(Error::Unexpected("rekey already answered")),
+            None => {
+                if a.update_pending.is_some() {
+                    return Err(Error::Unexpected("an UPDATE is already outstanding"));
+                }
+                let index = next_index(keys)?.max(usize::from(info.keymat_index));
+                // Refuse an index the KEYMAT cannot serve before answering.
+                rekeyed(keys, index, 0, 0)?;
+                let new_spi = random_spi();
+                let id = a.update_id;
+                let mut p = Packet::new(PacketType::Update, self.id.hit(), peer);
+                p.add(&EspInfo {
+                    keymat_index: index as u16,
+                    old_spi: keys.our_spi,
+                    new_spi,
+                })?;
+                p.add(&Seq(id))?;
+                p.add(&Ack(vec![seq_id]))?;
+                let p = self.signed_with_mac(&peer, p)?;
+                let r = self.start_retransmit(p.clone(), now);
+                let a = self
+                    .assocs
+                    .get_mut(&peer)
+                    .ok_or(Error::Unexpected("no association"))?;
+                a.update_pending = Some(id);
+                a.update_id = id.wrapping_add(1);
+                a.retransmit = Some(r);
+                a.rekey = Some(Rekey {
+                    update_id: id,
+                    new_spi,
+                    index,
+                    peer_new_spi: Some(info.new_spi),
+                });
+                Ok(vec![Output::Send {
+                    to: from,
+                    packet: p,
+                }])
+            }
+        }
+    }
+}
