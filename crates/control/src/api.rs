@@ -117,6 +117,17 @@ pub struct VmCreate {
     /// (others may still open associations to it).
     #[serde(default)]
     pub hip_peers: Vec<String>,
+    /// A HIP rendezvous server to register the VM's HIT with, `HIT@ADDR:PORT` (RFC 8004):
+    /// peers that know only the HIT and the server's address reach the VM wherever it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hip_rvs: Option<String>,
+}
+
+/// `POST /v1/vms/{name}/peers`: add a HIP correspondent to an existing VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmPeerAdd {
+    /// `HIT@ADDR:PORT`, or `HIT` alone to reach it through the VM's rendezvous server.
+    pub peer: String,
 }
 
 /// Life-cycle state of a VM on one host.
@@ -249,6 +260,9 @@ pub struct VmNetInfo {
     /// UDP port of the VM's HIP endpoint on this host, while it runs.
     #[serde(default)]
     pub hip_port: Option<u16>,
+    /// The rendezvous server the VM registers with (`HIT@ADDR:PORT`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rvs: Option<String>,
 }
 
 /// `POST /v1/vms/{name}/migrate`: move a running VM to a peer.

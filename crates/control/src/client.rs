@@ -180,6 +180,16 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/vms/{name}/peers`: add a HIP correspondent (`HIT@ADDR:PORT` or `HIT`).
+    pub async fn vm_peer_add(&self, name: &str, peer: &str) -> Result<VmInfo, ClientError> {
+        validate_name("vm", name)?;
+        let req = crate::api::VmPeerAdd {
+            peer: peer.to_string(),
+        };
+        self.call(Method::POST, &format!("/v1/vms/{name}/peers"), Some(&req))
+            .await
+    }
+
     /// `GET /v1/vms/{name}/agent`.
     pub async fn vm_agent(&self, name: &str) -> Result<crate::api::AgentStatus, ClientError> {
         validate_name("vm", name)?;

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::api::{
     AgentStatus, ApiError, ForcePrimary, HostInfo, MigrateRequest, MigrationResult, PeerAdd,
-    PeerInfo, PeerLimit, Progress, ReplicaInfo, VmCreate, VmInfo, Workload,
+    PeerInfo, PeerLimit, Progress, ReplicaInfo, VmCreate, VmInfo, VmPeerAdd, Workload,
 };
 
 /// The daemon side of the control API.
@@ -82,6 +82,15 @@ pub trait Host: Send + Sync + 'static {
         let _ = name;
         Err(ApiError::unavailable(
             "agent status is not supported by this roamd",
+        ))
+    }
+
+    /// `POST /v1/vms/{name}/peers`: add a HIP correspondent to a VM (stored with it; a
+    /// running endpoint learns it at once). Returns the VM as `vm show` does.
+    async fn vm_peer_add(&self, name: &str, req: VmPeerAdd) -> Result<VmInfo, ApiError> {
+        let _ = (name, req);
+        Err(ApiError::unavailable(
+            "adding HIP peers is not supported by this roamd",
         ))
     }
 

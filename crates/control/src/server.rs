@@ -16,6 +16,7 @@
 //! | POST   | /v1/vms/{name}/stop     |               | 200 VmInfo                     |
 //! | DELETE | /v1/vms/{name}          |               | 204                            |
 //! | POST   | /v1/vms/{name}/migrate  | MigrateRequest| 200 NDJSON stream (crate::wire)|
+//! | POST   | /v1/vms/{name}/peers    | VmPeerAdd     | 200 VmInfo                     |
 //! | POST   | /v1/vms/{name}/replicas/{host} |        | 201 ReplicaInfo                |
 //! | DELETE | /v1/vms/{name}/replicas/{host} |        | 204                            |
 //! | GET    | /v1/replicas[?vm=NAME]  |               | 200 list of ReplicaInfo        |
@@ -129,6 +130,7 @@ pub fn router(host: Arc<dyn Host>) -> Router {
         .route("/v1/vms/{name}/workload", post(vm_workload))
         .route("/v1/vms/{name}/agent", get(vm_agent))
         .route("/v1/vms/{name}/force-primary", post(vm_force_primary))
+        .route("/v1/vms/{name}/peers", post(vm_peer_add))
         .route(
             "/v1/vms/{name}/replicas/{host}",
             post(replica_add).delete(replica_remove),
@@ -306,6 +308,16 @@ async fn vm_workload(
     validate_name("vm", &name)?;
     let w = body(b)?;
     Ok(Json(h.vm_workload(&name, w).await?))
+}
+
+async fn vm_peer_add(
+    State(h): HostRef,
+    UrlPath(name): UrlPath<String>,
+    b: Result<Json<crate::api::VmPeerAdd>, JsonRejection>,
+) -> ApiResult<impl IntoResponse> {
+    validate_name("vm", &name)?;
+    let req = body(b)?;
+    Ok(Json(h.vm_peer_add(&name, req).await?))
 }
 
 async fn vm_agent(

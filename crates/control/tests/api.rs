@@ -81,6 +81,7 @@ async fn every_route_round_trips() {
         vcpus: 2,
         disk_image: Some("/srv/images/debian.qcow2".into()),
         hip_peers: Vec::new(),
+        hip_rvs: None,
     };
     let v = c.vm_create(&create).await.unwrap();
     assert_eq!(
@@ -139,6 +140,7 @@ async fn errors_map_to_codes_and_statuses() {
         vcpus: 1,
         disk_image: None,
         hip_peers: Vec::new(),
+        hip_rvs: None,
     };
     c.vm_create(&create).await.unwrap();
     let e = c.vm_create(&create).await.unwrap_err();
@@ -441,6 +443,7 @@ async fn replica_routes_round_trip() {
         vcpus: 1,
         disk_image: None,
         hip_peers: Vec::new(),
+        hip_rvs: None,
     })
     .await
     .unwrap();
@@ -486,4 +489,49 @@ async fn replica_routes_round_trip() {
         .collect();
     assert_eq!(left, vec!["laptop".to_string(), "attic".to_string()]);
     srv.stop().await;
+}
+
+#[tokio::test]
+async fn vm_peer_add_round_trips() {
+    let srv = TestServer::start().await;
+    let c = srv.client();
+    let peer = "2001:2a:1:2:3:4:5:6@198.18.3.2:10500";
+    assert_eq!(
+        code(c.vm_peer_add("desk", peer).await.unwrap_err()),
+        ErrorCode::NotFound
+    );
+    c.vm_create(&VmCreate {
+        name: "desk".into(),
+        memory_mib: 512,
+        disk_bytes: 1 << 30,
+        vcpus: 1,
+        disk_image: None,
+        hip_peers: Vec::new(),
+        hip_rvs: Some("2001:2a::9@198.18.3.3:10500".into()),
+    })
+    .await
+    .unwrap();
+    let v = c.vm_peer_add("desk", peer).await.unwrap();
+    assert_eq!(v.net.unwrap().peers, vec![peer.to_string()]);
+    let shown = c.vm_show("desk").await.unwrap();
+    assert_eq!(shown.net.unwrap().peers, vec![peer.to_string()]);
+    assert_eq!(
+        code(c.vm_peer_add("desk", "nonsense").await.unwrap_err()),
+        ErrorCode::BadRequest
+    );
+    // The wire format: {"peer": ...}; a body of another shape is a 400 from the server.
+    let (status, _, body) = raw(
+        &srv.socket,
+        "POST",
+        "/v1/vms/desk/peers",
+        r#"{"peer":"2001:2a::7"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, _) = raw(&srv.socket, "POST", "/v1/vms/desk/peers", r#"{"hit":1}"#).await;
+    assert_eq!(status, 400);
+    // hip_rvs is optional on the wire (older clients send none).
+    let old: VmCreate =
+        serde_json::from_str(r#"{"name":"old","memory_mib":512,"disk_bytes":1048576}"#).unwrap();
+    assert_eq!(old.hip_rvs, None);
 }

@@ -199,6 +199,22 @@ async fn vm_and_peer_commands() {
     let o = roam(s, &["--json", "peer", "remove", "home"]).await;
     assert_eq!(stdout(&o).trim(), r#"{"ok":true}"#);
 
+    // A HIP correspondent added to an existing VM shows in `vm show`.
+    let peer = "2001:2a:1:2:3:4:5:6@198.18.3.2:10500";
+    let o = roam(s, &["vm", "peer-add", "desk", peer]).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), format!("desk: added HIP peer {peer}\n"));
+    let o = roam(s, &["vm", "show", "desk"]).await;
+    let out = stdout(&o);
+    assert!(
+        out.lines()
+            .any(|l| l.contains("hip peers") && l.contains(peer)),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l.starts_with("hip rvs")), "{out}");
+    let o = roam(s, &["vm", "peer-add", "desk", "nonsense"]).await;
+    assert_eq!(o.status.code(), Some(1));
+
     // Conflicts come back as clear errors with exit code 1.
     let o = roam(s, &["vm", "delete", "desk"]).await;
     assert_eq!(o.status.code(), Some(1));

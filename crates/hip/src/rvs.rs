@@ -11,13 +11,21 @@
 //! with the integrity key of the RVS→Responder direction of the
 //! registration association between them. VIA_RVS and RVS_HMAC sit above
 //! HIP_SIGNATURE_2, so a precreated, signed R1 can carry VIA_RVS.
+//!
+//! [`relay_for`] is the whole rendezvous server's decision for one incoming
+//! packet: the registrar's state lives in the [`Host`] (a registration is an
+//! association whose R2 carried REG_RESPONSE(rendezvous)), and the
+//! registered host's current locator is that association's peer address, so
+//! an UPDATE(LOCATOR_SET) from a host that moved (RFC 8046) re-points the
+//! relay with no further bookkeeping.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use crate::crypto::mac::hmac;
 use crate::error::{CryptoError, Error};
 use crate::identity::Rhash;
-use crate::wire::params::{From, RvsHmac, ViaRvs};
+use crate::machine::Host;
+use crate::wire::params::{From, RvsHmac, ViaRvs, REG_TYPE_RENDEZVOUS};
 use crate::wire::{ty, Packet, PacketType};
 
 fn to_v6(ip: IpAddr) -> Ipv6Addr {
@@ -72,4 +80,30 @@ pub fn verify_relayed_i1(p: &Packet, rhash: Rhash, key: &[u8]) -> Result<IpAddr,
 pub fn add_via_rvs(r1: &mut Packet, rvs: &[IpAddr]) -> Result<(), Error> {
     r1.add(&ViaRvs(rvs.iter().map(|a| to_v6(*a)).collect()))?;
     Ok(())
+}
+
+/// What a rendezvous server does with an incoming packet `p` from `from`
+/// (RFC 8004 §3.3): `None` when it is not an I1 for a HIT registered with
+/// `rvs` for rendezvous (the caller processes it as its own);
+/// `Some(Ok((to, relayed)))` to forward the relayed I1 to the registered
+/// host's current locator; `Some(Err(_))` when relaying failed (drop it).
+pub fn relay_for(
+    rvs: &Host,
+    p: &Packet,
+    from: SocketAddr,
+) -> Option<Result<(SocketAddr, Packet), Error>> {
+    let target = p.header.receiver_hit;
+    if p.header.packet_type != PacketType::I1 || target == rvs.hit() {
+        return None;
+    }
+    let registered = rvs
+        .registrations()
+        .iter()
+        .any(|(h, types, _)| *h == target && types.contains(&REG_TYPE_RENDEZVOUS));
+    if !registered {
+        return None;
+    }
+    let keys = rvs.keys(&target)?;
+    let to = rvs.peer_addr(&target)?;
+    Some(relay_i1(p, from.ip(), keys.rhash, &keys.hip.our_mac).map(|r| (to, r)))
 }

@@ -255,3 +255,117 @@ fn registration_for_rendezvous_in_the_base_exchange() {
     assert_eq!(reg_lifetime_secs(128), 256.0);
     assert_eq!(v.peer_addr(&r.hit()), Some(ra));
 }
+
+/// Delivers `outs` between two hosts at `aa` and `ba` until nothing is left; returns
+/// the non-Send outputs.
+fn pump2(
+    a: &mut Host,
+    aa: SocketAddr,
+    b: &mut Host,
+    ba: SocketAddr,
+    outs: Vec<Output>,
+) -> Vec<Output> {
+    let now = Instant::now();
+    let mut q: Vec<(bool, Output)> = outs.into_iter().map(|o| (true, o)).collect();
+    let mut events = Vec::new();
+    while let Some((from_a, o)) = q.pop() {
+        match o {
+            Output::Send { packet, .. } => {
+                let (dst, src) = if from_a { (&mut *b, aa) } else { (&mut *a, ba) };
+                q.extend(
+                    dst.receive(now, src, &packet)
+                        .unwrap()
+                        .into_iter()
+                        .map(|o| (!from_a, o)),
+                );
+            }
+            other => events.push(other),
+        }
+    }
+    events
+}
+
+/// The rendezvous server's decision (`rvs::relay_for`): only I1s for HITs registered
+/// for rendezvous are relayed, to the registered host's current locator, which an
+/// UPDATE from a host that moved re-points.
+#[test]
+fn relay_for_relays_only_registered_hits_and_follows_updates() {
+    let now = Instant::now();
+    let v_cfg = Config {
+        services: vec![REG_TYPE_RENDEZVOUS],
+        ..Config::default()
+    };
+    let mut v = Host::new(HostIdentity::generate(), v_cfg, now).unwrap();
+    let mut r = Host::new(HostIdentity::generate(), Config::default(), now).unwrap();
+    let mut u = Host::new(HostIdentity::generate(), Config::default(), now).unwrap();
+    let mut i = Host::new(HostIdentity::generate(), Config::default(), now).unwrap();
+    let va: SocketAddr = "198.18.3.3:10500".parse().unwrap();
+    let ra: SocketAddr = "198.18.1.2:10501".parse().unwrap();
+    let ua: SocketAddr = "198.18.2.2:10500".parse().unwrap();
+    let ia: SocketAddr = "198.18.4.2:10500".parse().unwrap();
+    // R registers; U only has an association with V.
+    let outs = r
+        .connect_and_register(now, v.hit(), va, vec![REG_TYPE_RENDEZVOUS], 160)
+        .unwrap();
+    pump2(&mut r, ra, &mut v, va, outs);
+    let outs = u.connect(now, v.hit(), va).unwrap();
+    pump2(&mut u, ua, &mut v, va, outs);
+    assert_eq!(v.state(&u.hit()), State::R2Sent);
+
+    let i1_for = |i: &mut Host, hit| {
+        let outs = i.connect(now, hit, va).unwrap();
+        match outs.into_iter().next() {
+            Some(Output::Send { packet, .. }) => packet,
+            other => panic!("no I1: {other:?}"),
+        }
+    };
+    // Not registered, or addressed to the server itself: processed locally.
+    let to_u = i1_for(&mut i, u.hit());
+    assert!(rvs::relay_for(&v, &to_u, ia).is_none());
+    let to_v = i1_for(&mut i, v.hit());
+    assert!(rvs::relay_for(&v, &to_v, ia).is_none());
+    // Registered: relayed to R with FROM = the Initiator's address.
+    let to_r = i1_for(&mut i, r.hit());
+    let (to, relayed) = rvs::relay_for(&v, &to_r, ia).unwrap().unwrap();
+    assert_eq!(to, ra);
+    assert_eq!(
+        rvs::from_v6(relayed.get::<From>().unwrap().unwrap().0),
+        ia.ip()
+    );
+    // Only I1 is relayed.
+    let mut not_i1 = to_r.clone();
+    not_i1.header.packet_type = PacketType::Update;
+    assert!(rvs::relay_for(&v, &not_i1, ia).is_none());
+
+    // R moves (another host, another port: a migrated VM) and tells V with UPDATE;
+    // the daemon applies the verified locator, and the relay follows.
+    let ra2: SocketAddr = "198.18.2.2:10502".parse().unwrap();
+    let set = LocatorSet(vec![Locator {
+        traffic_type: 0,
+        preferred: true,
+        lifetime: 3600,
+        addr: LocatorAddr::Ip(
+            "198.18.2.2"
+                .parse::<std::net::Ipv4Addr>()
+                .unwrap()
+                .to_ipv6_mapped(),
+        ),
+    }]);
+    let outs = r.update_locators(now, v.hit(), set, None).unwrap();
+    let events = pump2(&mut r, ra2, &mut v, va, outs);
+    let r_hit = r.hit();
+    let from = events
+        .iter()
+        .find_map(|e| match e {
+            Output::PeerLocators { peer, from, .. } if *peer == r_hit => Some(*from),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("V saw no locator change: {events:?}"));
+    assert_eq!(from, ra2);
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Output::UpdateAcked { .. })));
+    assert!(v.set_peer_addr(&r_hit, from));
+    let (to, _) = rvs::relay_for(&v, &to_r, ia).unwrap().unwrap();
+    assert_eq!(to, ra2);
+}

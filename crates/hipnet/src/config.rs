@@ -209,10 +209,10 @@ pub struct EndpointConfig {
 
 impl EndpointConfig {
     pub fn new(identity: HostIdentity, listen: SocketAddr, tun_name: &str) -> Self {
-        let hip = roam_hip::Config {
-            udp_port: listen.port(),
-            ..roam_hip::Config::default()
-        };
+        // `udp_port` stays RFC 5770's 10500 whatever we listen on: it is where *peers*
+        // are assumed to listen when a rendezvous server relays their I1 (FROM has no
+        // port), and a VM's endpoint on 10501 must still answer a correspondent on 10500.
+        let hip = roam_hip::Config::default();
         EndpointConfig {
             identity,
             listen,

@@ -25,14 +25,14 @@ use std::time::Instant;
 use roam_hip::machine::DataPath;
 use roam_hip::wire::params::{Locator, LocatorAddr, LocatorSet, REG_TYPE_RENDEZVOUS};
 use roam_hip::wire::udp::{classify, frame_hip, UdpPayload};
-use roam_hip::{Hit, Host, Output, Packet, PacketType, State};
+use roam_hip::{Hit, Host, Output, Packet, State};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::backend::{EspBackend, UserEsp};
 use crate::beet::{self, Dest, View};
-use crate::config::{default_lsi, EndpointConfig, LsiTable};
+use crate::config::{default_lsi, EndpointConfig, LsiTable, PeerSpec};
 use crate::error::{Error, EspDrop};
 use crate::handover::{self, Carried};
 use crate::stats::Stats;
@@ -42,6 +42,8 @@ use crate::tun::Tun;
 const BUF: usize = 65536;
 /// Lifetime announced for our locators (RFC 8046 §4), seconds.
 const LOCATOR_LIFETIME: u32 = 3600;
+/// How often a registration that failed (rendezvous server unreachable) is retried.
+const REGISTER_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Requests to the endpoint task.
 #[derive(Debug)]
@@ -56,6 +58,9 @@ pub enum Command {
     /// state ([`crate::handover`]); the loop stops so that no further
     /// sequence numbers are used here.
     ExportAndStop(oneshot::Sender<Vec<u8>>),
+    /// A new entry for the static peer table (where to send I1 for that
+    /// HIT, its LSI); existing associations are not touched.
+    AddPeer(PeerSpec, oneshot::Sender<Result<Ipv4Addr, String>>),
     Stop,
 }
 
@@ -98,6 +103,16 @@ impl Handle {
         rx.await.map_err(|_| "endpoint stopped".to_string())
     }
 
+    /// Adds a correspondent; returns the LSI it is known by here.
+    pub async fn add_peer(&self, peer: PeerSpec) -> Result<Ipv4Addr, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::AddPeer(peer, tx))
+            .await
+            .map_err(|_| "endpoint stopped".to_string())?;
+        rx.await.map_err(|_| "endpoint stopped".to_string())?
+    }
+
     pub async fn stop(&self) {
         let _ = self.tx.send(Command::Stop).await;
     }
@@ -119,6 +134,8 @@ pub struct Endpoint {
     queue_len: usize,
     established: HashSet<Hit>,
     serve_rvs: bool,
+    /// The rendezvous server we keep registered with.
+    register_with: Option<PeerSpec>,
     stats: Arc<Stats>,
 }
 
@@ -231,7 +248,7 @@ impl Endpoint {
         if cfg.serve_rvs && !hip.services.contains(&REG_TYPE_RENDEZVOUS) {
             hip.services.push(REG_TYPE_RENDEZVOUS);
         }
-        let mut host = Host::new(cfg.identity.clone(), hip, Instant::now())?;
+        let host = Host::new(cfg.identity.clone(), hip, Instant::now())?;
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel(16);
         let handle = Handle {
@@ -246,20 +263,6 @@ impl Endpoint {
         }
         info!(%hit, lsi = %our_lsi, %listen, dev = dev.name(),
             rvs = cfg.serve_rvs, "HIP endpoint up");
-        let mut first = Vec::new();
-        if let Some(r) = &cfg.register_with {
-            let addr = r
-                .addr
-                .ok_or_else(|| Error::PeerSpec(format!("{} (no address)", r.hit)))?;
-            // 2^((160-64)/8) s = 4096 s, the longest the default registrar grants.
-            first = host.connect_and_register(
-                Instant::now(),
-                r.hit,
-                addr,
-                vec![REG_TYPE_RENDEZVOUS],
-                160,
-            )?;
-        }
         let mut ep = Endpoint {
             host,
             esp,
@@ -274,13 +277,16 @@ impl Endpoint {
             queue_len: cfg.queue_len,
             established: HashSet::new(),
             serve_rvs: cfg.serve_rvs,
+            register_with: cfg.register_with.clone(),
             stats,
         };
         if let Some(state) = &cfg.import {
             ep.import(state)?;
             ep.host.advance_update_ids(cfg.import_update_skip);
         }
-        ep.handle(first);
+        if let Some(r) = &cfg.register_with {
+            ep.register(r)?;
+        }
         let task = tokio::spawn(ep.run(rx));
         Ok((handle, task))
     }
@@ -288,6 +294,8 @@ impl Endpoint {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut ubuf = vec![0u8; BUF];
         let mut tbuf = vec![0u8; BUF];
+        let mut reg_tick = tokio::time::interval(REGISTER_RETRY);
+        reg_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self
                 .host
@@ -306,6 +314,7 @@ impl Endpoint {
                         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     }
                 },
+                _ = reg_tick.tick(), if self.register_with.is_some() => self.keep_registered(),
                 _ = tokio::time::sleep_until(deadline) => {
                     let outs = self.host.poll(Instant::now());
                     self.handle(outs);
@@ -317,6 +326,9 @@ impl Endpoint {
                     }
                     Some(Command::Status(reply)) => {
                         let _ = reply.send(self.status());
+                    }
+                    Some(Command::AddPeer(p, reply)) => {
+                        let _ = reply.send(self.add_peer(p));
                     }
                     Some(Command::ExportAndStop(reply)) => {
                         let _ = reply.send(self.export());
@@ -330,6 +342,60 @@ impl Endpoint {
             }
         }
         info!("HIP endpoint stopped");
+    }
+
+    /// Registers with a rendezvous server (RFC 8003 in the base exchange,
+    /// RFC 8004 rendezvous type). An association with it that arrived
+    /// with a migrated VM already carries the registration: the server
+    /// keeps it and follows our UPDATE, so no new exchange is started.
+    fn register(&mut self, r: &PeerSpec) -> Result<(), Error> {
+        let addr = r
+            .addr
+            .ok_or_else(|| Error::PeerSpec(format!("{} (no address)", r.hit)))?;
+        if self.established.contains(&r.hit) {
+            info!(rvs = %r.hit, "registration carried over");
+            return Ok(());
+        }
+        // 2^((160-64)/8) s = 4096 s, the longest the default registrar grants.
+        let outs = self.host.connect_and_register(
+            Instant::now(),
+            r.hit,
+            addr,
+            vec![REG_TYPE_RENDEZVOUS],
+            160,
+        )?;
+        self.handle(outs);
+        Ok(())
+    }
+
+    /// Registers again when the last attempt failed or the association with the
+    /// server went away (it is retried until the server answers).
+    fn keep_registered(&mut self) {
+        let Some(r) = self.register_with.clone() else {
+            return;
+        };
+        if matches!(
+            self.host.state(&r.hit),
+            State::Unassociated | State::Closed | State::EFailed
+        ) {
+            info!(rvs = %r.hit, "registering with the rendezvous server again");
+            if let Err(e) = self.register(&r) {
+                warn!(rvs = %r.hit, "registration: {e}");
+            }
+        }
+    }
+
+    fn add_peer(&mut self, p: PeerSpec) -> Result<Ipv4Addr, String> {
+        let lsi = match p.lsi {
+            Some(l) => {
+                self.lsis.bind(p.hit, l).map_err(|e| e.to_string())?;
+                l
+            }
+            None => self.lsis.ensure(p.hit),
+        };
+        info!(peer = %p.hit, %lsi, addr = ?p.addr, "peer added");
+        self.peers.insert(p.hit, p.addr);
+        Ok(lsi)
     }
 
     fn on_tun(&mut self, pkt: &[u8]) {
@@ -465,36 +531,27 @@ impl Endpoint {
     /// forwarded with FROM and RVS_HMAC to the HIT's current address.
     /// Returns true if the packet was consumed.
     fn relay(&mut self, p: &Packet, from: SocketAddr) -> bool {
-        let target = p.header.receiver_hit;
-        if p.header.packet_type != PacketType::I1 || target == self.host.hit() {
-            return false;
-        }
-        let registered = self
-            .host
-            .registrations()
-            .iter()
-            .any(|(h, types, _)| *h == target && types.contains(&REG_TYPE_RENDEZVOUS));
-        let (Some(keys), Some(to)) = (self.host.keys(&target), self.host.peer_addr(&target)) else {
-            return false;
-        };
-        if !registered {
-            return false;
-        }
-        let relayed = roam_hip::rvs::relay_i1(p, from.ip(), keys.rhash, &keys.hip.our_mac);
-        match relayed.and_then(|r| r.encode().map_err(Into::into)) {
-            Ok(bytes) => {
-                if self.sock.try_send_to(&frame_hip(&bytes), to).is_ok() {
-                    Stats::bump(&self.stats.rvs_relayed);
-                } else {
-                    Stats::bump(&self.stats.send_errors);
+        match roam_hip::rvs::relay_for(&self.host, p, from) {
+            None => false,
+            Some(Ok((to, relayed))) => {
+                match relayed.encode() {
+                    Ok(bytes) if self.sock.try_send_to(&frame_hip(&bytes), to).is_ok() => {
+                        Stats::bump(&self.stats.rvs_relayed)
+                    }
+                    Ok(_) => Stats::bump(&self.stats.send_errors),
+                    Err(e) => {
+                        debug!(%to, "relay: {e}");
+                        Stats::bump(&self.stats.hip_dropped);
+                    }
                 }
+                true
             }
-            Err(e) => {
-                debug!(%target, "relay: {e}");
+            Some(Err(e)) => {
+                debug!(%from, "relay: {e}");
                 Stats::bump(&self.stats.hip_dropped);
+                true
             }
         }
-        true
     }
 
     fn on_esp(&mut self, d: &[u8]) {
@@ -534,13 +591,13 @@ impl Endpoint {
         for o in outs {
             match o {
                 Output::Send { to, packet } => match packet.encode() {
-                    Ok(bytes) => {
-                        if self.sock.try_send_to(&frame_hip(&bytes), to).is_ok() {
-                            Stats::bump(&self.stats.hip_out);
-                        } else {
+                    Ok(bytes) => match self.sock.try_send_to(&frame_hip(&bytes), to) {
+                        Ok(_) => Stats::bump(&self.stats.hip_out),
+                        Err(e) => {
+                            debug!(%to, "HIP send: {e}");
                             Stats::bump(&self.stats.send_errors);
                         }
-                    }
+                    },
                     Err(e) => warn!("encode: {e}"),
                 },
                 Output::Established { peer, keys } => {

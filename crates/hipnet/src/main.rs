@@ -59,6 +59,20 @@ enum Cmd {
         #[arg(long, default_value_t = 1400)]
         mtu: u16,
     },
+    /// Run a rendezvous server (RFC 8004): hosts register their HIT with it
+    /// (RFC 8003, in the base exchange) and keep it told of their locator
+    /// with UPDATE; an I1 for a registered HIT is relayed to that locator.
+    /// Carries no data: no TUN device, no LSIs.
+    Rvs {
+        #[arg(long)]
+        identity: PathBuf,
+        /// UDP address for HIP (RFC 5770); must be one peers can reach.
+        #[arg(long, default_value = "0.0.0.0:10500")]
+        listen: SocketAddr,
+        /// Control socket for `roam-hip ctl` (`status` lists registered hosts).
+        #[arg(long)]
+        control: Option<PathBuf>,
+    },
     /// Write a new identity to FILE and print its HIT.
     Keygen { file: PathBuf },
     /// Print the HIT and default LSI of an identity file.
@@ -113,6 +127,18 @@ fn main() -> Result<()> {
             let r = roam_hipnet::bench::run(seconds, rounds.max(1))?;
             print!("{r}");
         }
+        Cmd::Rvs {
+            identity,
+            listen,
+            control,
+        } => {
+            let id = load_identity(&identity)?;
+            let mut cfg = EndpointConfig::new(id, listen, "");
+            cfg.tun_name = None;
+            cfg.serve_rvs = true;
+            cfg.control = control;
+            run(cfg)?;
+        }
         Cmd::Run {
             identity,
             listen,
@@ -128,6 +154,14 @@ fn main() -> Result<()> {
             mtu,
         } => {
             let id = load_identity(&identity)?;
+            if rvs.is_some() && listen.port() != roam_hip::wire::udp::HIP_UDP_PORT {
+                // A relayed I1's FROM has no port: Responders answer at 10500.
+                eprintln!(
+                    "roam-hip: warning: --rvs with --listen port {} (not 10500): peers \
+                     reached through the rendezvous server answer at port 10500",
+                    listen.port()
+                );
+            }
             let mut cfg = EndpointConfig::new(id, listen, &tun);
             cfg.lsi = lsi;
             cfg.peers = peer;

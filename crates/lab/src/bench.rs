@@ -67,6 +67,8 @@ pub struct PostcopyFigures {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub nbd: Value,
+    /// HIP base exchange at 40 ms RTT, direct and through a rendezvous server.
+    pub hip: Option<crate::hipbench::HipFigures>,
     pub migrations: Vec<MigrationFigures>,
     pub postcopy: Vec<PostcopyFigures>,
     /// HIP handover gap, ESP and base exchange ([`crate::bench_net`]).
@@ -236,6 +238,17 @@ pub fn checks(nbd: &Value, migrations: &[MigrationFigures]) -> Vec<Check> {
     out
 }
 
+/// The HIP base exchange's promise: at most 2 × RTT + 20 ms (RTT measured in the run).
+pub fn hip_checks(h: &crate::hipbench::HipFigures) -> Vec<Check> {
+    let d = crate::hipbench::median(&h.direct_ms);
+    vec![Check {
+        name: format!("HIP base exchange at {} ms RTT, median ms", h.link_rtt_ms),
+        measured: d,
+        target: format!("<= {:.1} (2 x RTT + 20)", h.target_ms()),
+        met: d <= h.target_ms(),
+    }]
+}
+
 /// The table a person reads.
 pub fn render(r: &BenchReport) -> String {
     let mut s = String::new();
@@ -286,6 +299,10 @@ pub fn render(r: &BenchReport) -> String {
     if let Some(st) = &r.storage {
         s.push('\n');
         s.push_str(&crate::bench_storage::render(st));
+    }
+    if let Some(h) = &r.hip {
+        s.push('\n');
+        s.push_str(&h.render());
     }
     s.push_str("\nchecks (SPECIFICATION.md)\n");
     for c in &r.checks {

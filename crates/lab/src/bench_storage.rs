@@ -282,6 +282,7 @@ pub async fn run(link: LinkParams, sizes: StorageSizes) -> Result<StorageReport,
         vcpus: 1,
         disk_image: Some(img.to_path_buf()),
         hip_peers: Vec::new(),
+        hip_rvs: None,
     };
     // "base" only has to exist on home (its disk is what home holds); it need not run.
     lab.host("home")

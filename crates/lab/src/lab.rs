@@ -81,6 +81,8 @@ impl Default for LabConfig {
 pub const HOSTS: [(&str, &str); 2] = [("office", "198.18.1.2"), ("home", "198.18.2.2")];
 /// The correspondent's WAN address (its own subnet), when the lab has one.
 pub const CORRESPONDENT_IP: &str = "198.18.3.2";
+/// A second subnet routed to the correspondent's namespace: where it goes when it moves.
+pub const CORRESPONDENT_MOVED_NET: &str = "198.18.4.0/24";
 /// Its HIP endpoint's UDP port.
 pub const CORRESPONDENT_PORT: u16 = 10500;
 
@@ -131,7 +133,14 @@ impl Lab {
             let cidr = format!("{CORRESPONDENT_IP}/24")
                 .parse()
                 .map_err(|e| LabError::Net(format!("{e}")))?;
-            ports.push(PortConfig::new("correspondent", ns.name(), cidr));
+            let mut port = PortConfig::new("correspondent", ns.name(), cidr);
+            // A second subnet for a correspondent that moves (crate::hipproc).
+            port.extra_prefixes.push(
+                CORRESPONDENT_MOVED_NET
+                    .parse()
+                    .map_err(|e| LabError::Net(format!("{e}")))?,
+            );
+            ports.push(port);
             lab.namespaces.push(ns);
         }
         let wan = Wan::start(WanConfig::new(ports, cfg.link))
@@ -193,22 +202,18 @@ impl Lab {
 
     /// Make a disk image with `data_mib` of files, create the VM on `host` and boot it.
     pub async fn create_vm(&self, host: &str, vm: &str) -> Result<(), LabError> {
-        let image = self.root.join(format!("{vm}-image.raw"));
-        make_disk(&image, self.cfg.disk_bytes, self.cfg.data_mib)?;
-        let h = self.host(host);
-        h.client
-            .vm_create(&VmCreate {
-                name: vm.to_string(),
-                memory_mib: self.cfg.memory_mib,
-                disk_bytes: self.cfg.disk_bytes,
-                vcpus: 1,
-                disk_image: Some(image.clone()),
-                hip_peers: Vec::new(),
-            })
-            .await?;
-        let _ = std::fs::remove_file(&image);
-        h.client.vm_start(vm).await?;
-        Ok(())
+        self.create_vm_with_rvs(host, vm, None).await
+    }
+
+    /// As [`Lab::create_vm`], registering the VM's HIT with a rendezvous server
+    /// (`HIT@ADDR:PORT`).
+    pub async fn create_vm_with_rvs(
+        &self,
+        host: &str,
+        vm: &str,
+        rvs: Option<String>,
+    ) -> Result<(), LabError> {
+        self.create_from(host, vm, self.cfg.data_mib, rvs).await
     }
 
     /// A demo disk image (the lab's disk size) with `data_mib` of generated data, in the
@@ -227,6 +232,16 @@ impl Lab {
         vm: &str,
         data_mib: u64,
     ) -> Result<(), LabError> {
+        self.create_from(host, vm, data_mib, None).await
+    }
+
+    async fn create_from(
+        &self,
+        host: &str,
+        vm: &str,
+        data_mib: u64,
+        rvs: Option<String>,
+    ) -> Result<(), LabError> {
         let image = self.make_image(vm, data_mib)?;
         let h = self.host(host);
         h.client
@@ -237,6 +252,7 @@ impl Lab {
                 vcpus: 1,
                 disk_image: Some(image.clone()),
                 hip_peers: Vec::new(),
+                hip_rvs: rvs,
             })
             .await?;
         let _ = std::fs::remove_file(&image);

@@ -21,6 +21,8 @@ pub mod bench_net;
 pub mod bench_storage;
 pub mod bins;
 pub mod echo;
+pub mod hipbench;
+pub mod hipproc;
 pub mod host;
 pub mod lab;
 

@@ -97,6 +97,16 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         only: Vec<BenchPart>,
     },
+    /// Only the HIP base-exchange figures: direct and through a rendezvous server, beside
+    /// the RTT measured in the same run.
+    BenchHip {
+        #[arg(long, default_value_t = 40.0)]
+        rtt_ms: f64,
+        #[arg(long, default_value_t = 10)]
+        rounds: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The parts of `roam-lab bench`.
@@ -183,6 +193,28 @@ async fn main() -> anyhow::Result<()> {
             lab.shutdown().await;
             Ok(())
         }
+        Cmd::BenchHip {
+            rtt_ms,
+            rounds,
+            json,
+        } => {
+            let hip = roam_lab::hipbench::run(rtt_ms, rounds.max(1))?;
+            if json {
+                println!("{}", serde_json::to_string(&hip)?);
+            } else {
+                print!("{}", hip.render());
+                for c in roam_lab::bench::hip_checks(&hip) {
+                    println!(
+                        "  [{}] {} {:.1}  target {}",
+                        if c.met { "ok" } else { "MISS" },
+                        c.name,
+                        c.measured,
+                        c.target
+                    );
+                }
+            }
+            Ok(())
+        }
         Cmd::Bench {
             vm,
             quick,
@@ -241,10 +273,23 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 None
             };
+            let hip = if run(BenchPart::Net) {
+                eprintln!("roam-lab bench: HIP base exchange at 40 ms RTT, direct and via an RVS");
+                let rounds = if quick { 3 } else { 10 };
+                Some(
+                    tokio::task::spawn_blocking(move || roam_lab::hipbench::run(40.0, rounds))
+                        .await??,
+                )
+            } else {
+                None
+            };
             let mut checks = roam_lab::bench::checks(&nbd, &migrations);
             checks.extend(roam_lab::bench::postcopy_checks(&postcopy));
             if let Some(n) = &net {
                 checks.extend(roam_lab::bench_net::checks(n));
+            }
+            if let Some(h) = &hip {
+                checks.extend(roam_lab::bench::hip_checks(h));
             }
             let storage = if run(BenchPart::Storage) {
                 eprintln!(
@@ -269,6 +314,7 @@ async fn main() -> anyhow::Result<()> {
             };
             let report = roam_lab::bench::BenchReport {
                 nbd,
+                hip,
                 migrations,
                 postcopy,
                 net,

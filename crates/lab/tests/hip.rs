@@ -180,3 +180,148 @@ async fn tcp_connection_survives_a_handover_refused_after_the_update() {
     );
     lab.shutdown().await;
 }
+
+/// Rendezvous (RFC 8004 with RFC 8003 registration): the VM registers its HIT with a
+/// rendezvous server; a correspondent that knows only that HIT and the server's address
+/// reaches the VM's echo service; the VM migrates office → home and the connection
+/// survives (the VM's UPDATE re-points the server too); then the correspondent moves to
+/// another subnet and, having lost all state, reaches the VM again through the server:
+/// both ends have moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendezvous_finds_a_vm_after_both_ends_moved() {
+    use roam_lab::hipproc::{self, MOVED_CORRESPONDENT_IP, PORT, RVS_IP};
+    let lab = Lab::start(config()).await.unwrap();
+    let rvs = hipproc::start_rvs(&lab).await.unwrap();
+    let rvs_at = format!("{RVS_IP}:{PORT}");
+    let rvs_spec = format!("{}@{rvs_at}", rvs.hit);
+    lab.create_vm_with_rvs("office", "desk", Some(rvs_spec.clone()))
+        .await
+        .unwrap();
+    let net = lab
+        .host("office")
+        .client
+        .vm_show("desk")
+        .await
+        .unwrap()
+        .net
+        .unwrap();
+    assert_eq!(net.rvs.as_deref(), Some(rvs_spec.as_str()));
+    let office = roam_lab::lab::HOSTS[0].1;
+    let home = roam_lab::lab::HOSTS[1].1;
+    // Registration: the server knows the VM's HIT at office's address.
+    let registered_at = |at: &str| {
+        let at = format!("addr {at}:");
+        let hit = net.hit.clone();
+        let st = rvs.ctl("status").unwrap_or_default();
+        st.lines()
+            .any(|l| l.contains(&hit) && l.contains("Established") && l.contains(&at))
+    };
+    assert!(
+        roam_lab::lab::wait_until(Duration::from_secs(20), || registered_at(office)).await,
+        "the VM did not register with the RVS: {}\n{}",
+        rvs.ctl("status").unwrap_or_default(),
+        rvs.log_text()
+    );
+
+    // The correspondent knows the VM's HIT and the RVS's address, nothing else.
+    let id = lab.root.join("corr.id");
+    let ns = lab.correspondent_ns().unwrap().to_string();
+    let mut corr = hipproc::start_correspondent(
+        &lab,
+        "corr",
+        roam_lab::lab::CORRESPONDENT_IP,
+        &id,
+        std::slice::from_ref(&net.hit),
+        Some(&rvs_at),
+    )
+    .await
+    .unwrap();
+    // `roam vm peer-add`: the running VM's endpoint learns the correspondent at once, and
+    // the peer travels with the VM's record.
+    let corr_at = format!("{}@{}:{PORT}", corr.hit, roam_lab::lab::CORRESPONDENT_IP);
+    let shown = lab
+        .host("office")
+        .client
+        .vm_peer_add("desk", &corr_at)
+        .await
+        .unwrap();
+    assert_eq!(shown.net.unwrap().peers, vec![corr_at.clone()]);
+    let log = std::fs::read_to_string(&lab.host("office").log).unwrap();
+    assert!(
+        log.contains("peer added"),
+        "the running endpoint was not told"
+    );
+    let to: SocketAddr = format!("{}:7", net.lsi).parse().unwrap();
+    let t0 = Instant::now();
+    let client = EchoClient::start(&lab, to).await.unwrap_or_else(|e| {
+        panic!(
+            "first connection via the RVS: {e}; see {}",
+            lab.root.display()
+        )
+    });
+    let first = t0.elapsed();
+    let echo = client.echo.clone();
+    assert_eq!(rvs.stat("rvs_relayed"), 1, "{}", rvs.log_text());
+    let st = corr.ctl("status").unwrap();
+    assert!(st.contains(&format!("addr {office}:")), "{st}");
+
+    // The VM moves; the connection survives, and the server follows the VM.
+    let r = lab.migrate("desk", "office", "home", |_| {}).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
+    let after = echo.received();
+    assert!(
+        echo.wait_received(after + (100 << 10), Duration::from_secs(30))
+            .await,
+        "the connection stalled after the move"
+    );
+    let sent = client.finish().await.unwrap();
+    let at_home = lab.host("home").client.vm_show("desk").await.unwrap();
+    assert_eq!(at_home.net.unwrap().peers, vec![corr_at]);
+    assert!(
+        roam_lab::lab::wait_until(Duration::from_secs(10), || registered_at(home)).await,
+        "the RVS did not follow the VM: {}",
+        rvs.ctl("status").unwrap_or_default()
+    );
+
+    // The correspondent moves to another subnet and starts afresh (same identity, no
+    // association, no idea where the VM went): only the server can find it.
+    corr.stop();
+    hipproc::wan_addr(&ns, "add", &format!("{MOVED_CORRESPONDENT_IP}/32")).unwrap();
+    hipproc::wan_addr(
+        &ns,
+        "del",
+        &format!("{}/24", roam_lab::lab::CORRESPONDENT_IP),
+    )
+    .unwrap();
+    let corr2 = hipproc::start_correspondent(
+        &lab,
+        "corr-moved",
+        MOVED_CORRESPONDENT_IP,
+        &id,
+        std::slice::from_ref(&net.hit),
+        Some(&rvs_at),
+    )
+    .await
+    .unwrap();
+    assert_eq!(corr2.hit, corr.hit);
+    let t0 = Instant::now();
+    let client2 = EchoClient::start(&lab, to)
+        .await
+        .unwrap_or_else(|e| panic!("after both moved: {e}; see {}", lab.root.display()));
+    let second = t0.elapsed();
+    let sent2 = client2.finish().await.unwrap();
+    assert_eq!(rvs.stat("rvs_relayed"), 2, "{}", rvs.log_text());
+    let st = corr2.ctl("status").unwrap();
+    assert!(st.contains(&format!("addr {home}:")), "{st}");
+    println!(
+        "rendezvous: first connection echoed 100 KiB after {} ms, {sent} bytes each way \
+         across the move (migration downtime {:?} ms); after both moved, 100 KiB after {} ms, \
+         {sent2} bytes each way",
+        first.as_millis(),
+        r.downtime_ms,
+        second.as_millis()
+    );
+    drop(corr2);
+    drop(rvs);
+    lab.shutdown().await;
+}

@@ -76,6 +76,10 @@ pub struct NetSpec {
     /// HIP correspondents the VM's endpoint knows in advance: `HIT@ADDR:PORT`.
     #[serde(default)]
     pub peers: Vec<String>,
+    /// The HIP rendezvous server the VM registers its HIT with, `HIT@ADDR:PORT`
+    /// (RFC 8004). Absent in records and manifests written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rvs: Option<String>,
 }
 
 /// Largest association state `Msg::Associations` may carry (roam-hipnet's container of

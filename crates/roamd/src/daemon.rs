@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use roam_channel::{Endpoint, Identity, PublicKey, TrustSet};
 use roam_control::api::{
     self as api, AgentStatus, ApiError, HostInfo, MigrateRequest, MigrationResult, PeerAdd,
-    PeerInfo, Progress, ReplicaInfo, VmCreate, VmInfo, VmState, Workload,
+    PeerInfo, Progress, ReplicaInfo, VmCreate, VmInfo, VmPeerAdd, VmState, Workload,
 };
 use roam_control::Host;
 use roam_nbd::NbdServer;
@@ -473,6 +473,12 @@ impl Host for Daemon {
                 ApiError::bad_request(format!("HIP peer '{p}': {e} (expected HIT@ADDR:PORT)"))
             })?;
         }
+        let spec = roam_migrate::protocol::NetSpec {
+            peers: req.hip_peers.clone(),
+            rvs: req.hip_rvs.clone(),
+            ..crate::net::new_spec()
+        };
+        crate::net::rvs_spec(&spec).map_err(to_api)?;
         let dir = self.paths.vm_dir(&req.name);
         let disk = self.paths.vm_disk(&req.name);
         let made: Result<()> = (|| {
@@ -515,10 +521,7 @@ impl Host for Daemon {
             generation: 1,
             moved_to: None,
             created_at: now_secs(),
-            net: Some(roam_migrate::protocol::NetSpec {
-                peers: req.hip_peers.clone(),
-                ..crate::net::new_spec()
-            }),
+            net: Some(spec),
         };
         self.store.put_vm(&rec).map_err(to_api)?;
         self.dedup.scan_disk(&disk);
@@ -535,6 +538,44 @@ impl Host for Daemon {
 
     async fn vm_show(&self, name: &str) -> Result<VmInfo, ApiError> {
         let r = self.vm_record(name).map_err(to_api)?;
+        Ok(self.vm_info(&r).await)
+    }
+
+    async fn vm_peer_add(&self, name: &str, req: VmPeerAdd) -> Result<VmInfo, ApiError> {
+        req.peer.parse::<roam_hipnet::PeerSpec>().map_err(|e| {
+            ApiError::bad_request(format!(
+                "HIP peer '{}': {e} (expected HIT@ADDR:PORT or HIT)",
+                req.peer
+            ))
+        })?;
+        // Not while a migration carries the record (and the endpoint's state) away.
+        let _busy = self.self_arc().claim(name).map_err(to_api)?;
+        let mut r = self.vm_record(name).map_err(to_api)?;
+        if r.status == VmStatus::Moved {
+            return Err(ApiError::conflict(format!(
+                "VM '{name}' moved to '{}'; add the peer there",
+                r.moved_to.as_deref().unwrap_or("?")
+            )));
+        }
+        let Some(net) = r.net.as_mut() else {
+            return Err(ApiError::bad_request(format!(
+                "VM '{name}' has no network (created before HIP identities)"
+            )));
+        };
+        if !req.peer.contains('@') && net.rvs.is_none() {
+            return Err(ApiError::bad_request(format!(
+                "HIP peer '{}' has no address and VM '{name}' has no rendezvous server",
+                req.peer
+            )));
+        }
+        if !net.peers.contains(&req.peer) {
+            net.peers.push(req.peer.clone());
+        }
+        self.store.put_vm(&r).map_err(to_api)?;
+        if let Some(n) = self.running(name).await.and_then(|rt| rt.net.clone()) {
+            n.add_peer(&req.peer).await.map_err(to_api)?;
+        }
+        drop(_busy);
         Ok(self.vm_info(&r).await)
     }
 

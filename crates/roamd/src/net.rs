@@ -58,6 +58,7 @@ pub fn new_spec() -> NetSpec {
         gateway_ip: lan.gateway_ip,
         mtu: lan.mtu,
         peers: Vec::new(),
+        rvs: None,
     }
 }
 
@@ -104,12 +105,31 @@ pub fn info(spec: &NetSpec, port: Option<u16>) -> Result<roam_control::api::VmNe
         mtu: spec.mtu,
         peers: spec.peers.clone(),
         hip_port: port,
+        rvs: spec.rvs.clone(),
     })
+}
+
+/// A VM's rendezvous server as its endpoint needs it: where to register, and where
+/// to send I1 for peers known by HIT alone.
+pub fn rvs_spec(spec: &NetSpec) -> Result<Option<PeerSpec>> {
+    let Some(r) = &spec.rvs else {
+        return Ok(None);
+    };
+    let p: PeerSpec = r
+        .parse()
+        .map_err(|e| Error::BadRequest(format!("HIP rendezvous server '{r}': {e}")))?;
+    if p.addr.is_none() {
+        return Err(Error::BadRequest(format!(
+            "HIP rendezvous server '{r}' has no address (expected HIT@ADDR:PORT)"
+        )));
+    }
+    Ok(Some(p))
 }
 
 /// The network of one running VM.
 pub struct VmNet {
-    spec: NetSpec,
+    /// Mutable only through [`VmNet::add_peer`] (`roam vm peer-add`).
+    spec: Mutex<NetSpec>,
     identity: HostIdentity,
     lsi: Ipv4Addr,
     lan: Mutex<Option<roam_vlan::Handle>>,
@@ -147,7 +167,7 @@ impl VmNet {
             }
         });
         Ok(Arc::new(VmNet {
-            spec: spec.clone(),
+            spec: Mutex::new(spec.clone()),
             identity,
             lsi,
             lan: Mutex::new(Some(handle)),
@@ -183,14 +203,19 @@ impl VmNet {
         import: Option<Vec<u8>>,
         update_skip: u32,
     ) -> Result<()> {
+        let spec = self.spec.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut peers = Vec::new();
-        for p in &self.spec.peers {
+        for p in &spec.peers {
             match p.parse::<PeerSpec>() {
                 Ok(s) => peers.push(s),
                 Err(e) => warn!(peer = %p, "ignoring HIP peer: {e}"),
             }
         }
-        let guest_ip = self.spec.guest_ip;
+        let rvs = rvs_spec(&spec).unwrap_or_else(|e| {
+            warn!("ignoring: {e}");
+            None
+        });
+        let guest_ip = spec.guest_ip;
         let mut last_err = String::new();
         for k in 0..PORTS {
             let listen = SocketAddr::new(ip, FIRST_PORT + k);
@@ -200,7 +225,9 @@ impl VmNet {
             cfg.peers = peers.clone();
             cfg.import = import.clone();
             cfg.import_update_skip = update_skip;
-            cfg.mtu = self.spec.mtu;
+            cfg.mtu = spec.mtu;
+            cfg.rvs = rvs.as_ref().and_then(|r| r.addr);
+            cfg.register_with = rvs.clone();
             let (out_tx, out_rx) = mpsc::channel(QUEUE);
             let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
             let dev = PacketDev::Channel {
@@ -234,6 +261,27 @@ impl VmNet {
             "HIP endpoint on {ip} (ports {FIRST_PORT}..{}): {last_err}",
             FIRST_PORT + PORTS
         )))
+    }
+
+    /// Add a correspondent (already validated and stored by the caller): kept for later
+    /// endpoint starts, and given to the running endpoint at once.
+    pub async fn add_peer(&self, peer: &str) -> Result<()> {
+        let spec: PeerSpec = peer
+            .parse()
+            .map_err(|e| Error::BadRequest(format!("HIP peer '{peer}': {e}")))?;
+        {
+            let mut s = self.spec.lock().unwrap_or_else(|p| p.into_inner());
+            if !s.peers.iter().any(|p| p == peer) {
+                s.peers.push(peer.to_string());
+            }
+        }
+        let h = self.endpoint.lock().await.clone();
+        if let Some(h) = h {
+            h.add_peer(spec)
+                .await
+                .map_err(|e| Error::Vm(format!("HIP peer {peer}: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Freeze the endpoint and hand out its associations (the guest must be paused).
@@ -344,6 +392,33 @@ mod tests {
         assert!(i.lsi.starts_with("198.19."), "{}", i.lsi);
         assert_eq!(i.guest_ip, "198.18.100.2/24");
         assert_ne!(new_spec().hip_secret, s.hip_secret);
+    }
+
+    #[test]
+    fn rendezvous_server_needs_a_hit_and_an_address() {
+        let mut s = new_spec();
+        assert_eq!(rvs_spec(&s).unwrap(), None);
+        let hit = identity(&new_spec()).unwrap().hit();
+        s.rvs = Some(format!("{hit}@198.18.3.3:10500"));
+        let p = rvs_spec(&s).unwrap().unwrap();
+        assert_eq!(
+            (p.hit, p.addr),
+            (hit, Some("198.18.3.3:10500".parse().unwrap()))
+        );
+        assert_eq!(info(&s, None).unwrap().rvs, s.rvs);
+        for bad in [
+            hit.to_string(),
+            "198.18.3.3:10500".into(),
+            format!("{hit}@nowhere"),
+        ] {
+            s.rvs = Some(bad.clone());
+            assert!(matches!(rvs_spec(&s), Err(Error::BadRequest(_))), "{bad}");
+        }
+        // Records and manifests from before the field load without it.
+        let mut v = serde_json::to_value(new_spec()).unwrap();
+        v.as_object_mut().unwrap().remove("rvs");
+        let old: NetSpec = serde_json::from_value(v).unwrap();
+        assert_eq!(old.rvs, None);
     }
 
     #[test]

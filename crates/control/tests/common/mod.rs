@@ -289,6 +289,29 @@ impl Host for FakeHost {
             .collect())
     }
 
+    async fn vm_peer_add(&self, name: &str, req: VmPeerAdd) -> Result<VmInfo, ApiError> {
+        let mut vms = self.vms.lock().unwrap();
+        let v = vms
+            .get_mut(name)
+            .ok_or_else(|| ApiError::not_found(format!("no vm {name}")))?;
+        if !req.peer.starts_with("2001:2") {
+            return Err(ApiError::bad_request(format!("HIP peer '{}'", req.peer)));
+        }
+        let net = v.net.get_or_insert_with(|| VmNetInfo {
+            hit: "2001:2a::1".into(),
+            lsi: "198.19.0.1".into(),
+            mac: "52:54:00:00:00:01".into(),
+            guest_ip: "198.18.100.2/24".into(),
+            gateway: "198.18.100.1".into(),
+            mtu: 1400,
+            peers: Vec::new(),
+            hip_port: None,
+            rvs: None,
+        });
+        net.peers.push(req.peer);
+        Ok(v.clone())
+    }
+
     async fn shutdown(&self) -> Result<(), ApiError> {
         self.cancel.cancel();
         Ok(())

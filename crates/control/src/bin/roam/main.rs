@@ -107,6 +107,16 @@ enum VmCmd {
         /// A HIP correspondent the VM's endpoint knows from the start (repeatable).
         #[arg(long = "hip-peer", value_name = "HIT@ADDR:PORT")]
         hip_peers: Vec<String>,
+        /// A HIP rendezvous server to register the VM's HIT with (RFC 8004).
+        #[arg(long, value_name = "HIT@ADDR:PORT")]
+        rvs: Option<String>,
+    },
+    /// Add a HIP correspondent to an existing VM (a running VM learns it at once).
+    PeerAdd {
+        name: String,
+        /// `HIT@ADDR:PORT`, or `HIT` to reach it through the VM's rendezvous server.
+        #[arg(value_name = "HIT@ADDR:PORT")]
+        peer: String,
     },
     /// Start a VM.
     Start { name: String },
@@ -259,6 +269,7 @@ async fn vm(client: &Client, json: bool, cmd: VmCmd) -> Result<Done, CliError> {
             vcpus,
             image,
             hip_peers,
+            rvs,
         } => {
             let memory_mib = memory_mib(&memory)?;
             let disk_bytes = parse_size(&disk)
@@ -279,9 +290,14 @@ async fn vm(client: &Client, json: bool, cmd: VmCmd) -> Result<Done, CliError> {
                 vcpus,
                 disk_image,
                 hip_peers,
+                hip_rvs: rvs,
             };
             let v = client.vm_create(&req).await?;
             output::emit(json, &v, || output::vm_created(&v))
+        }
+        VmCmd::PeerAdd { name, peer } => {
+            let v = client.vm_peer_add(&name, &peer).await?;
+            output::emit(json, &v, || format!("{name}: added HIP peer {peer}\n"))
         }
         VmCmd::Start { name } => {
             let v = client.vm_start(&name).await?;

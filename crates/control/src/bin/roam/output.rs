@@ -243,6 +243,7 @@ fn net_rows(n: &roam_control::api::VmNetInfo) -> Vec<(&'static str, String)> {
                 n.peers.join(", ")
             },
         ),
+        ("hip rvs", n.rvs.clone().unwrap_or_else(|| "-".into())),
     ]
 }
 
