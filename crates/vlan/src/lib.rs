@@ -45,7 +45,7 @@ pub mod lan;
 pub mod serve;
 pub mod wire;
 
-pub use config::{ConfigError, LanConfig, DEFAULT_GATEWAY_MAC};
+pub use config::{ConfigError, Ipv6Lan, LanConfig, DEFAULT_GATEWAY_MAC};
 pub use lan::{Action, LanStats, VirtualLan};
 pub use serve::{serve, Error, Handle, IoStats, ServeStats, MAX_FRAME, QUEUE_DEPTH};
 pub use wire::{Mac, WireError};
