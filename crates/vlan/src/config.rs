@@ -222,7 +222,10 @@ mod tests {
                 prefix: prefix.parse().unwrap(),
                 outside: outside.parse().unwrap(),
             });
-            assert!(matches!(b.validate(), Err(ConfigError::Ipv6 { .. })), "{prefix} {outside}");
+            assert!(
+                matches!(b.validate(), Err(ConfigError::Ipv6 { .. })),
+                "{prefix} {outside}"
+            );
         }
     }
 }

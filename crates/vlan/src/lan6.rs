@@ -42,9 +42,10 @@ impl VirtualLan {
     /// EUI-64 guess before that); `None` without IPv6.
     pub fn guest_ipv6(&self) -> Option<Ipv6Addr> {
         let v6 = self.cfg.ipv6?;
-        Some(self.guest_ip6.unwrap_or_else(|| {
-            ipv6::with_iid(v6.prefix, ipv6::eui64(self.cfg.guest_mac))
-        }))
+        Some(
+            self.guest_ip6
+                .unwrap_or_else(|| ipv6::with_iid(v6.prefix, ipv6::eui64(self.cfg.guest_mac))),
+        )
     }
 
     /// An unsolicited router advertisement to all nodes (the guest), sent
@@ -166,9 +167,8 @@ impl VirtualLan {
         );
         // ND that crossed a router, or comes from an address that is not the
         // guest's link-local, unspecified or its address in the prefix.
-        let src_ok = h.src.is_unspecified()
-            || ipv6::is_link_local(h.src)
-            || ipv6::same_64(h.src, v6.prefix);
+        let src_ok =
+            h.src.is_unspecified() || ipv6::is_link_local(h.src) || ipv6::same_64(h.src, v6.prefix);
         if nd && (h.hop_limit != ND_HOP_LIMIT || !src_ok) {
             self.stats.malformed += 1;
             return None;
@@ -212,9 +212,7 @@ impl VirtualLan {
                     self.stats.neighbor_adverts += 1;
                     return Some(Action::ToGuest(self.nd_frame(reply_mac, gw, reply_to, &na)));
                 }
-                if h.src.is_unspecified()
-                    && ipv6::same_64(target, v6.prefix)
-                    && target != v6.prefix
+                if h.src.is_unspecified() && ipv6::same_64(target, v6.prefix) && target != v6.prefix
                 {
                     // The guest's DAD for its address: stay silent (it passes)
                     // and take note.
@@ -237,7 +235,12 @@ impl VirtualLan {
                 }
                 let r = icmpv6::echo(gw, h.src, icmpv6::ECHO_REPLY, id, seq, data);
                 self.stats.icmp_echo_replies += 1;
-                Some(Action::ToGuest(self.nd_frame(self.cfg.guest_mac, gw, h.src, &r)))
+                Some(Action::ToGuest(self.nd_frame(
+                    self.cfg.guest_mac,
+                    gw,
+                    h.src,
+                    &r,
+                )))
             }
             _ => {
                 self.stats.ignored += 1;

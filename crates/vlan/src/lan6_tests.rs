@@ -51,7 +51,9 @@ fn nd(src: Ipv6Addr, dst: Ipv6Addr, icmp: &[u8]) -> Vec<u8> {
 
 /// A TCP segment (20-byte header, ports 40000 → 7) with a valid checksum.
 fn tcp(src: Ipv6Addr, dst: Ipv6Addr, data: &[u8]) -> Vec<u8> {
-    let mut s = vec![0x9c, 0x40, 0, 7, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff];
+    let mut s = vec![
+        0x9c, 0x40, 0, 7, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff,
+    ];
     s.extend_from_slice(&[0, 0, 0, 0]);
     s.extend_from_slice(data);
     let c = ipv6::upper_checksum(src, dst, ipv6::PROTO_TCP, &s);
@@ -85,7 +87,11 @@ fn dad_for_link_local_passes_and_rs_gets_the_prefix() {
         None,
     );
     assert_eq!(
-        l.from_guest(&nd(Ipv6Addr::UNSPECIFIED, ipv6::solicited_node(guest_ll()), &ns)),
+        l.from_guest(&nd(
+            Ipv6Addr::UNSPECIFIED,
+            ipv6::solicited_node(guest_ll()),
+            &ns
+        )),
         None
     );
     assert_eq!(l.stats().ipv6_learned, 0);
@@ -111,15 +117,27 @@ fn dad_for_link_local_passes_and_rs_gets_the_prefix() {
     assert_eq!(l.stats().router_adverts, 2);
     // The periodic one is the same advertisement to all nodes.
     let f = l.router_advert().unwrap();
-    assert_eq!(ethernet::Frame::parse(&f).unwrap().dst, ipv6::multicast_mac(ALL_NODES));
+    assert_eq!(
+        ethernet::Frame::parse(&f).unwrap().dst,
+        ipv6::multicast_mac(ALL_NODES)
+    );
 }
 
 #[test]
 fn dad_for_the_slaac_address_is_learned_not_answered() {
     let mut l = lan();
     let other = ipv6::with_iid(cfg().ipv6.unwrap().prefix, [1, 2, 3, 4, 5, 6, 7, 8]);
-    assert_eq!(l.guest_ipv6(), Some(slaac()), "EUI-64 guess before anything is seen");
-    let ns = icmpv6::neighbor_solicit(Ipv6Addr::UNSPECIFIED, ipv6::solicited_node(other), other, None);
+    assert_eq!(
+        l.guest_ipv6(),
+        Some(slaac()),
+        "EUI-64 guess before anything is seen"
+    );
+    let ns = icmpv6::neighbor_solicit(
+        Ipv6Addr::UNSPECIFIED,
+        ipv6::solicited_node(other),
+        other,
+        None,
+    );
     assert_eq!(
         l.from_guest(&nd(Ipv6Addr::UNSPECIFIED, ipv6::solicited_node(other), &ns)),
         None
@@ -128,7 +146,14 @@ fn dad_for_the_slaac_address_is_learned_not_answered() {
     assert_eq!(l.stats().ipv6_learned, 1);
     // Traffic from another address in the prefix is not the guest's now.
     let seg = tcp(slaac(), PEER_HIT, b"x");
-    let f = frame6(cfg().gateway_mac, slaac(), PEER_HIT, ipv6::PROTO_TCP, 64, &seg);
+    let f = frame6(
+        cfg().gateway_mac,
+        slaac(),
+        PEER_HIT,
+        ipv6::PROTO_TCP,
+        64,
+        &seg,
+    );
     assert_eq!(l.from_guest(&f), None);
     assert_eq!(l.stats().spoofed, 1);
 }
@@ -151,7 +176,14 @@ fn neighbor_solicitation_for_the_gateway_is_answered() {
     }
     // Not from our link (hop limit decremented): dropped.
     let ns = icmpv6::neighbor_solicit(guest_ll(), gw, gw, Some(GUEST_MAC));
-    let f = frame6(cfg().gateway_mac, guest_ll(), gw, ipv6::PROTO_ICMPV6, 254, &ns);
+    let f = frame6(
+        cfg().gateway_mac,
+        guest_ll(),
+        gw,
+        ipv6::PROTO_ICMPV6,
+        254,
+        &ns,
+    );
     assert_eq!(l.from_guest(&f), None);
     // Another MAC in the option: spoofed.
     let ns = icmpv6::neighbor_solicit(guest_ll(), gw, gw, Some(Mac([2, 0, 0, 0, 0, 9])));
@@ -172,7 +204,14 @@ fn guest_traffic_is_natted_to_the_outside_address_and_back() {
     let mut l = lan();
     // Out: source becomes the HIT, checksum still valid, learned from traffic.
     let seg = tcp(slaac(), PEER_HIT, b"hello");
-    let f = frame6(cfg().gateway_mac, slaac(), PEER_HIT, ipv6::PROTO_TCP, 64, &seg);
+    let f = frame6(
+        cfg().gateway_mac,
+        slaac(),
+        PEER_HIT,
+        ipv6::PROTO_TCP,
+        64,
+        &seg,
+    );
     let Some(Action::ToHost(out)) = l.from_guest(&f) else {
         panic!("not forwarded")
     };
@@ -210,7 +249,11 @@ fn only_off_link_unicast_from_the_guest_is_forwarded() {
         // To another address in the prefix: nobody there.
         (cfg().gateway_mac, slaac(), neighbour),
         // To a link-local address that is not the gateway.
-        (cfg().gateway_mac, slaac(), Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 9)),
+        (
+            cfg().gateway_mac,
+            slaac(),
+            Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 9),
+        ),
         // From the link-local address to a HIT (the guest would use its global one).
         (cfg().gateway_mac, guest_ll(), PEER_HIT),
         // Unicast in a frame not addressed to the gateway.
@@ -229,7 +272,14 @@ fn only_off_link_unicast_from_the_guest_is_forwarded() {
     m[2..4].copy_from_slice(&c.to_be_bytes());
     hbh.extend_from_slice(&m);
     let before = l.stats();
-    let f = frame6(ipv6::multicast_mac(mld_dst), guest_ll(), mld_dst, 0, 1, &hbh);
+    let f = frame6(
+        ipv6::multicast_mac(mld_dst),
+        guest_ll(),
+        mld_dst,
+        0,
+        1,
+        &hbh,
+    );
     assert_eq!(l.from_guest(&f), None);
     assert_eq!(l.stats().ignored, before.ignored + 1);
     assert_eq!(l.stats().malformed, before.malformed);
@@ -261,7 +311,14 @@ fn a_fresh_lan_after_a_move_guesses_then_learns_from_traffic() {
     let dst = ipv6::Packet::parse(&f[14..]).unwrap().header.dst;
     assert_eq!(dst, slaac());
     let out = tcp(custom, PEER_HIT, b"reply");
-    let f = frame6(cfg().gateway_mac, custom, PEER_HIT, ipv6::PROTO_TCP, 64, &out);
+    let f = frame6(
+        cfg().gateway_mac,
+        custom,
+        PEER_HIT,
+        ipv6::PROTO_TCP,
+        64,
+        &out,
+    );
     assert!(matches!(l.from_guest(&f), Some(Action::ToHost(_))));
     let f = l.from_host(&p).unwrap();
     assert_eq!(ipv6::Packet::parse(&f[14..]).unwrap().header.dst, custom);

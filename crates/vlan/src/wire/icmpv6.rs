@@ -80,7 +80,11 @@ impl<'a> Message<'a> {
     pub fn neighbor_advert(&self) -> Result<(u32, Ipv6Addr, Options), WireError> {
         self.nd(NEIGHBOR_ADVERT, 20)?;
         let flags = u32::from_be_bytes([self.body[0], self.body[1], self.body[2], self.body[3]]);
-        Ok((flags, addr_at(self.body, 4), Options::parse(&self.body[20..])?))
+        Ok((
+            flags,
+            addr_at(self.body, 4),
+            Options::parse(&self.body[20..])?,
+        ))
     }
 
     fn nd(&self, typ: u8, fixed: usize) -> Result<(), WireError> {
@@ -251,7 +255,9 @@ pub fn parse_router_advert(m: &Message<'_>) -> Result<RouterAdvert, WireError> {
         prefix_valid: 0,
         prefix_preferred: 0,
     };
-    ra.source_ll = Options::parse(&m.body[12..])?.source_ll.unwrap_or(ra.source_ll);
+    ra.source_ll = Options::parse(&m.body[12..])?
+        .source_ll
+        .unwrap_or(ra.source_ll);
     let mut opts = &m.body[12..];
     while opts.len() >= 8 {
         let len = usize::from(opts[1]) * 8;
@@ -315,7 +321,10 @@ mod tests {
         let na = neighbor_advert(GW, LL, NA_ROUTER | NA_SOLICITED, GW, mac);
         let p = Message::parse(&na, GW, LL).unwrap();
         let (flags, t, o) = p.neighbor_advert().unwrap();
-        assert_eq!((flags, t, o.target_ll), (NA_ROUTER | NA_SOLICITED, GW, Some(mac)));
+        assert_eq!(
+            (flags, t, o.target_ll),
+            (NA_ROUTER | NA_SOLICITED, GW, Some(mac))
+        );
         // A zero-length option rejects the message.
         assert!(Options::parse(&[1, 0, 0, 0, 0, 0, 0, 0]).is_err());
         assert!(Options::parse(&[1, 2, 0, 0, 0, 0, 0, 0]).is_err());

@@ -149,7 +149,10 @@ pub(crate) fn pseudo_header_sum(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, len: us
 /// The checksum of an upper-layer message `data` (with its checksum field
 /// zero) carried from `src` to `dst` as protocol `proto`.
 pub fn upper_checksum(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, data: &[u8]) -> u16 {
-    fold(sum_words(pseudo_header_sum(src, dst, proto, data.len()), data))
+    fold(sum_words(
+        pseudo_header_sum(src, dst, proto, data.len()),
+        data,
+    ))
 }
 
 /// Whether the upper-layer checksum of `data` (its checksum field as sent)
@@ -268,7 +271,9 @@ pub fn multicast_mac(a: Ipv6Addr) -> Mac {
 /// every host, and two VMs' prefixes do not collide in practice.
 pub fn ula_prefix(global_id: [u8; 5]) -> Ipv6Addr {
     let g = global_id;
-    Ipv6Addr::from([0xfd, g[0], g[1], g[2], g[3], g[4], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    Ipv6Addr::from([
+        0xfd, g[0], g[1], g[2], g[3], g[4], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ])
 }
 
 #[cfg(test)]
@@ -330,7 +335,10 @@ mod tests {
         payload.extend_from_slice(&[PROTO_ICMPV6, 0, 0, 0, 0, 0, 0, 9]);
         payload.extend_from_slice(&icmp);
         let mut p = build(A, B, PROTO_HOP_BY_HOP, 64, &payload).unwrap();
-        assert_eq!(Packet::parse(&p).unwrap().transport(), Some((PROTO_ICMPV6, 56)));
+        assert_eq!(
+            Packet::parse(&p).unwrap().transport(),
+            Some((PROTO_ICMPV6, 56))
+        );
         rewrite_addrs(&mut p, Some(HIT), Some(A)).unwrap();
         let q = Packet::parse(&p).unwrap();
         assert!(upper_checksum_ok(HIT, A, PROTO_ICMPV6, &q.bytes[56..]));
@@ -363,7 +371,10 @@ mod tests {
             solicited_node(A),
             "ff02::1:ff12:3456".parse::<Ipv6Addr>().unwrap()
         );
-        assert_eq!(multicast_mac(solicited_node(A)).0, [0x33, 0x33, 0xff, 0x12, 0x34, 0x56]);
+        assert_eq!(
+            multicast_mac(solicited_node(A)).0,
+            [0x33, 0x33, 0xff, 0x12, 0x34, 0x56]
+        );
         let p = ula_prefix([0x12, 0x34, 0x56, 0x78, 0x9a]);
         assert_eq!(p, "fd12:3456:789a::".parse::<Ipv6Addr>().unwrap());
         assert_eq!(with_iid(p, eui64(mac)), A);
