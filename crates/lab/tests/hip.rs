@@ -33,8 +33,15 @@ fn config() -> LabConfig {
     }
 }
 
-/// A lab with a VM on office and a correspondent streaming through the VM's echo service.
+/// A lab with a VM on office and a correspondent streaming through the VM's echo service
+/// (addressed by the VM's LSI).
 async fn streaming_lab() -> (Lab, EchoClient, roam_control::api::VmNetInfo) {
+    streaming_lab_via(false).await
+}
+
+/// Like [`streaming_lab`]; `by_hit`: to the VM's HIT (IPv6; the guest has its SLAAC
+/// address on the LAN, roamd's LAN NATs it to the HIT) instead of its LSI.
+async fn streaming_lab_via(by_hit: bool) -> (Lab, EchoClient, roam_control::api::VmNetInfo) {
     let mut lab = Lab::start(config()).await.unwrap();
     lab.create_vm("office", "desk").await.unwrap();
     let info = lab.host("office").client.vm_show("desk").await.unwrap();
@@ -44,7 +51,11 @@ async fn streaming_lab() -> (Lab, EchoClient, roam_control::api::VmNetInfo) {
     let peer = format!("{}@{}:{port}", net.hit, roam_lab::lab::HOSTS[0].1);
     lab.start_correspondent(&[peer]).await.unwrap();
 
-    let to: SocketAddr = format!("{}:7", net.lsi).parse().unwrap();
+    let to: SocketAddr = if by_hit {
+        format!("[{}]:7", net.hit).parse().unwrap()
+    } else {
+        format!("{}:7", net.lsi).parse().unwrap()
+    };
     let client = match EchoClient::start(&lab, to).await {
         Ok(c) => c,
         Err(e) => {
@@ -100,6 +111,36 @@ async fn tcp_connection_to_a_vm_survives_its_migration() {
         r.pause_ms,
         r.downtime_ms,
         r.guest_downtime_ms
+    );
+    assert!(
+        gap < Duration::from_secs(10),
+        "the stream stopped for {gap:?}"
+    );
+    lab.shutdown().await;
+}
+
+/// The same by the VM's HIT: IPv6 end to end, the guest unmodified (SLAAC on its LAN).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connection_to_a_vm_by_its_hit_survives_its_migration() {
+    let (lab, client, net) = streaming_lab_via(true).await;
+    let echo = client.echo.clone();
+    let r = lab.migrate("desk", "office", "home", |_| {}).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
+    let after = echo.received();
+    assert!(
+        echo.wait_received(after + (200 << 10), Duration::from_secs(30))
+            .await,
+        "the IPv6 connection stalled after the move ({} bytes received, {after} at the switch)",
+        echo.received()
+    );
+    let home = lab.host("home").client.vm_show("desk").await.unwrap();
+    assert_eq!(home.net.as_ref().map(|n| &n.hit), Some(&net.hit));
+    let sent = client.finish().await.unwrap();
+    let (gap, _) = echo.max_gap();
+    println!(
+        "HIP handover by HIT: {sent} bytes each way, longest gap {} ms, guest paused {:?} ms",
+        gap.as_millis(),
+        r.pause_ms
     );
     assert!(
         gap < Duration::from_secs(10),

@@ -6,6 +6,8 @@
 //!  guest eth0 ─ QEMU stream netdev ─ RUN/vms/NAME/net.sock ─ roam_vlan::serve
 //!        from guest: IPv4 src guest IP ──NAT src→LSI──► Endpoint (PacketDev::Channel)
 //!        to guest:   IPv4 dst LSI      ◄─NAT dst→guest── Endpoint ◄─ ESP/UDP ◄─ peers
+//!        IPv6: the LAN itself NATs the guest's SLAAC address ↔ the VM's HIT (it alone
+//!        knows which address the guest picked); the pumps pass IPv6 through
 //!  Endpoint: UDP on the host's WAN address, port 10500 + k (first free), identity =
 //!            the VM's HIP host identity (stored with the VM, moves with it)
 //! ```
@@ -23,7 +25,8 @@ use roam_hipnet::config::default_lsi;
 use roam_hipnet::{Endpoint, EndpointConfig, PacketDev, PeerSpec, UserEsp};
 use roam_migrate::protocol::NetSpec;
 use roam_vlan::wire::ipv4::rewrite_addrs;
-use roam_vlan::{LanConfig, Mac};
+use roam_vlan::wire::ipv6::ula_prefix;
+use roam_vlan::{Ipv6Lan, LanConfig, Mac};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -88,6 +91,15 @@ pub fn lan_config(spec: &NetSpec) -> Result<LanConfig> {
     cfg.prefix_len = spec.prefix_len;
     cfg.gateway_ip = spec.gateway_ip;
     cfg.mtu = spec.mtu;
+    // The guest's IPv6 prefix from hash bits of the HIT (after the 28-bit ORCHID
+    // prefix and the 4-bit suite): the same VM has the same /64 on every host.
+    let hit = identity(spec)?.hit();
+    let mut gid = [0u8; 5];
+    gid.copy_from_slice(&hit.0[4..9]);
+    cfg.ipv6 = Some(Ipv6Lan {
+        prefix: ula_prefix(gid),
+        outside: std::net::Ipv6Addr::from(hit.0),
+    });
     cfg.validate()
         .map_err(|e| Error::State(format!("guest LAN: {e}")))?;
     Ok(cfg)
@@ -126,6 +138,11 @@ pub fn rvs_spec(spec: &NetSpec) -> Result<Option<PeerSpec>> {
     Ok(Some(p))
 }
 
+/// IPv6 packets need no NAT here: the LAN maps the guest's address to the HIT.
+fn is_ipv6(pkt: &[u8]) -> bool {
+    pkt.first().map(|b| b >> 4) == Some(6)
+}
+
 /// The network of one running VM.
 pub struct VmNet {
     /// Mutable only through [`VmNet::add_peer`] (`roam vm peer-add`).
@@ -156,7 +173,7 @@ impl VmNet {
         // Guest → endpoint: the guest speaks from its LAN address; peers know it by LSI.
         let pump = tokio::spawn(async move {
             while let Some(mut pkt) = from_guest.recv().await {
-                if rewrite_addrs(&mut pkt, Some(lsi), None).is_err() {
+                if !is_ipv6(&pkt) && rewrite_addrs(&mut pkt, Some(lsi), None).is_err() {
                     continue;
                 }
                 let tx = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -244,7 +261,9 @@ impl VmNet {
                     let to_guest = self.to_guest.clone();
                     let pump = tokio::spawn(async move {
                         while let Some(mut pkt) = in_rx.recv().await {
-                            if rewrite_addrs(&mut pkt, None, Some(guest_ip)).is_ok() {
+                            if is_ipv6(&pkt)
+                                || rewrite_addrs(&mut pkt, None, Some(guest_ip)).is_ok()
+                            {
                                 let _ = to_guest.try_send(pkt);
                             }
                         }
@@ -387,6 +406,14 @@ mod tests {
         let id = identity(&s).unwrap();
         let cfg = lan_config(&s).unwrap();
         assert_eq!(cfg.guest_mac.0[3..], id.hit().0[13..16]);
+        let v6 = cfg.ipv6.expect("a VM's LAN has IPv6");
+        assert_eq!(v6.outside.octets(), id.hit().0);
+        assert_eq!(v6.prefix.octets()[0], 0xfd, "a ULA prefix");
+        assert_eq!(
+            lan_config(&s).unwrap().ipv6,
+            Some(v6),
+            "stable per identity"
+        );
         let i = info(&s, Some(10500)).unwrap();
         assert!(i.hit.starts_with("2001:2"), "{}", i.hit);
         assert!(i.lsi.starts_with("198.19."), "{}", i.lsi);

@@ -1,9 +1,9 @@
 //! What the guest's LAN looks like. The same `LanConfig` on every host the VM
 //! visits is what makes the move invisible to the guest.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use crate::wire::Mac;
+use crate::wire::{ipv6, Mac};
 
 /// The gateway's MAC: locally administered, "roam" in ASCII, then 01. Fixed so
 /// that the guest's ARP cache stays right after a move.
@@ -28,8 +28,27 @@ pub struct LanConfig {
     pub mtu: u16,
     /// DNS servers to announce (may be empty).
     pub dns: Vec<Ipv4Addr>,
+    /// IPv6 on the LAN (router advertisements, SLAAC, NAT to one outside
+    /// address); `None`: IPv6 frames are dropped.
+    pub ipv6: Option<Ipv6Lan>,
 }
 
+/// The guest LAN's IPv6 side.
+///
+/// The gateway is `fe80::` + the EUI-64 of its MAC ([`LanConfig::gateway_ll`])
+/// and advertises `prefix`/64 for SLAAC. The guest's packets leave the LAN
+/// with `outside` as their source and packets to `outside` are delivered to
+/// the guest's address: a NAT, like roamd's IPv4 one, but inside the LAN,
+/// because only the LAN knows which address the guest picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Lan {
+    /// The guest's /64 (only the first 64 bits count; the rest must be zero).
+    /// Keep it the same on every host (e.g. [`ipv6::ula_prefix`] of the VM's
+    /// identity), or a moved guest would keep an address nobody routes.
+    pub prefix: Ipv6Addr,
+    /// The guest's address off the LAN (for roamd: the VM's HIT).
+    pub outside: Ipv6Addr,
+}
 /// A config the LAN refuses.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -51,6 +70,8 @@ pub enum ConfigError {
     Mtu(u16),
     #[error("lease of {0} s is shorter than 60 s")]
     Lease(u32),
+    #[error("IPv6 {addr}: {why}")]
+    Ipv6 { addr: Ipv6Addr, why: &'static str },
 }
 
 impl LanConfig {
@@ -68,7 +89,13 @@ impl LanConfig {
             lease_secs: 86_400,
             mtu: 1400,
             dns: Vec::new(),
+            ipv6: None,
         }
+    }
+
+    /// The gateway's IPv6 link-local address (from its MAC, so the same everywhere).
+    pub fn gateway_ll(&self) -> Ipv6Addr {
+        ipv6::link_local(self.gateway_mac)
     }
 
     /// The netmask of `prefix_len`.
@@ -120,6 +147,30 @@ impl LanConfig {
         if self.lease_secs < 60 {
             return Err(ConfigError::Lease(self.lease_secs));
         }
+        if let Some(v6) = &self.ipv6 {
+            v6.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl Ipv6Lan {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |addr, why| Err(ConfigError::Ipv6 { addr, why });
+        let p = self.prefix;
+        if p.octets()[8..] != [0; 8] {
+            return bad(p, "prefix has bits set beyond /64");
+        }
+        if p.is_multicast() || p.is_unspecified() || ipv6::is_link_local(p) {
+            return bad(p, "prefix is multicast, unspecified or link-local");
+        }
+        let o = self.outside;
+        if o.is_multicast() || o.is_unspecified() || o.is_loopback() || ipv6::is_link_local(o) {
+            return bad(o, "outside address is not a global unicast address");
+        }
+        if ipv6::same_64(o, p) {
+            return bad(o, "outside address lies in the guest's prefix");
+        }
         Ok(())
     }
 }
@@ -146,8 +197,35 @@ mod tests {
         let mut b = c.clone();
         b.mtu = 100;
         assert_eq!(b.validate(), Err(ConfigError::Mtu(100)));
-        let mut b = c;
+        let mut b = c.clone();
         b.prefix_len = 31;
         assert_eq!(b.validate(), Err(ConfigError::Prefix(31)));
+        let hit: Ipv6Addr = "2001:2a::1".parse().unwrap();
+        let prefix = ipv6::ula_prefix([1, 2, 3, 4, 5]);
+        let mut b = c.clone();
+        b.ipv6 = Some(Ipv6Lan {
+            prefix,
+            outside: hit,
+        });
+        b.validate().unwrap();
+        assert_eq!(
+            b.gateway_ll(),
+            "fe80::72:6fff:fe61:6d01".parse::<Ipv6Addr>().unwrap()
+        );
+        for (prefix, outside) in [
+            ("fd01:203:405::1", "2001:2a::1"),
+            ("fe80::", "2001:2a::1"),
+            ("fd01:203:405::", "fd01:203:405::9"),
+            ("fd01:203:405::", "ff02::1"),
+        ] {
+            b.ipv6 = Some(Ipv6Lan {
+                prefix: prefix.parse().unwrap(),
+                outside: outside.parse().unwrap(),
+            });
+            assert!(
+                matches!(b.validate(), Err(ConfigError::Ipv6 { .. })),
+                "{prefix} {outside}"
+            );
+        }
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! The gateway answers ARP for its own address, DHCP for the guest's MAC and
 //! ICMP echo to itself; every other unicast IPv4 packet from the guest's
-//! address goes to the host unchanged (the gateway is a transparent hop: no
+//! address goes to the host unchanged. With [`LanConfig::ipv6`] it is also an
+//! IPv6 router (router and neighbor discovery, SLAAC; see `lan6.rs`) whose
+//! forwarded packets are NATed to one outside address (the gateway is a transparent hop: no
 //! TTL decrement, so the LAN adds nothing the daemon has to undo). Nothing
 //! here depends on time or on which host runs it: the same config gives the
 //! same answers everywhere, so the guest cannot tell that it moved.
@@ -18,7 +20,7 @@ use crate::wire::{arp, dhcp, ethernet, icmp, ipv4, udp, Mac};
 pub enum Action {
     /// Send this Ethernet frame to the guest.
     ToGuest(Vec<u8>),
-    /// Hand this IPv4 packet to the host (roamd's data path).
+    /// Hand this IPv4 or IPv6 packet to the host (roamd's data path).
     ToHost(Vec<u8>),
 }
 
@@ -53,9 +55,15 @@ pub struct LanStats {
     pub unserved: u64,
     /// Packets larger than the MTU (either direction).
     pub oversize: u64,
-    /// IPv4 packets handed to the host.
+    /// Router advertisements sent (solicited and periodic).
+    pub router_adverts: u64,
+    /// Neighbor advertisements sent for the gateway's IPv6 address.
+    pub neighbor_adverts: u64,
+    /// Times the guest's IPv6 address was learned or changed (DAD or traffic).
+    pub ipv6_learned: u64,
+    /// IPv4/IPv6 packets handed to the host.
     pub to_host: u64,
-    /// IPv4 packets from the host made into frames for the guest.
+    /// IPv4/IPv6 packets from the host made into frames for the guest.
     pub from_host: u64,
     /// Packets from the host refused (malformed, not to the guest's address, oversize).
     pub from_host_dropped: u64,
@@ -67,6 +75,8 @@ pub struct VirtualLan {
     cfg: LanConfig,
     stats: LanStats,
     ident: u16,
+    /// The guest's IPv6 address in the LAN's prefix, once seen.
+    guest_ip6: Option<std::net::Ipv6Addr>,
 }
 
 impl VirtualLan {
@@ -77,6 +87,7 @@ impl VirtualLan {
             cfg,
             stats: LanStats::default(),
             ident: 0,
+            guest_ip6: None,
         })
     }
 
@@ -101,6 +112,10 @@ impl VirtualLan {
             self.stats.spoofed += 1;
             return None;
         }
+        if f.ethertype == ethernet::ETHERTYPE_IPV6 {
+            // Neighbor discovery is multicast: its own destination checks.
+            return self.ipv6_from_guest(f.dst, f.payload);
+        }
         if f.dst != self.cfg.gateway_mac && !f.dst.is_broadcast() {
             self.stats.ignored += 1;
             return None;
@@ -119,10 +134,14 @@ impl VirtualLan {
         }
     }
 
-    /// Turns an IPv4 packet from the host into a frame for the guest. The
+    /// Turns a packet from the host into a frame for the guest. An IPv4
     /// packet must be addressed to the guest's address (the daemon's NAT has
-    /// already put it there) and fit the MTU.
+    /// already put it there); an IPv6 one to [`crate::Ipv6Lan::outside`]
+    /// (the LAN's NAT puts the guest's address there). Both must fit the MTU.
     pub fn from_host(&mut self, packet: &[u8]) -> Option<Vec<u8>> {
+        if packet.first().map(|b| b >> 4) == Some(6) {
+            return self.ipv6_from_host(packet);
+        }
         let p = match ipv4::Packet::parse(packet) {
             Ok(p) if p.header.dst == self.cfg.guest_ip => p,
             _ => {
@@ -349,6 +368,10 @@ impl VirtualLan {
         Some(Action::ToGuest(self.frame_to_guest(dst_mac, &ip)))
     }
 }
+
+#[path = "lan6.rs"]
+mod lan6;
+pub use lan6::{RA_INTERVAL_SECS, ROUTER_LIFETIME_SECS};
 
 #[cfg(test)]
 #[path = "lan_tests.rs"]

@@ -170,8 +170,9 @@ impl Drop for Handle {
 
 /// Serves the LAN `cfg` on a unix socket at `socket_path` (a stale socket
 /// there is replaced; any other file is an error). Returns the handle, the
-/// IPv4 packets the guest sends off the LAN, and the sender for IPv4 packets
-/// to the guest. Both queues hold [`QUEUE_DEPTH`] packets; the LAN never
+/// IP packets the guest sends off the LAN, and the sender for IP packets to
+/// the guest (IPv4 or IPv6, told apart by the version nibble; IPv6 already
+/// NATed by the LAN to and from [`crate::Ipv6Lan::outside`]). Both queues hold [`QUEUE_DEPTH`] packets; the LAN never
 /// waits on them: a packet for a full host queue is dropped and counted.
 /// The socket is removed when the handle is dropped or shut down.
 pub async fn serve(
@@ -269,6 +270,10 @@ impl Lan {
     ) {
         let (events_tx, mut events) = mpsc::channel(QUEUE_DEPTH);
         let mut host_open = true;
+        // Periodic router advertisements keep an IPv6 guest's default route
+        // (its lifetime is finite); the first one the guest asks for itself.
+        let every = Duration::from_secs(crate::lan::RA_INTERVAL_SECS);
+        let mut ra_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
             tokio::select! {
                 _ = &mut stop => break,
@@ -281,6 +286,12 @@ impl Lan {
                     }
                 },
                 Some(ev) = events.recv() => self.event(ev),
+                _ = ra_tick.tick() => {
+                    if let Some(f) = self.lan.router_advert() {
+                        self.publish();
+                        self.send_to_guest(f);
+                    }
+                }
                 pkt = to_guest.recv(), if host_open => match pkt {
                     Some(p) => {
                         let frame = self.lan.from_host(&p);

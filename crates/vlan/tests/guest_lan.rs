@@ -1,7 +1,8 @@
 //! A real guest (the shared image of scripts/setup.sh, QEMU 10 under TCG,
 //! 256 MiB) on the served LAN: DHCP, ARP and ping of the gateway, packets
-//! injected from the host answered by the guest's kernel, and QEMU
-//! reconnecting to a restarted server without the guest noticing.
+//! injected from the host answered by the guest's kernel, QEMU reconnecting
+//! to a restarted server without the guest noticing, and IPv6 by SLAAC with
+//! the LAN's NAT to an outside address.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,8 +10,10 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use roam_vlan::wire::{icmp, ipv4, udp, Mac};
-use roam_vlan::{serve, LanConfig};
+use std::net::Ipv6Addr;
+
+use roam_vlan::wire::{icmp, icmpv6, ipv4, ipv6, udp, Mac};
+use roam_vlan::{serve, Ipv6Lan, LanConfig};
 use roam_vm::{Accel, MacAddr, MigrationStatus, NicConfig, Vm, VmConfig};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -230,4 +233,77 @@ async fn migrated_guest_keeps_its_lan_on_the_new_host() {
     dst.quit().await.unwrap();
     office.shutdown().await;
     home.shutdown().await;
+}
+
+/// An unmodified guest kernel configures IPv6 from the LAN's router
+/// advertisement (SLAAC, DAD passing) and answers an echo request sent to the
+/// LAN's outside address, its reply NATed back to that address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_configures_ipv6_by_slaac_and_answers_at_the_outside_address() {
+    let _heavy = HEAVY.lock().await;
+    let dir = tempfile::Builder::new().prefix("vlan6").tempdir().unwrap();
+    let sock = dir.path().join("net.sock");
+    let outside = Ipv6Addr::new(0x2001, 0x2a, 0x766c, 0, 0, 0, 0, 1);
+    let peer = Ipv6Addr::new(0x2001, 0x2b, 0, 0, 0, 0, 0, 7);
+    let prefix = ipv6::ula_prefix([0x76, 0x6c, 0x61, 0x6e, 0x36]);
+    let mut cfg = LanConfig::new(Mac(GUEST_MAC));
+    cfg.ipv6 = Some(Ipv6Lan { prefix, outside });
+    let (handle, mut from_guest, to_guest) = serve(&sock, cfg).await.unwrap();
+    let vm = Vm::spawn(vm_config(dir.path(), &sock)).await.unwrap();
+    wait_serial(&vm, "ROAM-NET: eth0 198.18.100.2/24 bound", BOOT).await;
+
+    // SLAAC: RS → RA, then DAD for prefix + EUI-64, which the LAN learns.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while handle.stats().lan.ipv6_learned == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let s = handle.stats();
+    eprintln!("after SLAAC: {s:?}");
+    assert!(
+        s.lan.router_adverts >= 1,
+        "the guest never solicited a router"
+    );
+    assert_eq!(
+        s.lan.ipv6_learned, 1,
+        "the guest never claimed an address in the prefix"
+    );
+
+    // An echo request to the outside address reaches the guest's kernel; the
+    // reply leaves the LAN from the outside address with a valid checksum.
+    let mut replied = None;
+    for seq in 1..=10u16 {
+        let req = icmpv6::echo(peer, outside, icmpv6::ECHO_REQUEST, 0x766c, seq, b"roam v6");
+        let p = ipv6::build(peer, outside, ipv6::PROTO_ICMPV6, 64, &req).unwrap();
+        to_guest.send(p).await.unwrap();
+        let wait = tokio::time::Instant::now() + Duration::from_secs(1);
+        while let Ok(Some(pkt)) = timeout(
+            wait.saturating_duration_since(tokio::time::Instant::now()),
+            from_guest.recv(),
+        )
+        .await
+        {
+            let Ok(p) = ipv6::Packet::parse(&pkt) else {
+                continue;
+            };
+            assert_eq!(p.header.src, outside, "NAT left the guest's address");
+            assert!(ipv6::transport_checksum_ok(&p));
+            let m = icmpv6::Message::parse(p.payload, p.header.src, p.header.dst).unwrap();
+            if m.typ == icmpv6::ECHO_REPLY {
+                replied = m
+                    .echo()
+                    .map(|(id, sq, d)| (id, sq, d.to_vec(), p.header.dst));
+                break;
+            }
+        }
+        if replied.is_some() {
+            break;
+        }
+    }
+    let (id, _, data, dst) = replied.expect("no IPv6 echo reply from the guest in 10 tries");
+    assert_eq!((id, &data[..], dst), (0x766c, &b"roam v6"[..], peer));
+    let s = handle.stats();
+    eprintln!("after ping6: {s:?}");
+    assert_eq!(s.lan.malformed, 0);
+    vm.quit().await.unwrap();
+    handle.shutdown().await;
 }

@@ -8,6 +8,8 @@ pub const HEADER_LEN: usize = 14;
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
 /// EtherType of ARP.
 pub const ETHERTYPE_ARP: u16 = 0x0806;
+/// EtherType of IPv6.
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
 /// EtherType of RARP (QEMU's self-announce after a migration).
 pub const ETHERTYPE_RARP: u16 = 0x8035;
 

@@ -1,4 +1,5 @@
-//! Pure packet codecs for the guest LAN: Ethernet II, ARP, IPv4, ICMP, UDP, DHCP.
+//! Pure packet codecs for the guest LAN: Ethernet II, ARP, IPv4, ICMP, UDP, DHCP,
+//! IPv6 and ICMPv6 with the Neighbor Discovery messages a router answers.
 //!
 //! No I/O and no allocation on the parse side: every `parse` borrows from the
 //! buffer it is given, checks lengths before it reads, and returns a
@@ -10,7 +11,9 @@ pub mod arp;
 pub mod dhcp;
 pub mod ethernet;
 pub mod icmp;
+pub mod icmpv6;
 pub mod ipv4;
+pub mod ipv6;
 pub mod udp;
 
 use std::fmt;
