@@ -253,8 +253,9 @@ fn one_exchange() -> Result<Duration, Error> {
     Ok(took)
 }
 
-/// Sends every packet; true if an association became established.
-fn send_all(s: &UdpSocket, outs: Vec<Output>) -> bool {
+/// Sends every packet; true if an association became established. (Also the lab's
+/// base-exchange bench over the emulated WAN.)
+pub fn send_all(s: &UdpSocket, outs: Vec<Output>) -> bool {
     let mut est = false;
     for o in outs {
         match o {

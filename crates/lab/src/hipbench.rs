@@ -87,23 +87,6 @@ fn err(what: &str) -> impl Fn(String) -> LabError + '_ {
     move |e| LabError::Net(format!("{what}: {e}"))
 }
 
-/// Sends every `Send`; returns whether an association became established.
-fn send_all(s: &UdpSocket, outs: Vec<Output>) -> bool {
-    let mut est = false;
-    for o in outs {
-        match o {
-            Output::Send { to, packet } => {
-                if let Ok(b) = packet.encode() {
-                    let _ = s.send_to(&frame_hip(&b), to);
-                }
-            }
-            Output::Established { .. } => est = true,
-            _ => {}
-        }
-    }
-    est
-}
-
 /// Receives one HIP packet (or times out after the socket's read timeout).
 fn recv_hip(s: &UdpSocket, buf: &mut [u8]) -> Option<(SocketAddr, Packet)> {
     let (n, from) = s.recv_from(buf).ok()?;
@@ -136,7 +119,7 @@ fn serve(
             let outs = host
                 .connect_and_register(Instant::now(), hit, at, vec![REG_TYPE_RENDEZVOUS], 160)
                 .map_err(|e| e.to_string())?;
-            send_all(&sock, outs);
+            roam_hipnet::bench::send_all(&sock, outs);
         }
         None => ready.store(true, Ordering::SeqCst),
     }
@@ -161,11 +144,11 @@ fn serve(
                         ready.store(true, Ordering::SeqCst);
                     }
                 }
-                send_all(&sock, outs);
+                roam_hipnet::bench::send_all(&sock, outs);
             }
         }
         let outs = host.poll(Instant::now());
-        send_all(&sock, outs);
+        roam_hipnet::bench::send_all(&sock, outs);
     }
     Ok(())
 }
@@ -183,15 +166,15 @@ fn exchange(peer: Hit, i1_to: SocketAddr) -> Result<Duration, String> {
     let outs = host
         .connect(start, peer, i1_to)
         .map_err(|e| e.to_string())?;
-    let mut done = send_all(&sock, outs);
+    let mut done = roam_hipnet::bench::send_all(&sock, outs);
     while !done && start.elapsed() < Duration::from_secs(10) {
         if let Some((from, p)) = recv_hip(&sock, &mut buf) {
             if let Ok(outs) = host.receive(Instant::now(), from, &p) {
-                done = send_all(&sock, outs);
+                done = roam_hipnet::bench::send_all(&sock, outs);
             }
         }
         let outs = host.poll(Instant::now());
-        send_all(&sock, outs);
+        roam_hipnet::bench::send_all(&sock, outs);
     }
     let took = start.elapsed();
     if done {

@@ -10,27 +10,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use roam_control::api::{Outcome, Workload};
+use roam_control::api::Outcome;
 use roam_lab::echo::EchoClient;
 use roam_lab::{Lab, LabConfig};
-use roam_wan::LinkParams;
 
 fn config() -> LabConfig {
-    LabConfig {
-        link: LinkParams {
-            bandwidth_mbit: 100.0,
-            rtt_ms: 40.0,
-            loss_pct: 0.0,
-            ..LinkParams::default()
-        },
-        memory_mib: 256,
-        disk_bytes: 1 << 30,
-        data_mib: 16,
-        workload: Workload::default(),
-        home_state_limit_mib: None,
-        keep: std::env::var_os("ROAM_LAB_KEEP").is_some(),
-        correspondent: true,
-    }
+    roam_lab::bench_net::handover_config(std::env::var_os("ROAM_LAB_KEEP").is_some())
 }
 
 /// A lab with a VM on office and a correspondent streaming through the VM's echo service
