@@ -222,11 +222,14 @@ async fn migrate_cancel_leaves_source_running() {
         .wait_migration_status(&[MigrationStatus::Completed], MIGRATE)
         .await
         .unwrap_err();
+    // Cancelled, or Failed when QEMU saw the channel break before it finished
+    // cancelling (the destination closes its end as soon as the stream stops): both
+    // are an end that is not a completion, which is what a cancel must give.
     assert!(
         matches!(
             err,
             Error::MigrationEnded {
-                status: MigrationStatus::Cancelled,
+                status: MigrationStatus::Cancelled | MigrationStatus::Failed,
                 ..
             }
         ),
