@@ -159,8 +159,10 @@ impl PrecopyStall {
                     }
                     _ => self.stalled_passes = 0,
                 }
-                self.best_remaining =
-                    Some(self.best_remaining.map_or(ram.remaining, |b| b.min(ram.remaining)));
+                self.best_remaining = Some(
+                    self.best_remaining
+                        .map_or(ram.remaining, |b| b.min(ram.remaining)),
+                );
             }
         }
         self.stalled_passes >= STALLED_PASSES

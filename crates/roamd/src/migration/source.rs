@@ -1004,7 +1004,8 @@ impl Source {
             return Err(Error::Migration(format!(
                 "RAM post-copy paused ({:?}): {}",
                 st.status,
-                st.error_desc.unwrap_or_else(|| "the migration stream broke".into())
+                st.error_desc
+                    .unwrap_or_else(|| "the migration stream broke".into())
             )));
         }
         self.meter.memory(&st);
