@@ -73,7 +73,9 @@ pub struct LinkFigures {
 ///   single stream; each post-copy page fault costs an RTT and a link failure during
 ///   post-copy leaves the guest split between hosts, so it is not the default.
 ///   Otherwise `postcopy-ram` is still enabled when multifd is off, so roamd can
-///   switch to post-copy mid-way if pre-copy stalls.
+///   switch to post-copy mid-way if pre-copy stalls. With `--postcopy` roamd forces
+///   it on ([`MigrationTuning::with_postcopy_ram`]) and switches when
+///   [`PrecopyStall`] says the passes stopped shrinking.
 /// * **pause-before-switchover always** (storage sync at switchover); **no xbzrle**
 ///   (incompatible with multifd, and zstd on multifd already shrinks re-sent pages).
 pub fn choose_tuning(l: &LinkFigures) -> MigrationTuning {
