@@ -1019,6 +1019,9 @@ impl Source {
         if let Some(r) = &st.ram {
             p.ram_postcopy_bytes = r.postcopy_bytes;
             p.ram_postcopy_requests = r.postcopy_requests;
+            // `migrate-start-postcopy` only sets a flag: a pre-copy already on its way
+            // to completion ignores it. Then nothing went in post-copy.
+            p.ram = r.postcopy_bytes > 0 || r.postcopy_requests > 0;
         }
         Ok(())
     }
