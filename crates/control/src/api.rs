@@ -530,6 +530,29 @@ pub struct PostcopyStats {
     pub time_to_running_ms: u64,
     /// From the request to the destination holding every chunk, digest checked.
     pub disk_complete_ms: u64,
+    /// RAM moved by post-copy too (QEMU's `postcopy-ram`): pre-copy stalled, roamd
+    /// issued `migrate-start-postcopy`, and the guest ran at the destination while its
+    /// remaining pages were faulted over on demand.
+    #[serde(default)]
+    pub ram: bool,
+    /// When roamd switched RAM to post-copy, ms from the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_started_ms: Option<u64>,
+    /// Pre-copy passes (QEMU's dirty syncs) before the switch to post-copy.
+    #[serde(default)]
+    pub ram_precopy_passes: u64,
+    /// RAM bytes still pre-copy would have had to send when the switch came.
+    #[serde(default)]
+    pub ram_remaining_at_switch: u64,
+    /// QEMU's figures after the RAM post-copy completed: bytes sent in post-copy,
+    /// page requests from the destination's faults.
+    #[serde(default)]
+    pub ram_postcopy_bytes: u64,
+    #[serde(default)]
+    pub ram_postcopy_requests: u64,
+    /// When the source QEMU finished sending every page, ms from the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_complete_ms: Option<u64>,
 }
 
 /// Where a background replica stands (`roam replica list`).

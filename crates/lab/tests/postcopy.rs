@@ -197,3 +197,136 @@ async fn postcopy_link_cut_after_the_switch_pauses_the_guest_everywhere() {
     wan.set_outage(false);
     lab.shutdown().await;
 }
+
+/// RAM post-copy joins post-copy storage: the guest rewrites its memory faster than the
+/// link carries it, so pre-copy cannot converge; roamd sees the passes stop shrinking,
+/// issues `migrate-start-postcopy`, and the guest runs at home while both its RAM pages
+/// and its disk chunks are fetched on demand. Nothing acknowledged may be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_ram_takes_over_when_precopy_cannot_converge() {
+    let mut cfg = config();
+    // 48 MiB/s over a 32 MiB working set against 12.5 MB/s: every pass re-sends the
+    // whole working set (~2.7 s), far above what the downtime limit allows.
+    cfg.data_mib = 16;
+    cfg.workload.mem_dirty_mib_s = 48;
+    cfg.workload.mem_working_set_mib = 32;
+    let lab = Lab::start(cfg).await.unwrap();
+    lab.create_vm("office", "desk").await.unwrap();
+    lab.start_workload("office", "desk").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let req = MigrateRequest {
+        vm: "desk".into(),
+        to: "home".into(),
+        postcopy: true,
+        bandwidth_limit_mbit: None,
+    };
+    let t0 = std::time::Instant::now();
+    let r = lab
+        .host("office")
+        .client
+        .migrate(&req, |_| {})
+        .await
+        .unwrap();
+    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
+    eprintln!("migration took {:?}", t0.elapsed());
+    assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
+    let pc = r.postcopy.clone().expect("post-copy figures in the result");
+    assert!(pc.ram, "RAM post-copy was not used: {pc:?}");
+    assert!(pc.ram_precopy_passes >= 3, "{pc:?}");
+    let started = pc.ram_started_ms.expect("when RAM post-copy started");
+    let complete = pc.ram_complete_ms.expect("when RAM post-copy completed");
+    assert!(started > 0 && started <= pc.time_to_running_ms, "{pc:?}");
+    assert!(complete >= started, "{pc:?}");
+    // Pages went after the switch, and at least some because the guest faulted on them.
+    assert!(pc.ram_postcopy_bytes > 0, "{pc:?}");
+    assert!(r.tuning["postcopy"] == true, "tuning {}", r.tuning);
+    assert!(
+        r.tuning["multifd_channels"].is_null(),
+        "tuning {}",
+        r.tuning
+    );
+    assert!(
+        r.acked_writes > 0,
+        "the workload made no acknowledged writes"
+    );
+    assert_eq!(r.acked_writes_lost, 0);
+    assert!(!r.guest_rebooted);
+    assert!(
+        heartbeats_flow(&lab, "home", "desk").await,
+        "guest not alive at home"
+    );
+    let office = lab.host("office").client.vm_show("desk").await.unwrap();
+    assert_eq!(office.state, VmState::Moved);
+    no_debris(&lab, "office", &[]).await;
+    no_debris(&lab, "home", &["desk"]).await;
+    lab.shutdown().await;
+}
+
+/// The link dies while RAM pages are still at the source. Neither host holds the whole
+/// VM then: the migration must not claim success, the source must neither resume nor
+/// quit its QEMU (it holds the missing pages), and the guest runs nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_ram_link_cut_pauses_and_never_claims_success() {
+    let mut cfg = config();
+    cfg.data_mib = 16;
+    cfg.workload.mem_dirty_mib_s = 48;
+    cfg.workload.mem_working_set_mib = 32;
+    let lab = Lab::start(cfg).await.unwrap();
+    lab.create_vm("office", "desk").await.unwrap();
+    lab.start_workload("office", "desk").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let wan = lab.wan.as_ref().unwrap();
+    let req = MigrateRequest {
+        vm: "desk".into(),
+        to: "home".into(),
+        postcopy: true,
+        bandwidth_limit_mbit: None,
+    };
+    let cut = std::sync::atomic::AtomicBool::new(false);
+    let r = lab
+        .host("office")
+        .client
+        .migrate(&req, |p| {
+            // The guest runs at home from the verify phase on; RAM pages still follow.
+            if p.phase == Phase::Verify && !cut.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                wan.set_outage(true);
+            }
+        })
+        .await
+        .unwrap();
+    assert!(
+        cut.load(std::sync::atomic::Ordering::SeqCst),
+        "the link was never cut"
+    );
+    eprintln!("abort reason: {:?}", r.error);
+    assert_eq!(r.outcome, Outcome::Aborted);
+    let pc = r.postcopy.clone().expect("post-copy figures");
+    assert!(pc.ram, "RAM post-copy was not used: {pc:?}");
+    assert!(
+        pc.ram_complete_ms.is_none(),
+        "RAM completed before the cut: {pc:?}"
+    );
+    let err = r.error.clone().unwrap_or_default();
+    assert!(err.contains("RAM post-copy"), "{err}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !heartbeats_flow(&lab, "home", "desk").await,
+        "guest runs at home with pages missing"
+    );
+    assert!(
+        !heartbeats_flow(&lab, "office", "desk").await,
+        "guest resumed at office"
+    );
+    assert_eq!(
+        lab.qemu_processes("office").len(),
+        1,
+        "office must keep the QEMU holding the missing pages"
+    );
+    assert_eq!(
+        lab.qemu_processes("home").len(),
+        1,
+        "home keeps the paused VM"
+    );
+    wan.set_outage(false);
+    lab.shutdown().await;
+}

@@ -57,5 +57,5 @@ pub use config::{DiskConfig, MacAddr, NicConfig, RunPaths, VmConfig, AGENT_PORT_
 pub use error::{Error, Result};
 pub use migration::{Compression, MigrationStats, MigrationStatus, MigrationTuning, RamStats};
 pub use qmp::VmEvent;
-pub use tuning::{choose_tuning, LinkFigures};
+pub use tuning::{choose_tuning, LinkFigures, PrecopyStall};
 pub use vm::{RunState, Vm};

@@ -269,6 +269,18 @@ impl MigrationTuning {
         Ok(())
     }
 
+    /// The same tuning with `postcopy-ram` on, so roamd can switch a stalled pre-copy to
+    /// post-copy. QEMU 10.0 refuses post-copy with multifd, so the stream becomes a single
+    /// uncompressed one (compression needs multifd); the rest (bandwidth cap, downtime
+    /// limit, pause-before-switchover) stays.
+    pub fn with_postcopy_ram(mut self) -> Self {
+        self.postcopy = true;
+        self.multifd_channels = None;
+        self.compression = Compression::None;
+        self.xbzrle = false;
+        self
+    }
+
     /// The `migrate-set-capabilities` list for this tuning.
     pub fn capabilities(&self) -> Vec<(qmp::MigrationCapability, bool)> {
         use qmp::MigrationCapability as C;

@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::accel::Accel;
-use crate::migration::{Compression, MigrationTuning};
+use crate::migration::{Compression, MigrationTuning, RamStats};
 
 /// The downtime a person or a TCP peer should not notice; everything roam adds to
 /// QEMU's own stop-and-copy time has to fit in it too.
@@ -73,7 +73,9 @@ pub struct LinkFigures {
 ///   single stream; each post-copy page fault costs an RTT and a link failure during
 ///   post-copy leaves the guest split between hosts, so it is not the default.
 ///   Otherwise `postcopy-ram` is still enabled when multifd is off, so roamd can
-///   switch to post-copy mid-way if pre-copy stalls.
+///   switch to post-copy mid-way if pre-copy stalls. With `--postcopy` roamd forces
+///   it on ([`MigrationTuning::with_postcopy_ram`]) and switches when
+///   [`PrecopyStall`] says the passes stopped shrinking.
 /// * **pause-before-switchover always** (storage sync at switchover); **no xbzrle**
 ///   (incompatible with multifd, and zstd on multifd already shrinks re-sent pages).
 pub fn choose_tuning(l: &LinkFigures) -> MigrationTuning {
@@ -123,9 +125,123 @@ pub fn choose_tuning(l: &LinkFigures) -> MigrationTuning {
     t
 }
 
+/// Decides when a running pre-copy has stalled, so that roamd may switch it to
+/// post-copy (`migrate-start-postcopy`). Fed every `query-migrate` answer; pure, so the
+/// rule is testable without a VM.
+///
+/// The rule: QEMU's dirty set is re-read once per pass (`dirty_sync_count` steps),
+/// and `remaining` right after a sync is what the next pass has to send. Pass 1 is
+/// the bulk copy; from pass 2 on, a pass whose `remaining` is not at least 10 %
+/// below the best seen so far did not bring the switchover closer. Two such passes
+/// in a row, and pre-copy will not converge at this dirty rate over this link:
+/// waiting longer only re-sends the same pages.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrecopyStall {
+    last_sync: u64,
+    best_remaining: Option<u64>,
+    stalled_passes: u32,
+}
+
+/// Passes without progress before [`PrecopyStall`] calls the pre-copy stalled.
+pub const STALLED_PASSES: u32 = 2;
+
+impl PrecopyStall {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes one `query-migrate` RAM figure set; true once pre-copy is stalled.
+    pub fn observe(&mut self, ram: &RamStats) -> bool {
+        if ram.dirty_sync_count != self.last_sync {
+            self.last_sync = ram.dirty_sync_count;
+            if ram.dirty_sync_count >= 2 {
+                match self.best_remaining {
+                    Some(best) if ram.remaining.saturating_mul(10) >= best.saturating_mul(9) => {
+                        self.stalled_passes += 1;
+                    }
+                    _ => self.stalled_passes = 0,
+                }
+                self.best_remaining = Some(
+                    self.best_remaining
+                        .map_or(ram.remaining, |b| b.min(ram.remaining)),
+                );
+            }
+        }
+        self.stalled_passes >= STALLED_PASSES
+    }
+
+    /// Passes in a row that did not shrink the remaining bytes.
+    pub fn stalled_passes(&self) -> u32 {
+        self.stalled_passes
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ram(sync: u64, remaining: u64) -> RamStats {
+        RamStats {
+            transferred: 0,
+            remaining,
+            total: 1 << 28,
+            duplicate_pages: 0,
+            normal_pages: 0,
+            normal_bytes: 0,
+            dirty_pages_rate: 0,
+            mbps: 0.0,
+            dirty_sync_count: sync,
+            postcopy_requests: 0,
+            page_size: 4096,
+            multifd_bytes: 0,
+            pages_per_second: 0,
+            precopy_bytes: 0,
+            downtime_bytes: 0,
+            postcopy_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn stall_needs_two_passes_without_progress() {
+        let mut s = PrecopyStall::new();
+        // The bulk pass: remaining falls, never a stall.
+        for rem in [200 << 20, 100 << 20, 10 << 20] {
+            assert!(!s.observe(&ram(1, rem)));
+        }
+        assert!(!s.observe(&ram(2, 30 << 20)));
+        // Samples within one pass do not count as passes.
+        assert!(!s.observe(&ram(2, 29 << 20)));
+        assert!(!s.observe(&ram(3, 29 << 20)));
+        assert_eq!(s.stalled_passes(), 1);
+        assert!(s.observe(&ram(4, 31 << 20)));
+    }
+
+    #[test]
+    fn converging_precopy_never_stalls() {
+        let mut s = PrecopyStall::new();
+        let mut rem = 64u64 << 20;
+        for sync in 1..20 {
+            assert!(!s.observe(&ram(sync, rem)), "pass {sync}");
+            rem = rem * 8 / 10;
+        }
+        // Progress resets the count.
+        let mut s = PrecopyStall::new();
+        assert!(!s.observe(&ram(2, 30 << 20)));
+        assert!(!s.observe(&ram(3, 30 << 20)));
+        assert!(!s.observe(&ram(4, 20 << 20)));
+        assert!(!s.observe(&ram(5, 20 << 20)));
+        assert!(s.observe(&ram(6, 20 << 20)));
+    }
+
+    #[test]
+    fn postcopy_ram_drops_multifd() {
+        let t = choose_tuning(&link(50, 40, 4, Accel::Kvm)).with_postcopy_ram();
+        t.validate().unwrap();
+        assert!(t.postcopy && t.pause_before_switchover);
+        assert_eq!(t.multifd_channels, None);
+        assert_eq!(t.compression, Compression::None);
+        assert_eq!(t.max_bandwidth_bytes_per_s, Some(6_250_000));
+    }
 
     fn link(mbit: u64, rtt_ms: u64, cpus: u16, accel: Accel) -> LinkFigures {
         LinkFigures {

@@ -339,6 +339,7 @@ impl Dest {
             .wait_migration_status(
                 &[
                     MigrationStatus::Completed,
+                    MigrationStatus::PostcopyActive,
                     MigrationStatus::Failed,
                     MigrationStatus::Cancelled,
                 ],
@@ -346,7 +347,15 @@ impl Dest {
             )
             .await
             .map_err(|e| Error::Vm(format!("incoming migration: {e}")))?;
-        if st.status != MigrationStatus::Completed {
+        let st = if st.status == MigrationStatus::PostcopyActive {
+            postcopy::await_ram_postcopy_run(&rt).await?
+        } else {
+            st
+        };
+        if !matches!(
+            st.status,
+            MigrationStatus::Completed | MigrationStatus::PostcopyActive
+        ) {
             return Err(Error::Migration(format!(
                 "incoming QEMU migration ended {:?}: {}",
                 st.status,

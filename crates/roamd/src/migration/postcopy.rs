@@ -463,6 +463,39 @@ impl DestPostcopy {
     }
 }
 
+/// RAM post-copy at the destination: QEMU reports `postcopy-active` from the source's
+/// `listen` command on, before the device state is loaded. Started with -S (autostart
+/// off), QEMU leaves run state `inmigrate` for `paused` once it processed the source's
+/// `run`: only then is the device state in, and `cont` may follow (after roamd took
+/// ownership). Waits for that, or for a final or paused migration state.
+pub(crate) async fn await_ram_postcopy_run(rt: &RunningVm) -> Result<roam_vm::MigrationStats> {
+    use roam_vm::{MigrationStatus, RunState};
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let vm = rt.vm().await?;
+        let st = vm
+            .query_migrate()
+            .await
+            .map_err(|e| Error::Vm(format!("query-migrate: {e}")))?;
+        if st.status != MigrationStatus::PostcopyActive {
+            return Ok(st);
+        }
+        let run = vm
+            .query_status()
+            .await
+            .map_err(|e| Error::Vm(format!("query-status: {e}")))?;
+        if run != RunState::Inmigrate {
+            return Ok(st);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Migration(
+                "RAM post-copy: the device state never finished loading".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -99,6 +99,7 @@ pub async fn migrate(
         },
         conn: None,
         qemu_migrating: false,
+        ram_postcopy: false,
         continued: false,
         hip_export: None,
         hip_forward: None,
@@ -120,6 +121,10 @@ struct Source {
     conn: Option<Connection>,
     /// QEMU's own migration was started (so it must be cancelled on failure).
     qemu_migrating: bool,
+    /// `migrate-start-postcopy` was issued: from then on neither QEMU holds the whole
+    /// VM (the destination lacks pages, the source's state is being handed over), so
+    /// nothing may cancel the migration or resume the guest here.
+    ram_postcopy: bool,
     /// `migrate-continue` was sent: from here the guest may already run at the destination.
     continued: bool,
     /// The VM's HIP associations, exported (and the endpoint stopped) at pre-switchover.
@@ -242,6 +247,12 @@ impl Source {
             accel: self.d.accel,
             dirty_bytes_per_s: None,
         });
+        // `--postcopy`: RAM may follow the disk into post-copy should pre-copy stall.
+        let tuning = if postcopy {
+            tuning.with_postcopy_ram()
+        } else {
+            tuning
+        };
         let tuning_json = serde_json::to_value(&tuning).unwrap_or(serde_json::Value::Null);
         self.result.tuning = tuning_json.clone();
         send_ctl(
@@ -278,6 +289,9 @@ impl Source {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         // When the guest stopped (QMP STOP), for the real pause figure.
         let mut stopped_unix_ms = None;
+        let mut stall = roam_vm::PrecopyStall::new();
+        // (ms from the request, pre-copy passes, remaining bytes) at the RAM switch.
+        let mut ram_switch: Option<(u64, u64, u64)> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -321,6 +335,29 @@ impl Source {
                 return Err(self.peer_err("the migration stream broke".into()));
             }
             if postcopy {
+                // Pre-copy cannot converge at this dirty rate over this link: switch RAM
+                // to post-copy. QEMU stops the guest and pauses at pre-switchover as
+                // for a converged pre-copy, so the disk switch and the associations
+                // hand-over below run once, the same way.
+                if ram_switch.is_none() && tuning.postcopy && st.status == MigrationStatus::Active {
+                    if let Some(ram) = st.ram.as_ref().filter(|r| stall.observe(r)) {
+                        info!(
+                            vm = %self.req.vm,
+                            passes = ram.dirty_sync_count,
+                            remaining = ram.remaining,
+                            "pre-copy stalled; switching RAM to post-copy"
+                        );
+                        self.rt
+                            .vm()
+                            .await?
+                            .migrate_start_postcopy()
+                            .await
+                            .map_err(|e| Error::Vm(format!("migrate-start-postcopy: {e}")))?;
+                        self.ram_postcopy = true;
+                        ram_switch =
+                            Some((self.meter.elapsed_ms(), ram.dirty_sync_count, ram.remaining));
+                    }
+                }
                 continue; // the disk moves after the switchover
             }
             let dirty = sub.take();
@@ -374,6 +411,10 @@ impl Source {
             conn.set_send_window((1.25 * bdp) as u64);
             self.result.postcopy = Some(PostcopyStats {
                 chunks_pending_at_resume: pending.len() as u64,
+                ram: ram_switch.is_some(),
+                ram_started_ms: ram_switch.map(|r| r.0),
+                ram_precopy_passes: ram_switch.map_or(0, |r| r.1),
+                ram_remaining_at_switch: ram_switch.map_or(0, |r| r.2),
                 ..Default::default()
             });
             background = Some(postcopy::Task(tokio::spawn(postcopy::background_copy(
@@ -407,24 +448,38 @@ impl Source {
             .await
             .map_err(|e| Error::Vm(format!("migrate-continue: {e}")))?;
         self.continued = true;
+        // In RAM post-copy QEMU reports `postcopy-active` once the device state and the
+        // `run` command went out; `completed` comes only after every page did, which
+        // the guest, running at the destination, needs no longer wait for.
+        let done: &[MigrationStatus] = if ram_switch.is_some() {
+            &[
+                MigrationStatus::PostcopyActive,
+                MigrationStatus::PostcopyPaused,
+                MigrationStatus::Completed,
+                MigrationStatus::Failed,
+                MigrationStatus::Cancelled,
+            ]
+        } else {
+            &[
+                MigrationStatus::Completed,
+                MigrationStatus::Failed,
+                MigrationStatus::Cancelled,
+            ]
+        };
         let st = self
             .rt
             .vm()
             .await?
-            .wait_migration_status(
-                &[
-                    MigrationStatus::Completed,
-                    MigrationStatus::Failed,
-                    MigrationStatus::Cancelled,
-                ],
-                Duration::from_secs(120),
-            )
+            .wait_migration_status(done, Duration::from_secs(120))
             .await
             .map_err(|e| Error::Vm(format!("waiting for QEMU to complete: {e}")))?;
         self.meter.memory(&st);
         self.result.downtime_ms = st.downtime_ms;
         self.result.bytes.memory = st.ram.as_ref().map(|r| r.transferred).unwrap_or(0);
-        if st.status != MigrationStatus::Completed {
+        if !matches!(
+            st.status,
+            MigrationStatus::Completed | MigrationStatus::PostcopyActive
+        ) {
             return Err(Error::Migration(format!(
                 "QEMU's final switchover failed: {}",
                 st.error_desc.unwrap_or_else(|| format!("{:?}", st.status))
@@ -515,6 +570,9 @@ impl Source {
 
         // --- let go: quit (never cont) the source QEMU, keep the disk -------------------
         self.meter.phase(Phase::Cleanup);
+        if self.ram_postcopy {
+            self.finish_ram_postcopy().await?;
+        }
         drop(sub);
         self.d.vms.lock().await.remove(&self.req.vm);
         if let Err(e) = self.rt.stop(&self.d.nbd).await {
@@ -928,6 +986,46 @@ impl Source {
         }
     }
 
+    /// RAM post-copy: this QEMU holds pages the destination has not fetched yet, so it
+    /// must not quit before QEMU reports every page sent (`completed`).
+    async fn finish_ram_postcopy(&mut self) -> Result<()> {
+        let st = self
+            .rt
+            .vm()
+            .await?
+            .wait_migration_status(
+                &[MigrationStatus::Completed, MigrationStatus::PostcopyPaused],
+                Duration::from_secs(600),
+            )
+            .await
+            .map_err(|e| Error::Migration(format!("RAM post-copy did not complete: {e}")))?;
+        if st.status != MigrationStatus::Completed {
+            // The stream broke: QEMU paused the post-copy on both sides.
+            return Err(Error::Migration(format!(
+                "RAM post-copy paused ({:?}): {}",
+                st.status,
+                st.error_desc
+                    .unwrap_or_else(|| "the migration stream broke".into())
+            )));
+        }
+        self.meter.memory(&st);
+        self.result.downtime_ms = st.downtime_ms.or(self.result.downtime_ms);
+        if let Some(r) = &st.ram {
+            self.result.bytes.memory = r.transferred;
+        }
+        let elapsed = self.meter.elapsed_ms();
+        let p = self.result.postcopy.get_or_insert_with(Default::default);
+        p.ram_complete_ms = Some(elapsed);
+        if let Some(r) = &st.ram {
+            p.ram_postcopy_bytes = r.postcopy_bytes;
+            p.ram_postcopy_requests = r.postcopy_requests;
+            // `migrate-start-postcopy` only sets a flag: a pre-copy already on its way
+            // to completion ignores it. Then nothing went in post-copy.
+            p.ram = r.postcopy_bytes > 0 || r.postcopy_requests > 0;
+        }
+        Ok(())
+    }
+
     /// After a failure: the VM must be running here, as it was.
     async fn recover(&mut self) {
         // The old port is needed back by the endpoint that restarts here.
@@ -942,6 +1040,21 @@ impl Source {
                 return;
             }
         };
+        if self.ram_postcopy {
+            // RAM post-copy started: the destination may lack pages only this QEMU
+            // holds, and this guest's state already went out. Cancelling or resuming
+            // could leave two diverging halves; QEMU pauses (`postcopy-paused`) on a
+            // broken stream, and the guest stays stopped on both sides until an
+            // operator recovers the stream (`migrate-recover`, not automated yet).
+            warn!(vm = %self.req.vm, "RAM post-copy interrupted; the VM stays paused here, QEMU kept");
+            if let Some(e) = self.result.error.as_mut() {
+                e.push_str(
+                    " — RAM post-copy was interrupted: neither host holds the whole VM; \
+                     the source QEMU is kept paused for a post-copy recovery",
+                );
+            }
+            return;
+        }
         if self.qemu_migrating {
             if let Err(e) = vm.migrate_cancel().await {
                 warn!("migrate_cancel: {e}");

@@ -320,6 +320,19 @@ pub fn migration_summary(r: &MigrationResult) -> String {
             p.block_fetch_p50_ms,
             p.block_fetch_max_ms
         ));
+        if p.ram {
+            s.push_str(&format!(
+                "  ram     post-copy from {} (pre-copy stalled after {} passes, {:.1} MB left); \
+                 {:.1} MB and {} page requests after the switch, complete after {}\n",
+                format_ms(p.ram_started_ms.unwrap_or(0)),
+                p.ram_precopy_passes,
+                p.ram_remaining_at_switch as f64 / 1e6,
+                p.ram_postcopy_bytes as f64 / 1e6,
+                p.ram_postcopy_requests,
+                p.ram_complete_ms
+                    .map_or_else(|| "(not completed)".to_string(), format_ms)
+            ));
+        }
     }
     if !r.phases.is_empty() {
         let phases: Vec<String> = r
