@@ -80,6 +80,22 @@ impl Replication {
     fn links(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Link>>> {
         self.links.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The chunks of `vm`'s disk written since its replica on `host` committed `batch`;
+    /// `None` when this host cannot tell (no link, or `batch` is not the commit the link
+    /// last saw). A migration to `host` then needs to offer only these.
+    pub fn changed_since(
+        &self,
+        vm: &str,
+        host: &str,
+        batch: roam_store::Version,
+    ) -> Option<std::collections::BTreeSet<u64>> {
+        let link = self
+            .links()
+            .get(&(vm.to_string(), host.to_string()))
+            .cloned()?;
+        link.changed_since(batch)
+    }
 }
 
 /// `roam peer set-limit`: persist the peer's limit and apply it to the links running now.
