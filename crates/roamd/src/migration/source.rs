@@ -609,15 +609,19 @@ impl Source {
             let allocated = bulk.len();
             // Its base is our replica in a state we know: offer only what changed since.
             // `sub` exists already, so what is written from now on goes in the rounds.
-            let changed = base_replica.filter(|_| base_chunks > 0).and_then(|b| {
-                let v = roam_store::Version {
-                    generation: b.generation,
-                    seq: b.seq,
-                };
-                self.d
-                    .replication
-                    .changed_since(&self.req.vm, &self.req.to, v)
-            });
+            let changed = match base_replica.filter(|_| base_chunks > 0) {
+                Some(b) => {
+                    let v = roam_store::Version {
+                        generation: b.generation,
+                        seq: b.seq,
+                    };
+                    self.d
+                        .replication
+                        .changed_since(&self.req.vm, &self.req.to, v)
+                        .await
+                }
+                None => None,
+            };
             let n = match &changed {
                 Some(c) => sender.negotiate_changed(disk_tx, disk_rx, bulk, c).await?,
                 None => sender.negotiate(disk_tx, disk_rx, bulk).await?,

@@ -84,7 +84,7 @@ impl Replication {
     /// The chunks of `vm`'s disk written since its replica on `host` committed `batch`;
     /// `None` when this host cannot tell (no link, or `batch` is not the commit the link
     /// last saw). A migration to `host` then needs to offer only these.
-    pub fn changed_since(
+    pub async fn changed_since(
         &self,
         vm: &str,
         host: &str,
@@ -94,7 +94,18 @@ impl Replication {
             .links()
             .get(&(vm.to_string(), host.to_string()))
             .cloned()?;
-        link.changed_since(batch)
+        // The replica may have committed a batch whose reply has not reached the link
+        // task yet: give it a moment rather than offer every chunk.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            if let Some(c) = link.changed_since(batch) {
+                return Some(c);
+            }
+            if !link.commit_on_the_way(batch) || std::time::Instant::now() > until {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
 

@@ -153,6 +153,15 @@ impl Link {
         k.as_ref().and_then(|k| changed_since(k, batch))
     }
 
+    /// Whether the replica committed `batch` but this task has not recorded it yet (its
+    /// commit reply is on the way): worth waiting a moment for.
+    pub fn commit_on_the_way(&self, batch: Version) -> bool {
+        let k = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        k.as_ref()
+            .and_then(|k| k.synced_to)
+            .is_some_and(|v| v.generation == batch.generation && v.seq < batch.seq)
+    }
+
     /// Take the dirty bits into `pending`, atomically for `changed_since`.
     fn take_dirty(&self, tr: &mut Tracking) -> Vec<u64> {
         let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
