@@ -25,6 +25,10 @@
 //! from the one it offered) and sends every chunk that shared the old hash itself; a
 //! chunk written directly is never overwritten by a later pending copy. Whatever goes
 //! wrong, the seal's digest catches a chunk left unresolved.
+//!
+//! To a replica whose committed batch the source knows (`negotiate_changed`), only the
+//! chunks written since are offered and the `Query` says "unoffered = held": the receiver
+//! keeps those base chunks and hashes them from its file, so the seal still proves them.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
