@@ -340,6 +340,8 @@ async fn run(link: Arc<Link>, d: Arc<Daemon>, bucket: Arc<Bucket>) {
             }
         }
     }
+    // The task is over: its subscription must not outlive it in `known`.
+    *link.known.lock().unwrap_or_else(|p| p.into_inner()) = None;
 }
 
 async fn connect(d: &Daemon, host: &str) -> Result<Connection, SessErr> {
