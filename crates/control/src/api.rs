@@ -501,6 +501,11 @@ pub struct MigrationResult {
     /// chunk content the destination lacked, counted once; compare with `bytes.disk`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub least_bytes: Option<u64>,
+    /// Chunk hashes the source offered (56 bytes each on the wire); absent when it
+    /// offered none. Far below the allocated chunks when the destination's replica was
+    /// in a state the source knew (only what changed since is offered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks_offered: Option<u64>,
 }
 
 /// What a post-copy migration's guest saw of its disk arriving after it resumed.

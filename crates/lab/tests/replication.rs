@@ -196,14 +196,22 @@ async fn replica_follows_the_guest_survives_an_outage_and_seeds_the_move() {
     // Move to the replica host: the disk starts from the replica.
     let m = lab.migrate("desk", "office", "home", |_| {}).await.unwrap();
     eprintln!(
-        "migration to the replica host: disk {} B, wire {} B, chunks skipped {:?}, total {} ms",
-        m.bytes.disk, m.bytes.wire, m.chunks_skipped, m.total_ms
+        "migration to the replica host: disk {} B, wire {} B, chunks skipped {:?}, offered {:?}, total {} ms",
+        m.bytes.disk, m.bytes.wire, m.chunks_skipped, m.chunks_offered, m.total_ms
     );
     assert_eq!(m.outcome, Outcome::Completed, "{:?}", m.error);
     assert_eq!(m.acked_writes_lost, 0);
     assert!(
         m.chunks_skipped.unwrap_or(0) > 500,
         "the replica was not used: {m:?}"
+    );
+    // The source knew the replica's batch: it offered only what changed since, not a
+    // hash for every allocated chunk.
+    let offered = m.chunks_offered.unwrap_or(u64::MAX);
+    assert!(
+        offered.saturating_mul(10) < m.chunks_skipped.unwrap_or(0),
+        "{offered} offers for {:?} chunks held: every chunk was offered",
+        m.chunks_skipped
     );
     assert!(
         m.bytes.disk < 8 << 20,

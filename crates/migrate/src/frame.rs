@@ -23,7 +23,10 @@
 //!   (a return move): it compares with what it has and asks only for what differs.
 //! * `Query` (source → destination): no body; `index` = number of `Hash` frames sent.
 //!   The destination answers with one `Want` frame per chunk it lacks, then `WantEnd`
-//!   (`index` = number of wants).
+//!   (`index` = number of wants). `hash[0]` = 1 (`QUERY_UNOFFERED_HELD`): the source
+//!   offered only the chunks written since the replica batch the destination named in
+//!   `Accept`; every other chunk of the base is held as it is (the destination keeps it
+//!   and hashes it for the seal) instead of being cleared. 0: unoffered chunks are zero.
 //!
 //! Frames going back (destination → source, on the same stream) use the same header:
 //! `Sync` (acknowledgement, `index` = chunk frames written), `Want`, `WantEnd`.
@@ -48,6 +51,9 @@ use thiserror::Error;
 pub const MAGIC: u32 = 0x524F_444B; // "RODK"
 pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 56;
+/// `Query`'s `hash[0]` when the chunks the source did not offer are held as they are
+/// at the destination (see the module doc).
+pub const QUERY_UNOFFERED_HELD: u8 = 1;
 /// Largest chunk (uncompressed) a frame may describe.
 pub const MAX_CHUNK: u32 = 4 << 20;
 

@@ -18,10 +18,22 @@ use serde::{Deserialize, Serialize};
 /// handover instead of dropping them. Either side at version 2 simply does without.
 /// Also `Offer::postcopy`, `Msg::DiskComplete` and the `Pending`/`Switch` disk frames:
 /// a source asks for post-copy only of a destination that accepted version 3.
+/// Still 3: `Accept::base_replica` (the committed batch of the replica D copied into
+/// the incoming disk). A source that knows that batch offers only the chunks written
+/// since and marks its `Query` "unoffered = held" (frame.rs); a peer without the field
+/// reads it as `None` and every allocated chunk is offered, as before.
 pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Oldest version a destination still accepts ("current plus previous").
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
+
+/// A replica's committed batch: the primary's generation and the batch's sequence number
+/// (`roam_store::Version` on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaBatch {
+    pub generation: u64,
+    pub seq: u64,
+}
 
 /// A file the VM needs besides its disk (kernel, initramfs), named by content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +134,10 @@ pub enum Msg {
         /// when its own disk copy is too short to measure the link.
         #[serde(default)]
         link_rate_hint: u64,
+        /// The base is this host's replica of the VM as of this committed batch (`None`:
+        /// no base, a kept copy, or a replica state D cannot name).
+        #[serde(default)]
+        base_replica: Option<ReplicaBatch>,
     },
     /// D → S: will not take this VM; nothing was created.
     Refuse { reason: String },
@@ -254,6 +270,10 @@ mod tests {
                 base_chunks: 0,
                 indexed_chunks: 7,
                 link_rate_hint: 0,
+                base_replica: Some(ReplicaBatch {
+                    generation: 2,
+                    seq: 9,
+                }),
             },
             Msg::abort("destination disk full"),
             Msg::DiskVerified {

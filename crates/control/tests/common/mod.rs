@@ -93,6 +93,7 @@ pub fn result(vm: &str, to: &str, outcome: Outcome) -> MigrationResult {
         postcopy: None,
         chunks_deduped: None,
         least_bytes: None,
+        chunks_offered: None,
     }
 }
 

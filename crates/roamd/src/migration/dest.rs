@@ -160,7 +160,11 @@ impl Dest {
         // what changed since has to cross the WAN. The old copy itself stays untouched
         // until the new one is complete and running.
         // (Post-copy starts empty: the source names every chunk it holds as pending.)
-        let seeded = self.postcopy.is_none() && self.seed_from_old_copy(&disk_path)?;
+        let (seeded, base_replica) = if self.postcopy.is_none() {
+            self.seed_from_old_copy(&disk_path)?
+        } else {
+            (false, None)
+        };
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -253,6 +257,10 @@ impl Dest {
                 free_bytes: free_bytes(&d.paths.state)?,
                 base_chunks,
                 indexed_chunks: d.dedup.indexed_chunks(),
+                base_replica: base_replica.map(|v| roam_migrate::protocol::ReplicaBatch {
+                    generation: v.generation,
+                    seq: v.seq,
+                }),
                 link_rate_hint: self.conn.peer_name().map_or(0, |p| d.link_rates.get(p)),
             },
         )
@@ -538,16 +546,21 @@ impl Dest {
     /// Copy the disk this host kept when the VM left (status `moved`), if it has one of
     /// the right size. Sparse and, where the filesystem can, a reflink: cheap.
     /// A committed background replica of the VM held here is preferred: it is fresher.
-    fn seed_from_old_copy(&self, to: &std::path::Path) -> Result<bool> {
+    /// Also names the replica's committed batch when the copy is a replica's: the
+    /// source, if it knows what changed since that batch, offers only those chunks.
+    fn seed_from_old_copy(
+        &self,
+        to: &std::path::Path,
+    ) -> Result<(bool, Option<roam_store::Version>)> {
         let (name, bytes) = (&self.vm.name, self.vm.disk_bytes);
-        if crate::replication::replica::seed_copy(&self.d, name, bytes, to)? {
-            return Ok(true);
+        if let Some(v) = crate::replication::replica::seed_copy_at(&self.d, name, bytes, to)? {
+            return Ok((true, Some(v)));
         }
         let Some(old) = crate::daemon::kept_disk(&self.d, &self.vm.name, self.vm.disk_bytes) else {
-            return Ok(false);
+            return Ok((false, None));
         };
         crate::daemon::copy_sparse(&old, to)?;
-        Ok(true)
+        Ok((true, None))
     }
 
     fn record(&self, disk_path: String, status: VmStatus) -> VmRecord {

@@ -25,6 +25,10 @@
 //! from the one it offered) and sends every chunk that shared the old hash itself; a
 //! chunk written directly is never overwritten by a later pending copy. Whatever goes
 //! wrong, the seal's digest catches a chunk left unresolved.
+//!
+//! To a replica whose committed batch the source knows (`negotiate_changed`), only the
+//! chunks written since are offered and the `Query` says "unoffered = held": the receiver
+//! keeps those base chunks and hashes them from its file, so the seal still proves them.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -32,10 +36,10 @@ use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use roam_migrate::digest::{to_hex, zero_hash, ChunkHashes, Digest};
-use roam_migrate::frame::{DiskFrame, Kind, HEADER_LEN};
+use roam_migrate::frame::{DiskFrame, Kind, HEADER_LEN, QUERY_UNOFFERED_HELD};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -51,8 +55,11 @@ pub struct DiskCounters {
     pub stream_bytes: AtomicU64,
     pub chunks: AtomicU64,
     pub zero_chunks: AtomicU64,
-    /// Offered chunks the destination held at the same offset (an older copy).
+    /// Offered chunks the destination held at the same offset (an older copy), and
+    /// chunks not offered because the destination's replica holds them unchanged.
     pub held_chunks: AtomicU64,
+    /// `Hash` offers sent (56 bytes each).
+    pub offered_chunks: AtomicU64,
     /// Offered chunks the destination found elsewhere (its index: another disk, another
     /// offset) or copies from another chunk of this transfer.
     pub deduped_chunks: AtomicU64,
@@ -261,6 +268,46 @@ impl DiskSender {
         W: AsyncWrite + Unpin,
         R: AsyncRead + Unpin,
     {
+        self.negotiate_inner(w, r, chunks, None).await
+    }
+
+    /// Like `negotiate`, to a destination whose base is a replica in a state this host
+    /// knows: only `changed` (written since that state) is offered; every other chunk
+    /// of `chunks` (the allocated ones) is hashed here for the seal but assumed held
+    /// there, and the `Query` tells the destination to keep and hash what was not
+    /// offered. A wrong assumption makes the seal's digests differ: the move aborts, it
+    /// cannot corrupt. Changed chunks that are zero now are returned among the wanted
+    /// ones (sent as `Zero` frames, which clear them there).
+    pub async fn negotiate_changed<W, R>(
+        &mut self,
+        w: &mut W,
+        r: &mut R,
+        chunks: Vec<u64>,
+        changed: &BTreeSet<u64>,
+    ) -> Result<Negotiated>
+    where
+        W: AsyncWrite + Unpin,
+        R: AsyncRead + Unpin,
+    {
+        let mut all: BTreeSet<u64> = chunks.into_iter().collect();
+        let n = self.state.as_ref().map_or(0, |s| s.hashes.len());
+        all.extend(changed.iter().copied().filter(|&c| c < n));
+        self.negotiate_inner(w, r, all.into_iter().collect(), Some(changed.clone()))
+            .await
+    }
+
+    async fn negotiate_inner<W, R>(
+        &mut self,
+        w: &mut W,
+        r: &mut R,
+        chunks: Vec<u64>,
+        changed: Option<BTreeSet<u64>>,
+    ) -> Result<Negotiated>
+    where
+        W: AsyncWrite + Unpin,
+        R: AsyncRead + Unpin,
+    {
+        let only_changed = changed.is_some();
         let mut st = self
             .state
             .take()
@@ -270,6 +317,7 @@ impl DiskSender {
         let worker = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; st.hashes.chunk_size() as usize];
             let mut groups: HashMap<Digest, Vec<u64>> = HashMap::new();
+            let mut zeroed = Vec::new();
             for idx in chunks {
                 let data = match read_chunk(&file, &st.hashes, idx, &mut buf) {
                     Ok(d) => d,
@@ -280,7 +328,14 @@ impl DiskSender {
                 };
                 let hash = *blake3::hash(data).as_bytes();
                 st.hashes.set(idx, hash);
+                let offer = changed.as_ref().is_none_or(|c| c.contains(&idx));
+                if !offer {
+                    continue; // held there as it is (the seal checks it)
+                }
                 if roam_migrate::frame::is_zero(data) {
+                    if changed.is_some() {
+                        zeroed.push(idx); // not cleared there unless sent
+                    }
                     continue;
                 }
                 groups.entry(hash).or_default().push(idx);
@@ -291,7 +346,7 @@ impl DiskSender {
             }
             groups.retain(|_, g| g.len() > 1);
             st.groups.extend(groups);
-            st
+            (st, zeroed)
         });
         let mut offered = 0u64;
         let mut result: Result<()> = Ok(());
@@ -314,12 +369,19 @@ impl DiskSender {
             }
         }
         drop(rx);
-        let st = worker
+        let (st, zeroed) = worker
             .await
             .map_err(|e| Error::Disk(format!("disk reader thread: {e}")))?;
         self.state = Some(st);
         result?;
-        w.write_all(&DiskFrame::control(Kind::Query, offered).encode_header())
+        self.counters
+            .offered_chunks
+            .fetch_add(offered, Ordering::Relaxed);
+        let mut query = DiskFrame::control(Kind::Query, offered);
+        if only_changed {
+            query.hash[0] = QUERY_UNOFFERED_HELD;
+        }
+        w.write_all(&query.encode_header())
             .await
             .map_err(|e| Error::io("send chunk query", e))?;
         w.flush()
@@ -332,6 +394,11 @@ impl DiskSender {
                 Kind::Want => wanted.push(f.index),
                 Kind::WantEnd if f.index == wanted.len() as u64 => {
                     let (held, deduped, copied) = decode_counts(&f.hash);
+                    if !zeroed.is_empty() {
+                        wanted.extend(zeroed);
+                        wanted.sort_unstable();
+                        wanted.dedup();
+                    }
                     self.counters.held_chunks.fetch_add(held, Ordering::Relaxed);
                     self.counters
                         .deduped_chunks
@@ -680,13 +747,24 @@ impl DiskReceiver {
                     continue;
                 }
                 if frame.kind == Kind::Query {
-                    // What the source did not offer is zero there: clear it here.
+                    let unoffered_held = frame.hash[0] == QUERY_UNOFFERED_HELD;
                     for &c in &base {
-                        if !offered.get(c as usize).copied().unwrap_or(true) {
-                            if let Some((off, len)) = hashes.range(c) {
-                                clear(&file, off, len).map_err(|e| disk_write_error(c, e))?;
-                                hashes.set(c, zero_hash(len));
-                            }
+                        if offered.get(c as usize).copied().unwrap_or(true) {
+                            continue;
+                        }
+                        if unoffered_held {
+                            // Unchanged since the replica's batch, says the source: keep
+                            // it, and hash what is really here so the seal proves it.
+                            let data = read_chunk(&file, &hashes, c, &mut buf)?;
+                            hashes.set(c, *blake3::hash(data).as_bytes());
+                            offers.held += 1;
+                        } else if let Some((off, len)) = hashes.range(c) {
+                            // What the source did not offer is zero there: clear it here.
+                            clear(&file, off, len).map_err(|e| disk_write_error(c, e))?;
+                            hashes.set(c, zero_hash(len));
+                        }
+                        if let Some(o) = offered.get_mut(c as usize) {
+                            *o = true; // a later round's query must not clear it
                         }
                     }
                     for &w in &offers.wants {
@@ -1082,3 +1160,7 @@ mod tests {
 #[cfg(test)]
 #[path = "disk_dedup_tests.rs"]
 mod dedup_tests;
+
+#[cfg(test)]
+#[path = "disk_replica_tests.rs"]
+mod replica_tests;

@@ -96,6 +96,7 @@ pub async fn migrate(
             postcopy: None,
             chunks_deduped: None,
             least_bytes: None,
+            chunks_offered: None,
         },
         conn: None,
         qemu_migrating: false,
@@ -174,14 +175,15 @@ impl Source {
             },
         )
         .await?;
-        let (base_chunks, indexed_chunks, rate_hint) =
+        let (base_chunks, indexed_chunks, rate_hint, base_replica) =
             match recv_ctl(&mut ctl_rx, STEP_TIMEOUT).await? {
                 Msg::Accept {
                     base_chunks,
                     indexed_chunks,
                     link_rate_hint,
+                    base_replica,
                     ..
-                } => (base_chunks, indexed_chunks, link_rate_hint),
+                } => (base_chunks, indexed_chunks, link_rate_hint, base_replica),
                 Msg::Refuse { reason } => {
                     return Err(self.peer_err(format!("refused the VM: {reason}")))
                 }
@@ -226,6 +228,7 @@ impl Source {
                         base_chunks,
                         indexed_chunks,
                         rate_hint,
+                        base_replica,
                     },
                     &sub,
                     &mut sender,
@@ -651,6 +654,7 @@ impl Source {
             base_chunks,
             indexed_chunks,
             rate_hint,
+            base_replica,
         } = accepted;
         self.meter.phase(Phase::DiskBulk);
         let bulk = allocated_chunks(file, manifest.disk_bytes, CHUNK_SIZE)
@@ -660,15 +664,38 @@ impl Source {
         if base_chunks > 0 || indexed_chunks > 0 {
             // The destination holds an older copy, or other disks that may share content:
             // offer hashes, send only what it holds nowhere (see disk.rs, "Dedup").
-            let offered = bulk.len();
-            let n = sender.negotiate(disk_tx, disk_rx, bulk).await?;
+            let allocated = bulk.len();
+            // Its base is our replica in a state we know: offer only what changed since.
+            // `sub` exists already, so what is written from now on goes in the rounds.
+            let changed = match base_replica.filter(|_| base_chunks > 0) {
+                Some(b) => {
+                    let v = roam_store::Version {
+                        generation: b.generation,
+                        seq: b.seq,
+                    };
+                    self.d
+                        .replication
+                        .changed_since(&self.req.vm, &self.req.to, v)
+                        .await
+                }
+                None => None,
+            };
+            let n = match &changed {
+                Some(c) => sender.negotiate_changed(disk_tx, disk_rx, bulk, c).await?,
+                None => sender.negotiate(disk_tx, disk_rx, bulk).await?,
+            };
             // The rate is measured on the chunks' transfer, not on hashing and its RTT.
             t0 = Instant::now();
             before = conn.stats().tx_bytes;
-            info!(vm = %self.req.vm, offered, wanted = n.wanted.len(), held = n.held,
+            let offered = sender
+                .counters
+                .offered_chunks
+                .load(std::sync::atomic::Ordering::Relaxed);
+            info!(vm = %self.req.vm, allocated, offered, wanted = n.wanted.len(), held = n.held,
                 deduped = n.deduped, copied = n.copied, base_chunks, indexed_chunks,
-                "destination already holds the rest");
-            self.result.chunks_skipped = Some((offered - n.wanted.len()) as u64);
+                replica_delta = changed.is_some(), "destination already holds the rest");
+            self.result.chunks_skipped = Some(allocated.saturating_sub(n.wanted.len()) as u64);
+            self.result.chunks_offered = Some(offered);
             sender.send(disk_tx, n.wanted, false).await?;
         } else {
             sender.send(disk_tx, bulk, true).await?;
@@ -1113,6 +1140,7 @@ struct Accepted {
     base_chunks: u64,
     indexed_chunks: u64,
     rate_hint: u64,
+    base_replica: Option<roam_migrate::protocol::ReplicaBatch>,
 }
 
 fn unexpected(wanted: &str, got: &Msg) -> Error {

@@ -80,6 +80,33 @@ impl Replication {
     fn links(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Link>>> {
         self.links.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The chunks of `vm`'s disk written since its replica on `host` committed `batch`;
+    /// `None` when this host cannot tell (no link, or `batch` is not the commit the link
+    /// last saw). A migration to `host` then needs to offer only these.
+    pub async fn changed_since(
+        &self,
+        vm: &str,
+        host: &str,
+        batch: roam_store::Version,
+    ) -> Option<std::collections::BTreeSet<u64>> {
+        let link = self
+            .links()
+            .get(&(vm.to_string(), host.to_string()))
+            .cloned()?;
+        // The replica may have committed a batch whose reply has not reached the link
+        // task yet: give it a moment rather than offer every chunk.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            if let Some(c) = link.changed_since(batch) {
+                return Some(c);
+            }
+            if !link.commit_on_the_way(batch) || std::time::Instant::now() > until {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// `roam peer set-limit`: persist the peer's limit and apply it to the links running now.

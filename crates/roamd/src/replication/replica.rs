@@ -131,24 +131,31 @@ fn prefill_from(old: &Path, disk: &Path) {
 /// Copy the committed state of this host's replica of `vm` to `to` (sparse, reflinked
 /// where possible), for a migration arriving here. `false` if there is none to use.
 pub fn seed_copy(d: &Daemon, vm: &str, disk_bytes: u64, to: &Path) -> Result<bool> {
+    Ok(seed_copy_at(d, vm, disk_bytes, to)?.is_some())
+}
+
+/// Like `seed_copy`, naming the committed batch the copy holds (the writer's lock is held
+/// during the copy, so no batch is applied in between).
+pub fn seed_copy_at(d: &Daemon, vm: &str, disk_bytes: u64, to: &Path) -> Result<Option<Version>> {
     let dir = replica_dir(d, vm);
     if !dir.join("record").exists() {
-        return Ok(false);
+        return Ok(None);
     }
     let slot = d.replication.held.slot(vm);
     let mut g = lock(&slot.writer);
     if !ensure_open(&mut g, &dir, None, None)? {
-        return Ok(false);
+        return Ok(None);
     }
     let Some(w) = g.as_ref() else {
-        return Ok(false);
+        return Ok(None);
     };
-    if w.disk_bytes() != disk_bytes || w.applied().version == Version::default() {
-        return Ok(false);
+    let applied = w.applied().version;
+    if w.disk_bytes() != disk_bytes || applied == Version::default() {
+        return Ok(None);
     }
     crate::daemon::copy_sparse(&w.disk_path(), to)?;
-    info!(vm, applied = ?w.applied().version, "incoming migration seeded from the replica");
-    Ok(true)
+    info!(vm, ?applied, "incoming migration seeded from the replica");
+    Ok(Some(applied))
 }
 
 /// A conversation whose first stream is of kind `Replication` and whose first message was

@@ -63,6 +63,29 @@ pub struct Link {
     status: Mutex<Status>,
     stop: CancellationToken,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// What this task knows the replica holds, for a migration to the replica host
+    /// (`changed_since`). Taking dirty bits and recording them happen under this lock.
+    known: Mutex<Option<Known>>,
+}
+
+/// The replica's committed batch and what was written here since it.
+struct Known {
+    sub: Arc<DirtySubscription>,
+    /// Taken from `sub` but not committed at the replica.
+    pending: BTreeSet<u64>,
+    synced_to: Option<Version>,
+}
+
+/// The chunks written since the replica committed `batch`: those taken for a batch not
+/// yet committed plus those still dirty. `None` when `batch` is not the replica's last
+/// commit as this task saw it (then nothing can be assumed about the replica).
+fn changed_since(k: &Known, batch: Version) -> Option<BTreeSet<u64>> {
+    if k.synced_to != Some(batch) {
+        return None;
+    }
+    let mut out = k.pending.clone();
+    out.extend((0..k.sub.chunk_count()).filter(|&c| k.sub.is_dirty(c)));
+    Some(out)
 }
 
 enum SessErr {
@@ -80,7 +103,7 @@ impl<E: std::fmt::Display> From<E> for SessErr {
 /// What the dirty tracking of one running VM has seen, across sessions.
 struct Tracking {
     tracker: Arc<DirtyTracker>,
-    sub: DirtySubscription,
+    sub: Arc<DirtySubscription>,
     /// Taken from the subscription but not yet committed at the replica.
     pending: BTreeSet<u64>,
     /// The replica's committed batch as of this task's last commit.
@@ -102,6 +125,7 @@ impl Link {
             }),
             stop: d.shutdown.child_token(),
             task: Mutex::new(None),
+            known: Mutex::new(None),
         });
         let h = tokio::spawn(run(link.clone(), d, bucket));
         *link.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
@@ -120,6 +144,45 @@ impl Link {
                 h.abort();
             }
         }
+    }
+
+    /// The chunks of this VM's disk written since the replica committed `batch`, if
+    /// `batch` is the replica's last commit this task knows of (see `changed_since`).
+    pub fn changed_since(&self, batch: Version) -> Option<BTreeSet<u64>> {
+        let k = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        k.as_ref().and_then(|k| changed_since(k, batch))
+    }
+
+    /// Whether the replica committed `batch` but this task has not recorded it yet (its
+    /// commit reply is on the way): worth waiting a moment for.
+    pub fn commit_on_the_way(&self, batch: Version) -> bool {
+        let k = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        k.as_ref()
+            .and_then(|k| k.synced_to)
+            .is_some_and(|v| v.generation == batch.generation && v.seq < batch.seq)
+    }
+
+    /// Take the dirty bits into `pending`, atomically for `changed_since`.
+    fn take_dirty(&self, tr: &mut Tracking) -> Vec<u64> {
+        let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = tr.sub.take();
+        tr.pending.extend(taken.iter().copied());
+        if let Some(k) = k.as_mut() {
+            k.pending.extend(taken.iter().copied());
+        }
+        taken
+    }
+
+    /// The replica committed `v`: everything taken so far is there.
+    fn record_commit(&self, tr: &mut Tracking, v: Version) {
+        let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        tr.pending.clear();
+        tr.synced_to = Some(v);
+        *k = Some(Known {
+            sub: tr.sub.clone(),
+            pending: BTreeSet::new(),
+            synced_to: Some(v),
+        });
     }
 
     fn update(&self, f: impl FnOnce(&mut Status)) {
@@ -236,10 +299,12 @@ async fn run(link: Arc<Link>, d: Arc<Daemon>, bucket: Arc<Bucket>) {
         {
             tr = Some(Tracking {
                 tracker: rt.tracker.clone(),
-                sub: rt.tracker.subscribe(InitialState::Clean),
+                sub: Arc::new(rt.tracker.subscribe(InitialState::Clean)),
                 pending: BTreeSet::new(),
                 synced_to: None,
             });
+            // Writes before this subscription are unknown: assume nothing.
+            *link.known.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
         let Some(t) = tr.as_mut() else { continue };
         let synced_before = link.last_sync();
@@ -275,6 +340,8 @@ async fn run(link: Arc<Link>, d: Arc<Daemon>, bucket: Arc<Bucket>) {
             }
         }
     }
+    // The task is over: its subscription must not outlive it in `known`.
+    *link.known.lock().unwrap_or_else(|p| p.into_inner()) = None;
 }
 
 async fn connect(d: &Daemon, host: &str) -> Result<Connection, SessErr> {
@@ -386,8 +453,7 @@ async fn session(
             let mut first = true;
             let cut_epoch = loop {
                 cut.begin_pass(rt.tracker.flush_epoch());
-                let taken = tr.sub.take();
-                tr.pending.extend(taken.iter().copied());
+                let taken = link.take_dirty(tr);
                 if first && seed {
                     // Everything the primary holds, by hash: the replica says what it lacks.
                     let all = allocated_chunks(&file, rec.disk_bytes, CHUNK_SIZE)?;
@@ -424,8 +490,7 @@ async fn session(
             });
             sender.sync(&mut w, &mut rx).await?; // answered once committed
             testhooks::committed(&link.vm, &link.host);
-            tr.pending.clear();
-            tr.synced_to = Some(Version { generation, seq });
+            link.record_commit(tr, Version { generation, seq });
             if seed {
                 // "sent" = chunks the replica lacked; the rest it already held.
                 info!(vm = %link.vm, host = %link.host, seq, offered = seed_stats.0,
@@ -470,4 +535,47 @@ pub async fn remove_remote(d: &Daemon, vm: &str, host: &str) -> Result<(), Strin
     r.map_err(|e| match e {
         SessErr::Stale(m) | SessErr::Other(m) => m,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known(synced_to: Option<Version>) -> (Arc<DirtyTracker>, Known) {
+        let t = DirtyTracker::new(64 * 4096, 4096).unwrap();
+        let sub = Arc::new(t.subscribe(InitialState::Clean));
+        let k = Known {
+            sub,
+            pending: BTreeSet::new(),
+            synced_to,
+        };
+        (t, k)
+    }
+
+    const V: Version = Version {
+        generation: 3,
+        seq: 17,
+    };
+
+    #[test]
+    fn changed_since_the_known_batch_is_pending_plus_dirty() {
+        let (t, mut k) = known(Some(V));
+        // Taken for a batch that has not committed yet, and written since.
+        k.pending.extend([2, 9]);
+        t.mark(40 * 4096, 4096);
+        t.mark(9 * 4096, 1);
+        let got = changed_since(&k, V).unwrap();
+        assert_eq!(got.into_iter().collect::<Vec<_>>(), vec![2, 9, 40]);
+        // Reading does not consume: the replication still sends them.
+        assert_eq!(k.sub.count(), 2);
+    }
+
+    #[test]
+    fn another_batch_or_no_commit_means_nothing_is_known() {
+        let (_t, k) = known(Some(V));
+        assert!(changed_since(&k, Version { seq: 16, ..V }).is_none());
+        assert!(changed_since(&k, Version { generation: 4, ..V }).is_none());
+        let (_t, k) = known(None);
+        assert!(changed_since(&k, V).is_none());
+    }
 }

@@ -1,0 +1,147 @@
+//! A return move to a host whose replica is in a state the source knows: only the chunks
+//! written since that state are offered, the rest is assumed held; a wrong assumption
+//! makes the seal fail (the move aborts), it never passes unnoticed.
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+
+use super::*;
+
+const CS: usize = 4096;
+const N: u64 = 64;
+
+fn disk(chunks: &[(u64, u8)]) -> (tempfile::NamedTempFile, Arc<File>) {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.as_file_mut().set_len(N * CS as u64).unwrap();
+    for (i, v) in chunks {
+        f.as_file()
+            .write_all_at(&vec![*v; CS], i * CS as u64)
+            .unwrap();
+    }
+    f.flush().unwrap();
+    let file = Arc::new(f.reopen().unwrap());
+    (f, file)
+}
+
+fn whole(f: &File) -> Vec<u8> {
+    let mut b = vec![0u8; N as usize * CS];
+    f.read_exact_at(&mut b, 0).unwrap();
+    b
+}
+
+struct Run {
+    neg: Negotiated,
+    offered: u64,
+    out: SealOutcome,
+    sfile: Arc<File>,
+    dfile: Arc<File>,
+    _files: [tempfile::NamedTempFile; 2],
+}
+
+/// The replica (chunks 1..=10) at the destination; the source's disk `now`; the source
+/// believes `changed` were written since the replica's batch.
+async fn run(now: &[(u64, u8)], changed: &[u64]) -> Run {
+    let replica: Vec<(u64, u8)> = (1..=10).map(|i| (i, i as u8)).collect();
+    let (d, dfile) = disk(&replica);
+    let (s, sfile) = disk(now);
+    let base = allocated_chunks(&dfile, N * CS as u64, CS as u32).unwrap();
+    let mut sender = DiskSender::new(sfile.clone(), N * CS as u64, CS as u32, 3);
+    let receiver = DiskReceiver::new(dfile.clone(), N * CS as u64, CS as u32).with_base(base);
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let (mut ar, mut a) = tokio::io::split(a);
+    let (mut br, bw) = tokio::io::split(b);
+    let recv = tokio::spawn(async move { receiver.run(&mut br, bw).await });
+    let all = allocated_chunks(&sfile, N * CS as u64, CS as u32).unwrap();
+    let changed: BTreeSet<u64> = changed.iter().copied().collect();
+    let neg = sender
+        .negotiate_changed(&mut a, &mut ar, all, &changed)
+        .await
+        .unwrap();
+    sender
+        .send(&mut a, neg.wanted.clone(), false)
+        .await
+        .unwrap();
+    sender.sync(&mut a, &mut ar).await.unwrap();
+    sender.seal(&mut a).await.unwrap();
+    let out = recv.await.unwrap().unwrap();
+    let offered = sender.counters.offered_chunks.load(Ordering::Relaxed);
+    Run {
+        neg,
+        offered,
+        out,
+        sfile,
+        dfile,
+        _files: [d, s],
+    }
+}
+
+#[tokio::test]
+async fn only_chunks_changed_since_the_replica_are_offered() {
+    // Since the replica's batch: chunk 3 rewritten, chunk 5 zeroed (a discard), chunk 20
+    // new. Everything else is as the replica has it.
+    let mut now: Vec<(u64, u8)> = (1..=10).filter(|&i| i != 5).map(|i| (i, i as u8)).collect();
+    now[2].1 = 33;
+    now.push((20, 20));
+    let r = run(&now, &[3, 5, 20]).await;
+    // Two hashes cross (3 and 20; a zero chunk is not offered) instead of ten.
+    assert_eq!(r.offered, 2);
+    // 5 goes as a Zero frame: the replica still holds data there.
+    assert_eq!(r.neg.wanted, vec![3, 5, 20]);
+    // The 9 unoffered chunks of the replica were kept (and hashed) there; chunk 5 only
+    // until its Zero frame arrived.
+    assert_eq!(r.neg.held, 9);
+    assert!(r.out.ok, "{:?}", r.out);
+    assert_eq!(r.out.frames_received, 3);
+    assert!(whole(&r.sfile) == whole(&r.dfile), "disks differ");
+}
+
+#[tokio::test]
+async fn a_change_the_source_did_not_know_of_fails_the_seal() {
+    // Chunk 7 was rewritten but the source's record misses it: it is neither offered nor
+    // sent, the destination keeps its old chunk 7, and the digests differ.
+    let mut now: Vec<(u64, u8)> = (1..=10).map(|i| (i, i as u8)).collect();
+    now[6].1 = 77;
+    let r = run(&now, &[]).await;
+    assert_eq!(r.offered, 0);
+    assert!(r.neg.wanted.is_empty());
+    assert!(!r.out.ok, "a wrong assumption must abort: {:?}", r.out);
+    assert_ne!(r.out.source_root, r.out.dest_root);
+}
+
+#[tokio::test]
+async fn a_chunk_removed_at_the_source_but_unknown_fails_the_seal() {
+    // Chunk 9 is a hole at the source now, the record misses it: the replica's chunk 9
+    // is kept and hashed there, so the digests differ.
+    let now: Vec<(u64, u8)> = (1..=10).filter(|&i| i != 9).map(|i| (i, i as u8)).collect();
+    let r = run(&now, &[]).await;
+    assert!(!r.out.ok, "{:?}", r.out);
+}
+
+#[tokio::test]
+async fn without_a_known_replica_state_every_chunk_is_offered() {
+    // The fallback (`negotiate`): all ten allocated chunks are offered, unoffered base
+    // chunks are cleared, and the result is the same disk.
+    let replica: Vec<(u64, u8)> = (1..=10).map(|i| (i, i as u8)).collect();
+    let (_d, dfile) = disk(&replica);
+    let mut now = replica.clone();
+    now[2].1 = 33;
+    now.remove(4); // chunk 5 discarded: not offered, so cleared there
+    let (_s, sfile) = disk(&now);
+    let base = allocated_chunks(&dfile, N * CS as u64, CS as u32).unwrap();
+    let mut sender = DiskSender::new(sfile.clone(), N * CS as u64, CS as u32, 3);
+    let receiver = DiskReceiver::new(dfile.clone(), N * CS as u64, CS as u32).with_base(base);
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let (mut ar, mut a) = tokio::io::split(a);
+    let (mut br, bw) = tokio::io::split(b);
+    let recv = tokio::spawn(async move { receiver.run(&mut br, bw).await });
+    let all = allocated_chunks(&sfile, N * CS as u64, CS as u32).unwrap();
+    let neg = sender.negotiate(&mut a, &mut ar, all).await.unwrap();
+    assert_eq!(sender.counters.offered_chunks.load(Ordering::Relaxed), 9);
+    assert_eq!(neg.wanted, vec![3]);
+    sender.send(&mut a, neg.wanted, false).await.unwrap();
+    sender.sync(&mut a, &mut ar).await.unwrap();
+    sender.seal(&mut a).await.unwrap();
+    let out = recv.await.unwrap().unwrap();
+    assert!(out.ok, "{out:?}");
+    assert!(whole(&sfile) == whole(&dfile), "disks differ");
+}
