@@ -3,9 +3,12 @@
 //! that the disk takes seconds to follow. The guest must run at the destination before
 //! its disk is complete, fetch what it needs on demand, and lose no acknowledged write.
 
+// Tests and their helpers may unwrap (project rule).
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
-use roam_control::api::{MigrateRequest, Outcome, Phase, VmState, Workload};
+use roam_control::api::{MigrateRequest, MigrationResult, Outcome, Phase, VmState, Workload};
 use roam_lab::{Lab, LabConfig};
 use roam_wan::LinkParams;
 
@@ -144,34 +147,7 @@ async fn postcopy_link_cut_after_the_switch_pauses_the_guest_everywhere() {
     let mut cfg = config();
     // Slower, so that plenty is still missing when the link goes.
     cfg.link.bandwidth_mbit = 50.0;
-    let lab = Lab::start(cfg).await.unwrap();
-    lab.create_vm("office", "desk").await.unwrap();
-    lab.start_workload("office", "desk").await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let wan = lab.wan.as_ref().unwrap();
-    let req = MigrateRequest {
-        vm: "desk".into(),
-        to: "home".into(),
-        postcopy: true,
-        bandwidth_limit_mbit: None,
-    };
-    let cut = std::sync::atomic::AtomicBool::new(false);
-    let r = lab
-        .host("office")
-        .client
-        .migrate(&req, |p| {
-            if p.phase == Phase::Verify && !cut.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                wan.set_outage(true);
-            }
-        })
-        .await
-        .unwrap();
-    assert!(
-        cut.load(std::sync::atomic::Ordering::SeqCst),
-        "the link was never cut"
-    );
-    eprintln!("abort reason: {:?}", r.error);
-    assert_eq!(r.outcome, Outcome::Aborted);
+    let (lab, r) = postcopy_cut_at_verify(cfg).await;
     assert!(
         r.postcopy
             .as_ref()
@@ -194,7 +170,7 @@ async fn postcopy_link_cut_after_the_switch_pauses_the_guest_everywhere() {
         1,
         "home keeps the paused VM"
     );
-    wan.set_outage(false);
+    lab.wan.as_ref().unwrap().set_outage(false);
     lab.shutdown().await;
 }
 
@@ -271,35 +247,7 @@ async fn postcopy_ram_link_cut_pauses_and_never_claims_success() {
     cfg.data_mib = 16;
     cfg.workload.mem_dirty_mib_s = 48;
     cfg.workload.mem_working_set_mib = 32;
-    let lab = Lab::start(cfg).await.unwrap();
-    lab.create_vm("office", "desk").await.unwrap();
-    lab.start_workload("office", "desk").await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let wan = lab.wan.as_ref().unwrap();
-    let req = MigrateRequest {
-        vm: "desk".into(),
-        to: "home".into(),
-        postcopy: true,
-        bandwidth_limit_mbit: None,
-    };
-    let cut = std::sync::atomic::AtomicBool::new(false);
-    let r = lab
-        .host("office")
-        .client
-        .migrate(&req, |p| {
-            // The guest runs at home from the verify phase on; RAM pages still follow.
-            if p.phase == Phase::Verify && !cut.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                wan.set_outage(true);
-            }
-        })
-        .await
-        .unwrap();
-    assert!(
-        cut.load(std::sync::atomic::Ordering::SeqCst),
-        "the link was never cut"
-    );
-    eprintln!("abort reason: {:?}", r.error);
-    assert_eq!(r.outcome, Outcome::Aborted);
+    let (lab, r) = postcopy_cut_at_verify(cfg).await;
     let pc = r.postcopy.clone().expect("post-copy figures");
     assert!(pc.ram, "RAM post-copy was not used: {pc:?}");
     assert!(
@@ -327,6 +275,41 @@ async fn postcopy_ram_link_cut_pauses_and_never_claims_success() {
         1,
         "home keeps the paused VM"
     );
-    wan.set_outage(false);
+    lab.wan.as_ref().unwrap().set_outage(false);
     lab.shutdown().await;
+}
+
+/// Boots a busy VM on office, moves it with `--postcopy`, and cuts the WAN as soon as
+/// the guest runs at home (the verify phase), while chunks or pages still follow.
+/// Returns the lab and the result, which must be an abort.
+async fn postcopy_cut_at_verify(cfg: LabConfig) -> (Lab, MigrationResult) {
+    let lab = Lab::start(cfg).await.unwrap();
+    lab.create_vm("office", "desk").await.unwrap();
+    lab.start_workload("office", "desk").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let wan = lab.wan.as_ref().unwrap();
+    let req = MigrateRequest {
+        vm: "desk".into(),
+        to: "home".into(),
+        postcopy: true,
+        bandwidth_limit_mbit: None,
+    };
+    let cut = std::sync::atomic::AtomicBool::new(false);
+    let r = lab
+        .host("office")
+        .client
+        .migrate(&req, |p| {
+            if p.phase == Phase::Verify && !cut.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                wan.set_outage(true);
+            }
+        })
+        .await
+        .unwrap();
+    assert!(
+        cut.load(std::sync::atomic::Ordering::SeqCst),
+        "the link was never cut"
+    );
+    eprintln!("abort reason: {:?}", r.error);
+    assert_eq!(r.outcome, Outcome::Aborted);
+    (lab, r)
 }
