@@ -122,20 +122,7 @@ async fn postcopy_runs_at_destination_before_the_disk_arrives_and_loses_nothing(
         "no disk progress after the switch: {disk_sent_after_switch:?}"
     );
     // Every acknowledged write is on the destination's disk.
-    assert!(
-        r.acked_writes > 0,
-        "the workload made no acknowledged writes"
-    );
-    assert_eq!(r.acked_writes_lost, 0);
-    assert!(!r.guest_rebooted);
-    assert!(
-        heartbeats_flow(&lab, "home", "desk").await,
-        "guest not alive at home"
-    );
-    let office = lab.host("office").client.vm_show("desk").await.unwrap();
-    assert_eq!(office.state, VmState::Moved);
-    no_debris(&lab, "office", &[]).await;
-    no_debris(&lab, "home", &["desk"]).await;
+    moved_cleanly(&lab, &r).await;
     lab.shutdown().await;
 }
 
@@ -221,20 +208,7 @@ async fn postcopy_ram_takes_over_when_precopy_cannot_converge() {
         "tuning {}",
         r.tuning
     );
-    assert!(
-        r.acked_writes > 0,
-        "the workload made no acknowledged writes"
-    );
-    assert_eq!(r.acked_writes_lost, 0);
-    assert!(!r.guest_rebooted);
-    assert!(
-        heartbeats_flow(&lab, "home", "desk").await,
-        "guest not alive at home"
-    );
-    let office = lab.host("office").client.vm_show("desk").await.unwrap();
-    assert_eq!(office.state, VmState::Moved);
-    no_debris(&lab, "office", &[]).await;
-    no_debris(&lab, "home", &["desk"]).await;
+    moved_cleanly(&lab, &r).await;
     lab.shutdown().await;
 }
 
@@ -312,4 +286,23 @@ async fn postcopy_cut_at_verify(cfg: LabConfig) -> (Lab, MigrationResult) {
     eprintln!("abort reason: {:?}", r.error);
     assert_eq!(r.outcome, Outcome::Aborted);
     (lab, r)
+}
+
+/// A completed move: acknowledged writes were made and none was lost, no reboot, the
+/// guest alive at home, office's copy `moved`, no debris on either host.
+async fn moved_cleanly(lab: &Lab, r: &MigrationResult) {
+    assert!(
+        r.acked_writes > 0,
+        "the workload made no acknowledged writes"
+    );
+    assert_eq!(r.acked_writes_lost, 0);
+    assert!(!r.guest_rebooted);
+    assert!(
+        heartbeats_flow(lab, "home", "desk").await,
+        "guest not alive at home"
+    );
+    let office = lab.host("office").client.vm_show("desk").await.unwrap();
+    assert_eq!(office.state, VmState::Moved);
+    no_debris(lab, "office", &[]).await;
+    no_debris(lab, "home", &["desk"]).await;
 }
