@@ -438,18 +438,20 @@ async fn replica_is_always_a_flushed_state_with_a_clean_ext4_across_50_interrupt
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
-    // The churn really happened on ext4: the replica's file system lists its files.
+    // The churn really happened on ext4: the replica's file system, as a mount would
+    // see it (journal replayed: recent directory changes may live only in the journal
+    // until ext4 checkpoints them), lists its files.
+    let control = scratch.join("control.img");
+    sparse_copy(&replica_dir.join("disk"), &control);
+    replay_journal(&control).unwrap();
     let ls = Command::new("debugfs")
         .args(["-R", "ls /churn"])
-        .arg(replica_dir.join("disk"))
+        .arg(&control)
         .output()
         .unwrap();
     let churn = String::from_utf8_lossy(&ls.stdout).to_string();
     // Control: the same check does see damage. Zero the (replayed) churn directory's
-    // block in a copy of the final replica: `e2fsck -fn` must fail.
-    let control = scratch.join("control.img");
-    sparse_copy(&replica_dir.join("disk"), &control);
-    replay_journal(&control).unwrap();
+    // block in that copy of the final replica: `e2fsck -fn` must fail.
     let bmap = Command::new("debugfs")
         .args(["-R", "bmap /churn 0"])
         .arg(&control)
