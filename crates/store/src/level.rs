@@ -56,12 +56,15 @@ fn cost(row: &(i32, f64, f64), i: &LevelInput) -> f64 {
     1.0 / (ratio * link_mbs) + i.cpu_weight / (speed * i.cpu_speed)
 }
 
-/// The zstd level to use. Nonsense inputs (zero, negative, NaN) fall back to level 3,
-/// zstd's own default.
+/// zstd's own default level: what [`choose_level`] answers when it knows nothing.
+pub const DEFAULT_LEVEL: i32 = 3;
+
+/// The zstd level to use. Nonsense inputs (zero, negative, NaN) fall back to
+/// [`DEFAULT_LEVEL`].
 pub fn choose_level(i: LevelInput) -> i32 {
     let sane = |x: f64| x.is_finite() && x > 0.0;
     if !(sane(i.link_bps) && sane(i.cpu_speed) && i.cpu_weight.is_finite() && i.cpu_weight >= 0.0) {
-        return 3;
+        return DEFAULT_LEVEL;
     }
     let mut best = TABLE[0];
     for row in &TABLE[1..] {

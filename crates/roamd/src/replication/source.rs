@@ -344,6 +344,24 @@ async fn run(link: Arc<Link>, d: Arc<Daemon>, bucket: Arc<Bucket>) {
     *link.known.lock().unwrap_or_else(|p| p.into_inner()) = None;
 }
 
+/// The zstd level for a batch (roam-store's rule: least wire time + CPU time per byte)
+/// at the rate its bytes really leave: the peer's rate limit when there is one below the
+/// link, else the link as a migration last measured it, else the connection's own
+/// estimate. Knowing nothing, zstd's default.
+fn level_for(limit_bytes_per_s: f64, measured_bytes_per_s: u64, estimate: Option<f64>) -> i32 {
+    let link = match measured_bytes_per_s {
+        0 => estimate.unwrap_or(0.0),
+        m => m as f64,
+    };
+    let rate = match (limit_bytes_per_s > 0.0, link > 0.0) {
+        (true, true) => limit_bytes_per_s.min(link),
+        (true, false) => limit_bytes_per_s,
+        (false, true) => link,
+        (false, false) => return roam_store::level::DEFAULT_LEVEL,
+    };
+    roam_store::level::choose_level(roam_store::level::LevelInput::link(rate * 8.0))
+}
+
 async fn connect(d: &Daemon, host: &str) -> Result<Connection, SessErr> {
     let peer = d.peer_record(host)?;
     let key: PublicKey = peer.key.parse()?;
@@ -433,6 +451,13 @@ async fn session(
             }
             let started = Instant::now();
             seq += 1;
+            // Per batch: the peer's limit can change, and a migration may have measured
+            // the link since the session began.
+            sender.set_level(level_for(
+                bucket.rate(),
+                d.link_rates.get(&link.host),
+                conn.stats().bandwidth_estimate_bytes_per_s(),
+            ));
             w.inner
                 .send_msg(&ReplMsg::Begin {
                     generation,
@@ -540,6 +565,22 @@ pub async fn remove_remote(d: &Daemon, vm: &str, host: &str) -> Result<(), Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MBIT: f64 = 1e6 / 8.0;
+
+    #[test]
+    fn batch_level_follows_the_slowest_of_limit_and_link() {
+        // A 1 Gbit/s link: fast level; the same link limited to 10 Mbit/s: a high one.
+        assert_eq!(level_for(0.0, (1000.0 * MBIT) as u64, None), 1);
+        let limited = level_for(10.0 * MBIT, (1000.0 * MBIT) as u64, None);
+        assert!(limited >= 6, "{limited}");
+        // A limit above the link does not matter.
+        assert_eq!(level_for(5000.0 * MBIT, (1000.0 * MBIT) as u64, None), 1);
+        // Unmeasured link: the connection's estimate, else zstd's default.
+        assert_eq!(level_for(0.0, 0, Some(1000.0 * MBIT)), 1);
+        assert_eq!(level_for(0.0, 0, None), roam_store::level::DEFAULT_LEVEL);
+        assert!(level_for(2.0 * MBIT, 0, None) > roam_store::level::DEFAULT_LEVEL);
+    }
 
     fn known(synced_to: Option<Version>) -> (Arc<DirtyTracker>, Known) {
         let t = DirtyTracker::new(64 * 4096, 4096).unwrap();

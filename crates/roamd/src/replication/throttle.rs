@@ -66,7 +66,7 @@ impl Bucket {
         s.last = Instant::now();
     }
 
-    #[cfg(test)]
+    /// The limit, bytes/s; 0 = none.
     pub fn rate(&self) -> f64 {
         self.lock().rate
     }
