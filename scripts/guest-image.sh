@@ -24,7 +24,8 @@ done
 
 # Modules wanted in the guest; their dependencies are added from modinfo.
 # Whatever the kernel has built in (modules.builtin) is skipped.
-GUEST_MODULES="${ROAM_GUEST_MODULES:-virtio_pci virtio_blk virtio_console virtio_net virtio_rng}"
+# virtio_balloon: free page hinting, so a migration skips the guest's free memory.
+GUEST_MODULES="${ROAM_GUEST_MODULES:-virtio_pci virtio_blk virtio_console virtio_net virtio_rng virtio_balloon}"
 GUEST_CMDLINE="${ROAM_GUEST_CMDLINE:-console=ttyS0 panic=-1 quiet}"
 KERNEL_META="${ROAM_KERNEL_META:-linux-image-cloud-amd64}"
 

@@ -68,6 +68,10 @@ pub struct VmManifest {
     /// (Boxed: it is large and most messages are small.)
     #[serde(default)]
     pub net: Option<Box<NetSpec>>,
+    /// The VM has a virtio-balloon device for free page hinting; the destination's
+    /// QEMU must have it too (absent from older sources: none).
+    #[serde(default)]
+    pub balloon: bool,
 }
 
 /// A VM's network identity: its HIP host identity and the LAN its guest sees. It is

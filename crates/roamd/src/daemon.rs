@@ -522,6 +522,7 @@ impl Host for Daemon {
             moved_to: None,
             created_at: now_secs(),
             net: Some(spec),
+            balloon: true,
         };
         self.store.put_vm(&rec).map_err(to_api)?;
         self.dedup.scan_disk(&disk);

@@ -76,6 +76,11 @@ pub struct VmRecord {
     /// roamd gave VMs a network have none.
     #[serde(default)]
     pub net: Option<roam_migrate::protocol::NetSpec>,
+    /// The VM has a virtio-balloon device for free page hinting (every VM created
+    /// since roamd added it; older records have none, and keep none, since the device
+    /// set must not change under a running guest or across a migration).
+    #[serde(default)]
+    pub balloon: bool,
 }
 
 /// A replica of another host's VM disk, kept here under `STATE/replicas/NAME/`. The
@@ -348,6 +353,7 @@ mod tests {
             moved_to: None,
             created_at: 1,
             net: None,
+            balloon: true,
         }
     }
 

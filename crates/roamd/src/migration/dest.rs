@@ -578,6 +578,7 @@ impl Dest {
             moved_to: None,
             created_at: self.vm.created_at.parse().unwrap_or(0),
             net: self.vm.net.as_deref().cloned(),
+            balloon: self.vm.balloon,
         }
     }
 

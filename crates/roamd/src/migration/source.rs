@@ -1166,5 +1166,6 @@ fn manifest(rec: &crate::state::VmRecord, rt: &RunningVm) -> Result<VmManifest> 
         generation: rec.generation,
         created_at: rec.created_at.to_string(),
         net: rec.net.clone().map(Box::new),
+        balloon: rec.balloon,
     })
 }
