@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use roam_control::api::{MigrationResult, Outcome, ReplicaState, VmCreate, Workload};
+use roam_control::api::{MigrationResult, Outcome, Phase, ReplicaState, VmCreate, Workload};
 use roam_wan::LinkParams;
 use serde::Serialize;
 
@@ -195,6 +195,15 @@ async fn baseline(
     }
 }
 
+/// A move's time as the baseline's is measured (request to the VM running at the
+/// destination and the source let go), seconds: without roam's `Verify` phase, in which
+/// the guest agent re-reads every write it acknowledged and every file of its data set
+/// — a test instrument the baseline has no counterpart of (reported beside it).
+pub fn move_s(r: &MigrationResult) -> f64 {
+    let verify = r.phases.get(&Phase::Verify).copied().unwrap_or(0);
+    r.total_ms.saturating_sub(verify) as f64 / 1000.0
+}
+
 fn wan_bytes(lab: &Lab) -> u64 {
     lab.wan().stats().links.iter().map(|l| l.fwd_bytes).sum()
 }
@@ -335,8 +344,9 @@ pub async fn run(link: LinkParams, sizes: StorageSizes) -> Result<StorageReport,
     say("2: roam, home → office");
     let (back_roam, back_roam_wan_bytes) = roam_move(&lab, "desk", "home", "office").await?;
     say(&format!(
-        "   {:.2} s, phases {:?}, memory {:.1} MB, disk {:.1} MB",
+        "   {:.2} s ({:.2} s without the agent's check), phases {:?}, memory {:.1} MB, disk {:.1} MB",
         back_roam.total_ms as f64 / 1000.0,
+        move_s(&back_roam),
         back_roam.phases,
         back_roam.bytes.memory as f64 / 1e6,
         back_roam.bytes.disk as f64 / 1e6
@@ -360,7 +370,7 @@ pub async fn run(link: LinkParams, sizes: StorageSizes) -> Result<StorageReport,
         target: "<= 0.35".into(),
         met: ratio1 <= 0.35,
     });
-    let speedup = back_qemu.seconds / (back_roam.total_ms.max(1) as f64 / 1000.0);
+    let speedup = back_qemu.seconds / move_s(&back_roam).max(0.001);
     checks.push(Check {
         name: "2 return move: QEMU time / roam time".into(),
         measured: speedup,
@@ -427,7 +437,7 @@ pub fn render(r: &StorageReport) -> String {
             name,
             mb(wan),
             mb(r.bytes.disk),
-            r.total_ms as f64 / 1000.0,
+            move_s(r),
             mb(r.least_bytes.unwrap_or(0)),
             r.chunks_deduped.unwrap_or(0)
         )
@@ -457,8 +467,12 @@ pub fn render(r: &StorageReport) -> String {
         r.back_qemu.seconds
     ));
     s.push_str(&format!(
-        "  (before the return move, the replica caught up with the writes in {:.1} s)\n",
-        r.replica_catch_up_s
+        "  (before the return move, the replica caught up with the writes in {:.1} s; roam's \
+         times leave out the guest agent's check of every acknowledged write and file \
+         afterwards, {:.1} s and {:.1} s, which the baseline does not do)\n",
+        r.replica_catch_up_s,
+        r.first_roam.total_ms as f64 / 1000.0 - move_s(&r.first_roam),
+        r.back_roam.total_ms as f64 / 1000.0 - move_s(&r.back_roam),
     ));
     for c in &r.checks {
         s.push_str(&format!(
