@@ -84,7 +84,16 @@ pub struct Config {
     pub udp_port: u16,
     /// Return routability and credit-based authorisation (RFC 8046).
     pub mobility: MobilityConfig,
+    /// ESP sequence number at which [`Host::rekey_if_due`] starts a rekey:
+    /// a sequence number must never cycle on one SA (RFC 4303 §3.3.3,
+    /// RFC 7402 §6.9), and the rekey needs a few round trips to finish.
+    pub rekey_seq: u32,
 }
+
+/// Default [`Config::rekey_seq`]: 2^26 packets (≈ 4 minutes at a line rate
+/// of 270 000 packets/s) before the wrap, room for every retransmission of
+/// the rekey UPDATE.
+pub const REKEY_SEQ_DEFAULT: u32 = u32::MAX - (1 << 26);
 
 impl Default for Config {
     fn default() -> Self {
@@ -104,6 +113,7 @@ impl Default for Config {
             // 2^((96-64)/8) = 16 s to 2^((160-64)/8) = 4096 s.
             service_lifetime: (96, 160),
             mobility: MobilityConfig::default(),
+            rekey_seq: REKEY_SEQ_DEFAULT,
         }
     }
 }
@@ -438,6 +448,9 @@ impl Host {
                             // considered broken (§6.11 step 4).
                             State::Established | State::R2Sent => {
                                 a.update_pending = None;
+                                // A rekey that was never answered must not
+                                // block the next one.
+                                a.rekey = None;
                             }
                             _ => {}
                         }

@@ -67,6 +67,33 @@ fn rekeyed(
 }
 
 impl Host {
+    /// The rekey policy (RFC 7402 §6.9: new SAs before a sequence number
+    /// cycles). `seq` is the highest ESP sequence number seen on either SA
+    /// of `peer`: the last one we sealed or the top of the replay window, so
+    /// a peer that never rekeys on its own is rekeyed by us. Below
+    /// [`Config::rekey_seq`](super::Config::rekey_seq), or while an UPDATE is
+    /// outstanding (retried on a later packet), nothing happens; cheap
+    /// enough to call for every packet. Fails with `CryptoError::Keymat` when
+    /// the KEYMAT has no keys left: the caller must then close the
+    /// association and run a new base exchange.
+    pub fn rekey_if_due(
+        &mut self,
+        now: Instant,
+        peer: &Hit,
+        seq: u32,
+    ) -> Result<Vec<Output>, Error> {
+        if seq < self.cfg.rekey_seq {
+            return Ok(Vec::new());
+        }
+        let Some(a) = self.assocs.get(peer) else {
+            return Ok(Vec::new());
+        };
+        if a.state != State::Established || a.update_pending.is_some() || a.rekey.is_some() {
+            return Ok(Vec::new());
+        }
+        self.rekey(now, *peer)
+    }
+
     /// Starts a rekey of the ESP SAs with `peer` (ESTABLISHED, no UPDATE
     /// outstanding). [`Output::Rekeyed`] reports the new keys.
     pub fn rekey(&mut self, now: Instant, peer: Hit) -> Result<Vec<Output>, Error> {
