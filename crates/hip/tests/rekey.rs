@@ -281,3 +281,36 @@ fn the_policy_reports_an_exhausted_keymat() {
     assert_eq!(err, Error::Crypto(CryptoError::Keymat));
     assert_eq!(t.rekeyed, [n, n]);
 }
+
+/// Both ends start a rekey at once (both see the same sequence numbers):
+/// the crossing UPDATEs each carry a new SPI, both are ACKed, and both
+/// ends finish with the same keys, whichever packet is lost.
+#[test]
+fn simultaneous_rekeys_complete_on_both_ends() {
+    for lost in [None, Some(1), Some(2), Some(3), Some(4)] {
+        let mut t = Two::new();
+        let before = t.keys[0].clone().unwrap();
+        let (h0, h1) = (t.h[0].hit(), t.h[1].hit());
+        let o0 = t.h[0].rekey(t.now, h1).unwrap();
+        let o1 = t.h[1].rekey(t.now, h0).unwrap();
+        t.absorb(0, o0);
+        t.absorb(1, o1);
+        t.run(lost);
+        for _ in 0..6 {
+            t.poll(Duration::from_millis(600));
+            t.run(None);
+        }
+        assert_eq!(t.rekeyed, [1, 1], "lost packet {lost:?}");
+        let (k0, k1) = (t.keys[0].as_ref().unwrap(), t.keys[1].as_ref().unwrap());
+        assert_eq!(k0.peer_spi, k1.our_spi);
+        assert_eq!(k1.peer_spi, k0.our_spi);
+        assert_eq!(k0.esp_keymat_index, before.esp_keymat_index + 96);
+        assert_eq!(k0.esp_keymat_index, k1.esp_keymat_index);
+        t.esp_works();
+        // And the next rekey works as usual.
+        t.rekey(1);
+        t.run(None);
+        assert_eq!(t.rekeyed, [2, 2]);
+        t.esp_works();
+    }
+}
