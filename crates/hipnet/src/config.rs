@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use roam_hip::{Hit, HostIdentity};
 
@@ -204,6 +205,12 @@ pub struct EndpointConfig {
     pub mtu: u16,
     /// Packets queued per peer while its base exchange runs.
     pub queue_len: usize,
+    /// How long a stopping endpoint keeps retransmitting CLOSE and waits
+    /// for the CLOSE_ACKs (RFC 7401 §5.3.7, §6.14) before it exits. The
+    /// protocol's own limit (`hip.close_timeout`, 30 s) is for a host that
+    /// keeps running; a daemon that is asked to stop should not hang that
+    /// long. Peers that miss every CLOSE time the association out.
+    pub close_grace: Duration,
     pub hip: roam_hip::Config,
 }
 
@@ -227,6 +234,7 @@ impl EndpointConfig {
             control: None,
             mtu: 1400,
             queue_len: 16,
+            close_grace: Duration::from_secs(3),
             hip,
         }
     }

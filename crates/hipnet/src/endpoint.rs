@@ -13,7 +13,8 @@
 //!            │          └ ESP ─► open ─► beet::inbound ───────────────────┼──► TUN
 //!  timer ───►│ Host::poll at Host::next_deadline                          │
 //!  Command ─►│ SetLocator (rebind, UPDATE to every peer), Status,         │
-//!            │ ExportAndStop (hand associations over), Stop (CLOSE all)   │
+//!            │ ExportAndStop (hand associations over), Stop (CLOSE all,   │
+//!            │ retransmitted until CLOSE_ACK or `close_grace`)            │
 //!            └────────────────────────────────────────────────────────────┘
 //! ```
 
@@ -136,6 +137,9 @@ pub struct Endpoint {
     serve_rvs: bool,
     /// The rendezvous server we keep registered with.
     register_with: Option<PeerSpec>,
+    /// Peers sent CLOSE by Stop; the loop waits for their CLOSE_ACKs.
+    closing: Vec<Hit>,
+    close_grace: std::time::Duration,
     stats: Arc<Stats>,
 }
 
@@ -278,6 +282,8 @@ impl Endpoint {
             established: HashSet::new(),
             serve_rvs: cfg.serve_rvs,
             register_with: cfg.register_with.clone(),
+            closing: Vec::new(),
+            close_grace: cfg.close_grace,
             stats,
         };
         if let Some(state) = &cfg.import {
@@ -296,30 +302,59 @@ impl Endpoint {
         let mut tbuf = vec![0u8; BUF];
         let mut reg_tick = tokio::time::interval(REGISTER_RETRY);
         reg_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Set once Stop has sent CLOSE: from then on only HIP packets and
+        // timers are served, until every CLOSE is acknowledged or this time.
+        let mut draining: Option<tokio::time::Instant> = None;
         loop {
-            let deadline = self
+            if let Some(until) = draining {
+                if self
+                    .closing
+                    .iter()
+                    .all(|h| self.host.state(h) != State::Closing)
+                {
+                    break;
+                }
+                if tokio::time::Instant::now() >= until {
+                    let left = self
+                        .closing
+                        .iter()
+                        .filter(|h| self.host.state(h) == State::Closing)
+                        .count();
+                    warn!(left, "stopping with CLOSEs unacknowledged");
+                    for _ in 0..left {
+                        Stats::bump(&self.stats.close_unacked);
+                    }
+                    break;
+                }
+            }
+            let mut deadline = self
                 .host
                 .next_deadline()
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+            if let Some(until) = draining {
+                deadline = deadline.min(until);
+            }
             tokio::select! {
                 r = self.sock.recv_from(&mut ubuf) => match r {
                     Ok((n, from)) => self.on_udp(&ubuf[..n], from),
                     Err(e) => debug!("udp recv: {e}"),
                 },
-                r = self.dev.recv(&mut tbuf) => match r {
+                r = self.dev.recv(&mut tbuf), if draining.is_none() => match r {
                     Ok(n) => self.on_tun(&tbuf[..n]),
                     Err(e) => {
                         warn!("tun read: {e}");
                         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     }
                 },
-                _ = reg_tick.tick(), if self.register_with.is_some() => self.keep_registered(),
+                _ = reg_tick.tick(), if self.register_with.is_some() && draining.is_none() => {
+                    self.keep_registered()
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     let outs = self.host.poll(Instant::now());
                     self.handle(outs);
                 }
-                c = rx.recv() => match c {
+                c = rx.recv(), if draining.is_none() => match c {
                     Some(Command::SetLocator(ip, reply)) => {
                         let r = self.set_locator(ip).await;
                         let _ = reply.send(r);
@@ -336,7 +371,7 @@ impl Endpoint {
                     }
                     Some(Command::Stop) | None => {
                         self.close_all();
-                        break;
+                        draining = Some(tokio::time::Instant::now() + self.close_grace);
                     }
                 },
             }
@@ -488,6 +523,7 @@ impl Endpoint {
                 } else {
                     Stats::bump(&self.stats.send_errors);
                 }
+                self.rekey_if_due(*peer, &d);
             }
             Err(e) => {
                 debug!(%peer, "seal: {e}");
@@ -554,6 +590,42 @@ impl Endpoint {
         }
     }
 
+    /// The rekey policy (RFC 7402 §6.9) after an ESP packet `d` of `peer`
+    /// was sealed or opened: its sequence number (octets 4..8) is the
+    /// newest on that SA. When the KEYMAT is used up the association is
+    /// closed; the next packet for the peer starts a new base exchange.
+    fn rekey_if_due(&mut self, peer: Hit, d: &[u8]) {
+        let Some(seq) = d
+            .get(4..8)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        else {
+            return;
+        };
+        // Cheap test first: this runs for every packet.
+        if seq < self.host.config().rekey_seq {
+            return;
+        }
+        let now = Instant::now();
+        match self.host.rekey_if_due(now, &peer, seq) {
+            Ok(outs) => self.handle(outs),
+            Err(e) => {
+                warn!(%peer, "no rekey possible ({e}): closing for a new base exchange");
+                Stats::bump(&self.stats.rekey_exhausted);
+                // The new base exchange may have to start here, and the
+                // CLOSE_ACK erases the association with the peer's address:
+                // a peer that reached us (not in the static table) stays
+                // reachable.
+                if let Some(addr) = self.host.peer_addr(&peer) {
+                    self.peers.entry(peer).or_insert(Some(addr));
+                }
+                match self.host.close(now, peer) {
+                    Ok(outs) => self.handle(outs),
+                    Err(e) => debug!(%peer, "close: {e}"),
+                }
+            }
+        }
+    }
+
     fn on_esp(&mut self, d: &[u8]) {
         let (peer, nh, payload) = match self.esp.open(d) {
             Ok(x) => x,
@@ -568,6 +640,7 @@ impl Endpoint {
             }
         };
         self.host.inbound_data(Instant::now(), &peer, payload.len());
+        self.rekey_if_due(peer, d);
         let view = View {
             our_hit: self.host.hit(),
             peer_hit: peer,
@@ -618,6 +691,7 @@ impl Endpoint {
                 }
                 Output::Closed { peer } => {
                     info!(%peer, "association closed");
+                    Stats::bump(&self.stats.closed);
                     self.forget(&peer);
                 }
                 Output::PeerLocators { peer, from, .. } => {
@@ -644,7 +718,10 @@ impl Endpoint {
                     // New SPIs and keys (RFC 7402 §3.3); packets still in
                     // flight on the old inbound SA are lost.
                     match self.esp.install(peer, &keys) {
-                        Ok(()) => info!(%peer, spi = keys.our_spi, "rekeyed"),
+                        Ok(()) => {
+                            info!(%peer, spi = keys.our_spi, "rekeyed");
+                            Stats::bump(&self.stats.rekeys);
+                        }
                         Err(e) => warn!(%peer, "installing rekeyed SAs: {e}"),
                     }
                 }
@@ -736,14 +813,19 @@ impl Endpoint {
         Ok(told)
     }
 
-    /// Best-effort CLOSE to every peer on shutdown (no retransmission:
-    /// the loop ends; a peer that misses it times the association out).
+    /// CLOSE to every peer on shutdown; the loop then keeps running (HIP
+    /// and timers only) so that `Host::poll` retransmits each CLOSE until its
+    /// CLOSE_ACK arrives or `close_grace` ends (RFC 7401 §6.14).
     fn close_all(&mut self) {
         let mut peers: Vec<Hit> = self.established.iter().copied().collect();
         peers.sort();
         for peer in peers {
-            if let Ok(outs) = self.host.close(Instant::now(), peer) {
-                self.handle(outs);
+            match self.host.close(Instant::now(), peer) {
+                Ok(outs) => {
+                    self.closing.push(peer);
+                    self.handle(outs);
+                }
+                Err(e) => debug!(%peer, "close: {e}"),
             }
         }
     }

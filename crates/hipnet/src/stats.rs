@@ -56,6 +56,8 @@ stats! {
     established,
     /// Base exchanges failed.
     failed,
+    /// Associations closed (CLOSE from the peer, or our CLOSE acknowledged).
+    closed,
     /// UPDATEs with a new locator sent (one per peer).
     updates_sent,
     /// Peers that moved (verified UPDATE with a locator).
@@ -69,6 +71,13 @@ stats! {
     rr_failed,
     /// I1s relayed to a registered Responder (rendezvous server role).
     rvs_relayed,
+    /// ESP rekeys completed (new SAs installed, RFC 7402 §3.3).
+    rekeys,
+    /// Associations closed because the KEYMAT had no keys left for the
+    /// rekey the sequence numbers called for (a new base exchange follows).
+    rekey_exhausted,
+    /// CLOSEs that got no CLOSE_ACK before a stopping endpoint exited.
+    close_unacked,
 }
 
 impl Stats {
