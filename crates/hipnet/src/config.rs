@@ -190,6 +190,9 @@ pub struct EndpointConfig {
     pub rvs: Option<SocketAddr>,
     /// Register with this rendezvous server at start (RFC 8003/8004).
     pub register_with: Option<PeerSpec>,
+    /// Registration lifetime to ask for; the registration is renewed at half
+    /// of whatever the server grants (its bounds: `hip.service_lifetime`).
+    pub register_lifetime: Duration,
     /// Act as a rendezvous server: offer registration in R1 and relay I1s
     /// for registered HITs.
     pub serve_rvs: bool,
@@ -228,6 +231,8 @@ impl EndpointConfig {
             peers: Vec::new(),
             rvs: None,
             register_with: None,
+            // 2^((160-64)/8) s, the longest the default registrar grants.
+            register_lifetime: Duration::from_secs(4096),
             serve_rvs: false,
             import: None,
             import_update_skip: 0,

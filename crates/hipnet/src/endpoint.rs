@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use roam_hip::machine::DataPath;
-use roam_hip::wire::params::{Locator, LocatorAddr, LocatorSet, REG_TYPE_RENDEZVOUS};
+use roam_hip::wire::params::{
+    reg_lifetime_value, Locator, LocatorAddr, LocatorSet, REG_TYPE_RENDEZVOUS,
+};
 use roam_hip::wire::udp::{classify, frame_hip, UdpPayload};
 use roam_hip::{Hit, Host, Output, Packet, State};
 use tokio::net::UdpSocket;
@@ -62,6 +64,9 @@ pub enum Command {
     /// A new entry for the static peer table (where to send I1 for that
     /// HIT, its LSI); existing associations are not touched.
     AddPeer(PeerSpec, oneshot::Sender<Result<Ipv4Addr, String>>),
+    /// Cancels the registration with the rendezvous server (RFC 8003:
+    /// REG_REQUEST with lifetime 0) and stops renewing it.
+    Unregister(oneshot::Sender<Result<(), String>>),
     Stop,
 }
 
@@ -114,6 +119,17 @@ impl Handle {
         rx.await.map_err(|_| "endpoint stopped".to_string())?
     }
 
+    /// Cancels the registration with the rendezvous server; returns once
+    /// the request is sent (it is retransmitted until answered).
+    pub async fn unregister(&self) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Unregister(tx))
+            .await
+            .map_err(|_| "endpoint stopped".to_string())?;
+        rx.await.map_err(|_| "endpoint stopped".to_string())?
+    }
+
     pub async fn stop(&self) {
         let _ = self.tx.send(Command::Stop).await;
     }
@@ -137,6 +153,8 @@ pub struct Endpoint {
     serve_rvs: bool,
     /// The rendezvous server we keep registered with.
     register_with: Option<PeerSpec>,
+    /// Lifetime value asked for (RFC 8003 encoding).
+    register_lifetime: u8,
     /// Peers sent CLOSE by Stop; the loop waits for their CLOSE_ACKs.
     closing: Vec<Hit>,
     close_grace: std::time::Duration,
@@ -282,6 +300,7 @@ impl Endpoint {
             established: HashSet::new(),
             serve_rvs: cfg.serve_rvs,
             register_with: cfg.register_with.clone(),
+            register_lifetime: reg_lifetime_value(cfg.register_lifetime),
             closing: Vec::new(),
             close_grace: cfg.close_grace,
             stats,
@@ -365,6 +384,9 @@ impl Endpoint {
                     Some(Command::AddPeer(p, reply)) => {
                         let _ = reply.send(self.add_peer(p));
                     }
+                    Some(Command::Unregister(reply)) => {
+                        let _ = reply.send(self.unregister());
+                    }
                     Some(Command::ExportAndStop(reply)) => {
                         let _ = reply.send(self.export());
                         break;
@@ -380,25 +402,40 @@ impl Endpoint {
     }
 
     /// Registers with a rendezvous server (RFC 8003 in the base exchange,
-    /// RFC 8004 rendezvous type). An association with it that arrived
-    /// with a migrated VM already carries the registration: the server
-    /// keeps it and follows our UPDATE, so no new exchange is started.
+    /// RFC 8004 rendezvous type); `roam_hip` renews it at half of each
+    /// granted lifetime. An association with the server that arrived with a
+    /// migrated VM already holds the registration there (the server follows
+    /// our UPDATE), but its renewal schedule did not come along: renew it
+    /// now in an UPDATE, which rides with the locator UPDATE that follows.
     fn register(&mut self, r: &PeerSpec) -> Result<(), Error> {
         let addr = r
             .addr
             .ok_or_else(|| Error::PeerSpec(format!("{} (no address)", r.hit)))?;
-        if self.established.contains(&r.hit) {
-            info!(rvs = %r.hit, "registration carried over");
-            return Ok(());
-        }
-        // 2^((160-64)/8) s = 4096 s, the longest the default registrar grants.
-        let outs = self.host.connect_and_register(
-            Instant::now(),
-            r.hit,
-            addr,
-            vec![REG_TYPE_RENDEZVOUS],
-            160,
-        )?;
+        let now = Instant::now();
+        let types = vec![REG_TYPE_RENDEZVOUS];
+        let outs = if self.established.contains(&r.hit) {
+            info!(rvs = %r.hit, "registration carried over; renewing it");
+            self.host
+                .register(now, r.hit, types, self.register_lifetime)?
+        } else {
+            self.host
+                .connect_and_register(now, r.hit, addr, types, self.register_lifetime)?
+        };
+        self.handle(outs);
+        Ok(())
+    }
+
+    /// Cancels the registration and stops keeping it.
+    fn unregister(&mut self) -> Result<(), String> {
+        let r = self
+            .register_with
+            .take()
+            .ok_or("not registered with a rendezvous server")?;
+        let outs = self
+            .host
+            .cancel_registration(Instant::now(), r.hit)
+            .map_err(|e| e.to_string())?;
+        info!(rvs = %r.hit, "cancelling the registration");
         self.handle(outs);
         Ok(())
     }
@@ -735,8 +772,33 @@ impl Endpoint {
                     peer,
                     granted,
                     failed,
-                    ..
-                } => info!(%peer, ?granted, ?failed, "registration"),
+                    lifetime,
+                } => {
+                    info!(%peer, ?granted, ?failed, lifetime, "registration");
+                    if lifetime > 0 && !granted.is_empty() {
+                        Stats::bump(&self.stats.reg_granted);
+                    }
+                }
+                Output::RegistrationLapsed { peer, types } => {
+                    warn!(%peer, ?types, "registration lapsed; asking again");
+                    Stats::bump(&self.stats.reg_lapsed);
+                }
+                Output::Registered {
+                    peer,
+                    types,
+                    lifetime,
+                } => {
+                    info!(%peer, ?types, lifetime, "peer registration");
+                    if lifetime == 0 {
+                        Stats::bump(&self.stats.rvs_cancelled);
+                    } else {
+                        Stats::bump(&self.stats.rvs_renewed);
+                    }
+                }
+                Output::RegistrationExpired { peer, types } => {
+                    info!(%peer, ?types, "peer registration expired: no more relaying");
+                    Stats::bump(&self.stats.rvs_expired);
+                }
             }
         }
     }

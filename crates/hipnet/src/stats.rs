@@ -71,6 +71,20 @@ stats! {
     rr_failed,
     /// I1s relayed to a registered Responder (rendezvous server role).
     rvs_relayed,
+    /// Rendezvous server: registrations granted or renewed in an UPDATE
+    /// (RFC 8003; those made in a base exchange count as `established`).
+    rvs_renewed,
+    /// Rendezvous server: registrations cancelled by their host (lifetime 0).
+    rvs_cancelled,
+    /// Rendezvous server: registrations that ended without renewal (no more
+    /// relaying for that host).
+    rvs_expired,
+    /// Registrations with our rendezvous server granted (base exchange or
+    /// renewal).
+    reg_granted,
+    /// Our registration reached the end of its lifetime without a renewal
+    /// answered (asked for again).
+    reg_lapsed,
     /// ESP rekeys completed (new SAs installed, RFC 7402 §3.3).
     rekeys,
     /// Associations closed because the KEYMAT had no keys left for the

@@ -146,6 +146,13 @@ async fn peers_added_by_hit_reach_a_registered_host_before_and_after_it_moves() 
     assert!(st.contains(&format!("addr {}", b2.h.listen)), "{st}");
     assert_eq!(v.stats.get("established"), Some(1), "registered once");
     assert_eq!(v.stats.get("peer_moves"), Some(1));
+    // The new endpoint took over the renewals (REG_REQUEST in UPDATE).
+    assert!(
+        wait_stat(&v, "rvs_renewed", 1).await >= 1,
+        "{}",
+        v.stats.render()
+    );
+    assert!(wait_stat(&b2.h, "reg_granted", 1).await >= 1);
 
     // C, a newcomer that knows only B's HIT and the server, finds B at its new place.
     let mut cc = cfg(
@@ -195,4 +202,134 @@ async fn registration_is_retried_until_the_server_answers() {
     let st = wait_status(&v, |s| s.contains(&b_hit)).await;
     assert!(st.contains(&format!("addr {}", b.h.listen)), "{st}");
     assert_eq!(v.stats.get("established"), Some(1));
+}
+
+/// A rendezvous server that grants lifetimes from 1 s (RFC 8003 value 64).
+async fn short_lived_rvs(n: u8) -> (Handle, PeerSpec) {
+    let vid = HostIdentity::generate();
+    let v_hit = vid.hit();
+    let mut vc = cfg(vid, SocketAddr::new(lo(n).into(), 0));
+    vc.serve_rvs = true;
+    vc.hip.service_lifetime = (64, 160);
+    let (v, _vt) = Endpoint::start_on(vc, Box::new(UserEsp::new()), PacketDev::None)
+        .await
+        .unwrap();
+    let spec = format!("{v_hit}@{}", v.listen).parse().unwrap();
+    (v, spec)
+}
+
+async fn wait_stat(h: &Handle, name: &str, want: u64) -> u64 {
+    for _ in 0..250 {
+        if h.stats.get(name) >= Some(want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.stats.get(name).unwrap_or(0)
+}
+
+/// With a 2 s lifetime the host renews its registration in UPDATE (RFC 8003) at
+/// half of each lifetime, so relaying goes on well past the first one; after the
+/// host cancels (lifetime 0) the server relays no more.
+#[tokio::test]
+async fn renewed_registration_keeps_relaying_until_cancelled() {
+    let (v, rvs_spec) = short_lived_rvs(8).await;
+    let bid = HostIdentity::generate();
+    let b_hit = bid.hit();
+    let mut bc = cfg(bid, SocketAddr::new(lo(9).into(), 0));
+    bc.register_with = Some(rvs_spec);
+    bc.register_lifetime = Duration::from_secs(2);
+    let mut b = start(bc).await;
+    let st = wait_status(&v, |s| s.contains(&b_hit.to_string())).await;
+    assert!(st.contains(&b_hit.to_string()), "{st}");
+
+    // Past the first lifetime and a half: two renewals at 1 s and 2 s.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(v.stats.get("rvs_expired"), Some(0), "{}", v.stats.render());
+    assert!(
+        v.stats.get("rvs_renewed") >= Some(2),
+        "{}",
+        v.stats.render()
+    );
+    assert!(
+        b.h.stats.get("reg_granted") >= Some(3),
+        "{}",
+        b.h.stats.render()
+    );
+    assert_eq!(b.h.stats.get("reg_lapsed"), Some(0));
+
+    let mut ac = cfg(
+        HostIdentity::generate(),
+        SocketAddr::new(lo(10).into(), 10500),
+    );
+    ac.rvs = Some(v.listen);
+    ac.peers = vec![b_hit.to_string().parse().unwrap()];
+    let a = start(ac).await;
+    let b_lsi = roam_hipnet::config::default_lsi(&b_hit);
+    a.to_net
+        .send(udp4(a.h.lsi, b_lsi, b"after 3.5 s"))
+        .await
+        .unwrap();
+    assert_eq!(&recv(&mut b).await[28..], b"after 3.5 s");
+    assert_eq!(v.stats.get("rvs_relayed"), Some(1));
+
+    b.h.unregister().await.unwrap();
+    assert_eq!(wait_stat(&v, "rvs_cancelled", 1).await, 1);
+    assert!(b.h.unregister().await.is_err(), "cancelled twice");
+    // A newcomer that knows only B's HIT no longer gets through the server.
+    let mut cc = cfg(
+        HostIdentity::generate(),
+        SocketAddr::new(lo(11).into(), 10500),
+    );
+    cc.rvs = Some(v.listen);
+    cc.peers = vec![b_hit.to_string().parse().unwrap()];
+    let c = start(cc).await;
+    c.to_net
+        .send(udp4(c.h.lsi, b_lsi, b"after the cancel"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(v.stats.get("rvs_relayed"), Some(1), "{}", v.stats.render());
+    assert!(b.from_net.try_recv().is_err(), "relayed after the cancel");
+    // Nothing renewed it behind our back, nothing expired: it was cancelled.
+    assert_eq!(v.stats.get("rvs_expired"), Some(0));
+}
+
+/// A host that stops without cancelling (here: hands its state over and never
+/// starts again) is dropped by the server when its lifetime ends: no more relaying.
+#[tokio::test]
+async fn registration_expires_when_not_renewed() {
+    let (v, rvs_spec) = short_lived_rvs(12).await;
+    let bid = HostIdentity::generate();
+    let b_hit = bid.hit();
+    let mut bc = cfg(bid, SocketAddr::new(lo(13).into(), 0));
+    bc.register_with = Some(rvs_spec);
+    bc.register_lifetime = Duration::from_secs(2);
+    let b = start(bc).await;
+    wait_status(&v, |s| s.contains(&b_hit.to_string())).await;
+    b.h.export_and_stop().await.unwrap();
+    assert_eq!(
+        wait_stat(&v, "rvs_expired", 1).await,
+        1,
+        "{}",
+        v.stats.render()
+    );
+
+    let mut cc = cfg(
+        HostIdentity::generate(),
+        SocketAddr::new(lo(14).into(), 10500),
+    );
+    cc.rvs = Some(v.listen);
+    cc.peers = vec![b_hit.to_string().parse().unwrap()];
+    let c = start(cc).await;
+    c.to_net
+        .send(udp4(
+            c.h.lsi,
+            roam_hipnet::config::default_lsi(&b_hit),
+            b"x",
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(v.stats.get("rvs_relayed"), Some(0), "{}", v.stats.render());
 }

@@ -17,6 +17,7 @@ mod close;
 mod initiator;
 mod mobility;
 mod persist;
+mod registration;
 mod rekey;
 mod responder;
 
@@ -180,13 +181,28 @@ pub enum Output {
     },
     /// The peer acknowledged our UPDATE.
     UpdateAcked { peer: Hit, update_id: u32 },
-    /// A registrar granted (REG_RESPONSE) or refused (REG_FAILED) services.
+    /// A registrar granted (REG_RESPONSE) or refused (REG_FAILED) services,
+    /// in R2 or in the UPDATE that ACKed our REG_REQUEST. `lifetime` 0 with
+    /// types in `granted`: those registrations were cancelled.
     Registration {
         peer: Hit,
         granted: Vec<u8>,
         failed: Vec<u8>,
         lifetime: u8,
     },
+    /// Our registration with `peer` reached the end of its lifetime without
+    /// a renewal answered; it is asked for again while the association lasts.
+    RegistrationLapsed { peer: Hit, types: Vec<u8> },
+    /// Registrar: `peer` registered, renewed (`lifetime` > 0) or cancelled
+    /// (`lifetime` 0) `types` with a REG_REQUEST in an UPDATE.
+    Registered {
+        peer: Hit,
+        types: Vec<u8>,
+        lifetime: u8,
+    },
+    /// Registrar: `peer`'s registration ended without renewal; a rendezvous
+    /// server no longer relays for it.
+    RegistrationExpired { peer: Hit, types: Vec<u8> },
 }
 
 #[derive(Clone, Debug)]
@@ -226,10 +242,14 @@ pub(crate) struct Association {
     pub update_pending: Option<u32>,
     /// Highest peer Update ID processed.
     pub peer_update_id: Option<u32>,
-    /// Registration we want from the peer (Initiator side): types, lifetime.
-    pub wanted_registration: Option<(Vec<u8>, u8)>,
-    /// Registration granted on this association: types, lifetime.
-    pub registration: Option<(Vec<u8>, u8)>,
+    /// Requester side: the registration we want from the peer and what it
+    /// granted.
+    pub requested: Option<registration::Requested>,
+    /// Registrar side: the peer's registration with us.
+    pub registration: Option<registration::Granted>,
+    /// Registrar side: the peer's UPDATE SEQ that carried its last
+    /// REG_REQUEST and our answer, repeated if that UPDATE is retransmitted.
+    pub reg_answer: Option<(u32, Vec<RawParam>)>,
     /// Whether `peer_addr` is verified (RFC 8046 §5.4).
     pub addr_state: AddrState,
     /// The outstanding check of a new peer locator.
@@ -258,8 +278,9 @@ impl Association {
             update_id: 0,
             update_pending: None,
             peer_update_id: None,
-            wanted_registration: None,
+            requested: None,
             registration: None,
+            reg_answer: None,
             addr_state: AddrState::Active,
             verification: None,
             credit: mobility::Credit::default(),
@@ -322,20 +343,6 @@ impl Host {
     /// another implementation before R2).
     pub fn negotiated_keys(&self, peer: &Hit) -> Option<&AssociationKeys> {
         self.assocs.get(peer).and_then(|a| a.keys.as_ref())
-    }
-
-    /// Peers registered with us as a registrar, with the granted types and
-    /// lifetime (a rendezvous server relays I1s for these HITs).
-    pub fn registrations(&self) -> Vec<(Hit, Vec<u8>, u8)> {
-        self.assocs
-            .values()
-            .filter(|a| matches!(a.state, State::R2Sent | State::Established))
-            .filter_map(|a| {
-                a.registration
-                    .as_ref()
-                    .map(|(t, l)| (a.peer_hit, t.clone(), *l))
-            })
-            .collect()
     }
 
     /// Sends to `addr` from now on (after the caller verified a new peer
@@ -406,6 +413,7 @@ impl Host {
                 a.retransmit.as_ref().map(|r| r.next),
                 a.verification.as_ref().map(|v| v.retransmit.next),
                 a.deadline,
+                registration::next_deadline(a),
             ]
             .into_iter()
             .flatten()
@@ -414,7 +422,7 @@ impl Host {
     }
 
     /// Runs timers: retransmissions, EC and discard timers, puzzle secret
-    /// rotation.
+    /// rotation, registration renewals and expiry.
     pub fn poll(&mut self, now: Instant) -> Vec<Output> {
         let mut out = Vec::new();
         if now >= self.responder.rotate_at {
@@ -447,7 +455,9 @@ impl Host {
                             // An unacknowledged UPDATE: the association is
                             // considered broken (§6.11 step 4).
                             State::Established | State::R2Sent => {
-                                a.update_pending = None;
+                                if let Some(id) = a.update_pending.take() {
+                                    registration::update_given_up(a, id, now);
+                                }
                                 // A rekey that was never answered must not
                                 // block the next one.
                                 a.rekey = None;
@@ -465,6 +475,7 @@ impl Host {
                     }
                 }
             }
+            registration::poll_expiry(a, now, &mut out);
             if let Some(d) = a.deadline {
                 if now >= d {
                     a.deadline = None;
@@ -479,6 +490,7 @@ impl Host {
         for h in remove {
             self.assocs.remove(&h);
         }
+        self.poll_reg_requests(now, &mut out);
         out
     }
 

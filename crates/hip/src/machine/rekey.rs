@@ -209,7 +209,7 @@ impl Host {
                 // max(index_a, index_b), so they draw the same keys.
                 let index = r.index.max(usize::from(info.keymat_index));
                 rekeyed(keys, index, 0, 0)?;
-                let (reply, to) = self.update_reply(now, peer, from, seq_id, None, None)?;
+                let (reply, to) = self.update_reply(now, peer, from, seq_id, None, Vec::new())?;
                 if let Some(r) = self.assocs.get_mut(&peer).and_then(|a| a.rekey.as_mut()) {
                     r.peer_new_spi = Some(info.new_spi);
                     r.index = index;
@@ -221,7 +221,7 @@ impl Host {
                 // before): the new SAs are in place.
                 let index = r.index.max(usize::from(info.keymat_index));
                 let new = rekeyed(keys, index, r.new_spi, info.new_spi)?;
-                let (reply, to) = self.update_reply(now, peer, from, seq_id, None, None)?;
+                let (reply, to) = self.update_reply(now, peer, from, seq_id, None, Vec::new())?;
                 let a = self
                     .assocs
                     .get_mut(&peer)
