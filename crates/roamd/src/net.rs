@@ -244,6 +244,8 @@ impl VmNet {
             cfg.import_update_skip = update_skip;
             cfg.mtu = spec.mtu;
             cfg.rvs = rvs.as_ref().and_then(|r| r.addr);
+            // The endpoint renews the registration (REG_REQUEST in UPDATE) at half
+            // of each granted lifetime, and at once after an import: no timer here.
             cfg.register_with = rvs.clone();
             let (out_tx, out_rx) = mpsc::channel(QUEUE);
             let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
