@@ -1,7 +1,9 @@
 //! Registration after the base exchange (RFC 8003): REG_REQUEST inside
 //! UPDATE to renew before the lifetime ends or to cancel with lifetime 0,
 //! REG_RESPONSE / REG_FAILED in the ACKing UPDATE, retransmission, and
-//! expiry at the registrar. Time is driven by hand: no sleeping.
+//! expiry at the registrar, and registering again in a new base exchange
+//! after a restarted or dead registrar let the registration lapse. Time is
+//! driven by hand: no sleeping.
 
 // Tests may unwrap: a panic is a test failure with its message.
 #![allow(clippy::unwrap_used)]
@@ -26,6 +28,9 @@ struct Pair {
     ra: SocketAddr,
     va: SocketAddr,
     t0: Instant,
+    /// Whether a packet the receiver rejects fails the test (otherwise it
+    /// is counted in `Seen::rejected`).
+    strict: bool,
 }
 
 /// What happened while delivering: events of each host and the packets sent.
@@ -35,6 +40,8 @@ struct Seen {
     v: Vec<Output>,
     /// (sent by the requester, packet).
     packets: Vec<(bool, Packet)>,
+    /// Packets the receiver refused, and why.
+    rejected: Vec<String>,
 }
 
 impl Pair {
@@ -54,6 +61,7 @@ impl Pair {
             ra: "198.18.1.2:10500".parse().unwrap(),
             va: "198.18.3.3:10500".parse().unwrap(),
             t0,
+            strict: true,
         };
         let outs =
             p.r.connect_and_register(t0, p.v.hit(), p.va, vec![REG_TYPE_RENDEZVOUS], lifetime)
@@ -87,6 +95,7 @@ impl Pair {
         lost: &mut impl FnMut(bool, &Packet) -> bool,
     ) -> Seen {
         let mut seen = Seen::default();
+        let strict = self.strict;
         while let Some((from_r, o)) = q.pop() {
             match o {
                 Output::Send { packet, .. } => {
@@ -100,7 +109,14 @@ impl Pair {
                     } else {
                         (&mut self.r, self.va)
                     };
-                    let outs = dst.receive_bytes(now, src, &bytes).unwrap();
+                    let outs = match dst.receive_bytes(now, src, &bytes) {
+                        Ok(outs) => outs,
+                        Err(e) if !strict => {
+                            seen.rejected.push(e.to_string());
+                            continue;
+                        }
+                        Err(e) => panic!("{:?} refused: {e}", packet.header.packet_type),
+                    };
                     q.extend(outs.into_iter().map(|o| (!from_r, o)));
                 }
                 e if from_r => seen.r.push(e),
@@ -239,37 +255,169 @@ fn expires_at_the_registrar_without_renewal() {
     );
     assert!(p.v.registrations().is_empty());
     assert!(!p.relays_for_r());
-    // The requester's grant lapsed too (by its own clock), and it keeps
-    // asking: its retransmissions continue.
+    // The requester's grant lapsed too (by its own clock), with its
+    // renewal unanswered: it drops the association and starts over with a
+    // new base exchange (whose I1 is lost too).
     assert!(seen
         .r
         .iter()
         .any(|e| matches!(e, Output::RegistrationLapsed { .. })));
+    assert!(seen.r.iter().any(|e| matches!(e, Output::Closed { .. })));
+    assert!(sent_i1(&seen));
     assert_eq!(p.r.registered_with(&p.v.hit()), None);
-    let seen = p.tick(p.at(2600), lose_r);
+    assert!(p.r.reregistering(&p.v.hit()));
+}
+
+fn sent_i1(seen: &Seen) -> bool {
+    seen.packets
+        .iter()
+        .any(|(r, pkt)| *r && pkt.header.packet_type == PacketType::I1)
+}
+
+/// The registrar restarts (same identity and address, no state): it cannot
+/// check the renewal's HIP_MAC and never answers. When the grant runs out,
+/// the requester drops the association and registers in a new base
+/// exchange (REG_REQUEST in I2), then renews in UPDATE as before.
+#[test]
+fn restarted_registrar_is_registered_with_again() {
+    let mut p = Pair::registered(TWO_SECONDS);
+    let v_hit = p.v.hit();
+    p.v = Host::new(p.v.identity().clone(), p.v.config().clone(), p.at(500)).unwrap();
+    p.strict = false;
+    assert!(p.v.registrations().is_empty());
+    assert!(!p.relays_for_r());
+
+    // The renewal at 1 s and its retransmission at 1.5 s go unanswered.
+    let none = |_: bool, _: &Packet| false;
+    for ms in [1000, 1500, 1990] {
+        let seen = p.tick(p.at(ms), none);
+        assert!(seen.packets.iter().all(|(r, _)| *r), "answered at {ms}");
+        assert!(!sent_i1(&seen), "new exchange before the lapse");
+        assert!(seen.r.is_empty(), "{:?}", seen.r);
+    }
+    assert!(!p.r.reregistering(&v_hit));
+
+    // At the end of the 2 s grant: lapse, association dropped, and a new
+    // base exchange that registers at once.
+    let seen = p.tick(p.at(2010), none);
     assert!(seen
+        .r
+        .iter()
+        .any(|e| matches!(e, Output::RegistrationLapsed { .. })));
+    assert!(seen
+        .r
+        .iter()
+        .any(|e| matches!(e, Output::Closed { peer } if *peer == v_hit)));
+    assert!(sent_i1(&seen));
+    let i2 = seen
         .packets
         .iter()
-        .any(|(r, pkt)| *r && reg_request(pkt).is_some()));
+        .find(|(r, pkt)| *r && pkt.header.packet_type == PacketType::I2)
+        .map(|(_, pkt)| pkt)
+        .expect("no I2");
+    let req = reg_request(i2).expect("no REG_REQUEST in I2");
+    assert_eq!(req.reg_types, vec![REG_TYPE_RENDEZVOUS]);
+    assert_eq!(req.lifetime, TWO_SECONDS);
+    assert!(seen
+        .r
+        .iter()
+        .any(|e| matches!(e, Output::Established { peer, .. } if *peer == v_hit)));
+    assert_eq!(
+        p.r.registered_with(&v_hit),
+        Some((vec![REG_TYPE_RENDEZVOUS], TWO_SECONDS))
+    );
+    assert_eq!(p.v.registrations().len(), 1);
+    assert!(p.relays_for_r());
+    assert!(!p.r.reregistering(&v_hit));
+
+    // Renewed in UPDATE on the new association at half the new lifetime.
+    let seen = p.tick(p.at(3010), none);
+    assert!(seen.rejected.is_empty(), "{:?}", seen.rejected);
+    assert!(
+        seen.v.iter().any(|e| matches!(
+            e,
+            Output::Registered {
+                lifetime: TWO_SECONDS,
+                ..
+            }
+        )),
+        "{:?}",
+        seen.v
+    );
+    let seen = p.tick(p.at(4500), none);
+    assert!(!expired(&seen.v));
+    assert!(p.relays_for_r());
+}
+
+/// A registrar that stays away is not hammered: after each failed base
+/// exchange (I1 retransmitted until it gives up) the next one waits
+/// `reregister_backoff`, doubled per failure up to `reregister_backoff_max`.
+/// Once it is back, the next exchange registers.
+#[test]
+fn dead_registrar_is_retried_with_backoff() {
+    let mut p = Pair::registered(TWO_SECONDS);
+    let v_hit = p.v.hit();
+    let cfg = p.r.config().clone();
+    let lost = |from_r: bool, _: &Packet| from_r;
+    let mut failed_at = None;
+    let mut waits = Vec::new();
+    let mut i1s = 0;
+    let end = p.at(30 * 60 * 1000);
+    while let Some(t) = p.r.next_deadline().filter(|t| *t <= end) {
+        let seen = p.tick(t, lost);
+        if sent_i1(&seen) {
+            i1s += 1;
+            if let Some(f) = failed_at.take() {
+                waits.push(t - f);
+            }
+        }
+        if seen.r.iter().any(|e| matches!(e, Output::Failed { .. })) {
+            failed_at = Some(t);
+        }
+        assert!(p.r.reregistering(&v_hit) || t < p.at(2000));
+    }
+    let s = Duration::from_secs;
+    let mut want: Vec<Duration> = [2, 4, 8, 16, 32, 64, 128, 256].map(s).to_vec();
+    want.extend(std::iter::repeat_n(
+        cfg.reregister_backoff_max,
+        waits.len() - want.len(),
+    ));
+    assert_eq!(waits, want);
+    // About 6 I1s per exchange (5 retransmissions), 13 exchanges in 30 min.
+    assert!(i1s <= 6 * 14, "{i1s} I1s in 30 minutes");
+
+    // The registrar is back (it kept the old association; the new I2
+    // replaces it): the next exchange registers.
+    let mut t = p.r.next_deadline().unwrap();
+    while p.r.registered_with(&v_hit).is_none() {
+        p.tick(t, |_, _| false);
+        t = p.r.next_deadline().unwrap();
+        assert!(t <= end + s(400), "not registered again");
+    }
+    assert!(!p.r.reregistering(&v_hit));
+    assert!(p.relays_for_r());
 }
 
 /// A lost renewal is retransmitted with the same SEQ; a lost answer is
-/// given again, unchanged, for the retransmitted request.
+/// given again, unchanged, for the retransmitted request. (A 4 s lifetime:
+/// the retransmissions at 2.5 s and 3.5 s come before the grant lapses,
+/// which would start a new base exchange instead.)
 #[test]
 fn lost_renewal_and_lost_answer_are_retransmitted() {
-    let mut p = Pair::registered(TWO_SECONDS);
-    // The first renewal (at 1 s) is lost on the way to the registrar.
-    let seen = p.tick(p.at(1000), |from_r, _| from_r);
+    const FOUR_SECONDS: u8 = 80;
+    let mut p = Pair::registered(FOUR_SECONDS);
+    // The first renewal (at 2 s) is lost on the way to the registrar.
+    let seen = p.tick(p.at(2000), |from_r, _| from_r);
     let first = seen.packets.iter().find(|(r, _)| *r).unwrap().1.clone();
     assert!(reg_request(&first).is_some());
     // Retransmitted after Config::retransmit_initial (500 ms); this time
     // the registrar's answer is lost.
-    let seen = p.tick(p.at(1500), |from_r, _| !from_r);
+    let seen = p.tick(p.at(2500), |from_r, _| !from_r);
     let again = seen.packets.iter().find(|(r, _)| *r).unwrap().1.clone();
     assert_eq!(again.get::<Seq>().unwrap(), first.get::<Seq>().unwrap());
     assert_eq!(seen.v.len(), 1, "registrar processed the request once");
     // The next retransmission is a duplicate: answered again, not reprocessed.
-    let seen = p.tick(p.at(2500), |_, _| false);
+    let seen = p.tick(p.at(3500), |_, _| false);
     assert!(seen.v.is_empty(), "duplicate reprocessed: {:?}", seen.v);
     let answer = seen
         .packets
@@ -281,14 +429,14 @@ fn lost_renewal_and_lost_answer_are_retransmitted() {
     assert!(seen.r.iter().any(|e| matches!(
         e,
         Output::Registration {
-            lifetime: TWO_SECONDS,
+            lifetime: FOUR_SECONDS,
             ..
         }
     )));
-    // The registration was renewed at 1.5 s, so it holds until 3.5 s.
-    let seen = p.tick(p.at(3400), |from_r, _| from_r);
+    // The registration was renewed at 2.5 s, so it holds until 6.5 s.
+    let seen = p.tick(p.at(6400), |from_r, _| from_r);
     assert!(!expired(&seen.v));
-    let seen = p.tick(p.at(3600), |from_r, _| from_r);
+    let seen = p.tick(p.at(6600), |from_r, _| from_r);
     assert!(expired(&seen.v));
 }
 

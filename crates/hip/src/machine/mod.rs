@@ -89,6 +89,12 @@ pub struct Config {
     /// a sequence number must never cycle on one SA (RFC 4303 §3.3.3,
     /// RFC 7402 §6.9), and the rekey needs a few round trips to finish.
     pub rekey_seq: u32,
+    /// Re-registration after a lapse (see `registration.rs`): the first new
+    /// base exchange with the registrar starts at once; after one that
+    /// fails, the next waits this long, doubled for every failure in a row
+    /// up to `reregister_backoff_max`, so a dead registrar is not hammered.
+    pub reregister_backoff: Duration,
+    pub reregister_backoff_max: Duration,
 }
 
 /// Default [`Config::rekey_seq`]: 2^26 packets (≈ 4 minutes at a line rate
@@ -115,6 +121,8 @@ impl Default for Config {
             service_lifetime: (96, 160),
             mobility: MobilityConfig::default(),
             rekey_seq: REKEY_SEQ_DEFAULT,
+            reregister_backoff: Duration::from_secs(2),
+            reregister_backoff_max: Duration::from_secs(300),
         }
     }
 }
@@ -191,7 +199,10 @@ pub enum Output {
         lifetime: u8,
     },
     /// Our registration with `peer` reached the end of its lifetime without
-    /// a renewal answered; it is asked for again while the association lasts.
+    /// a renewal answered: the association with `peer` is dropped
+    /// ([`Output::Closed`] follows) and a new base exchange asks for the
+    /// registration again in I2, retried with backoff until it succeeds
+    /// (see [`Host::reregistering`]).
     RegistrationLapsed { peer: Hit, types: Vec<u8> },
     /// Registrar: `peer` registered, renewed (`lifetime` > 0) or cancelled
     /// (`lifetime` 0) `types` with a REG_REQUEST in an UPDATE.
@@ -297,6 +308,8 @@ pub struct Host {
     pub(crate) assocs: HashMap<Hit, Association>,
     pub(crate) responder: responder::ResponderState,
     pub(crate) mobility: MobilityStats,
+    /// Registrars we lost and register with again in a new base exchange.
+    pub(crate) reregister: HashMap<Hit, registration::Reregister>,
 }
 
 impl Host {
@@ -308,6 +321,7 @@ impl Host {
             assocs: HashMap::new(),
             responder,
             mobility: MobilityStats::default(),
+            reregister: HashMap::new(),
         })
     }
 
@@ -418,11 +432,15 @@ impl Host {
             .into_iter()
             .flatten()
         });
-        assoc.chain(std::iter::once(self.responder.rotate_at)).min()
+        let rereg = self.reregister.values().filter_map(|r| r.next);
+        assoc
+            .chain(rereg)
+            .chain(std::iter::once(self.responder.rotate_at))
+            .min()
     }
 
     /// Runs timers: retransmissions, EC and discard timers, puzzle secret
-    /// rotation, registration renewals and expiry.
+    /// rotation, registration renewals, expiry and re-registration.
     pub fn poll(&mut self, now: Instant) -> Vec<Output> {
         let mut out = Vec::new();
         if now >= self.responder.rotate_at {
@@ -431,6 +449,7 @@ impl Host {
         let retries_max = self.cfg.retries_max;
         let hold = self.cfg.state_hold;
         let mut remove = Vec::new();
+        let mut lapsed = Vec::new();
         for a in self.assocs.values_mut() {
             mobility::poll_verification(a, now, retries_max, &mut self.mobility, &mut out);
             if let Some(r) = a.retransmit.as_mut() {
@@ -475,7 +494,9 @@ impl Host {
                     }
                 }
             }
-            registration::poll_expiry(a, now, &mut out);
+            if registration::poll_expiry(a, now, &mut out) {
+                lapsed.push(a.peer_hit);
+            }
             if let Some(d) = a.deadline {
                 if now >= d {
                     a.deadline = None;
@@ -490,6 +511,10 @@ impl Host {
         for h in remove {
             self.assocs.remove(&h);
         }
+        for peer in lapsed {
+            self.drop_lapsed_registrar(now, peer, &mut out);
+        }
+        self.poll_reregister(now, &mut out);
         self.poll_reg_requests(now, &mut out);
         out
     }

@@ -21,8 +21,24 @@
 //! and, like every UPDATE here, never sent while another is outstanding
 //! (it waits for that one's ACK). All types of one association share the
 //! lifetime of the latest grant: roam only uses rendezvous (type 1).
+//!
+//! A registrar that restarted has lost our registration and our
+//! association: it cannot even check the HIP_MAC of our renewal, so it
+//! never answers. When our grant runs out with the renewal unanswered,
+//! the association is dropped and a new base exchange asks again in I2;
+//! one that fails is retried after [`Config::reregister_backoff`], doubled
+//! per failure up to [`Config::reregister_backoff_max`]:
+//!
+//! ```text
+//!   granted ── renewal unanswered past `expires` ──► RegistrationLapsed, Closed
+//!      ▲                                              │ (association dropped)
+//!      │                                              ▼
+//!   R2(REG_RESPONSE) ◄── I1 … I2(REG_REQUEST) ◄── now, then backoff
+//!                                                 2 s, 4 s, … 300 s after failures
+//! ```
 
-use std::time::Instant;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use super::{Association, Config, Host, Output, State};
 use crate::error::Error;
@@ -163,9 +179,46 @@ pub(crate) fn next_deadline(a: &Association) -> Option<Instant> {
     ours.into_iter().chain(theirs).min()
 }
 
+/// A registrar we lost (our grant lapsed with the renewal unanswered) and
+/// register with again in a new base exchange.
+#[derive(Clone, Debug)]
+pub(crate) struct Reregister {
+    pub addr: SocketAddr,
+    pub types: Vec<u8>,
+    pub lifetime: u8,
+    /// Base exchanges that ended without an association, in a row.
+    pub failures: u32,
+    /// When to start the next base exchange; `None` while one runs.
+    pub next: Option<Instant>,
+}
+
+/// How long to wait after `failures` failed base exchanges in a row.
+fn backoff(cfg: &Config, failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    cfg.reregister_backoff
+        .saturating_mul(1 << doublings)
+        .min(cfg.reregister_backoff_max)
+}
+
 /// Expiry on both sides (no packets): the peer's registration with us
-/// ends, or ours with the peer lapses and is asked for again.
-pub(crate) fn poll_expiry(a: &mut Association, now: Instant, out: &mut Vec<Output>) {
+/// ends, or ours with the peer lapses. Returns true if ours lapsed while we
+/// still want it: the caller drops the association and registers again in
+/// a new base exchange.
+///
+/// Why the lapse, and not the renewal UPDATE running out of retransmissions
+/// (RFC 7401 leaves what follows that to the host; `update_given_up` only
+/// asks again): the lifetime is what the registrar promised (RFC 8003).
+/// Until it ends, a registrar that is merely unreachable still holds our
+/// registration and relays for us, and a new base exchange would replace a
+/// working association over a passing loss. Once it ends with no renewal
+/// answered, the registration is gone at the registrar whatever happened
+/// there (its clock started before ours), the association carries nothing
+/// worth keeping, and after a restart only a new base exchange can get it
+/// back. It also scales with the lifetime asked for, where the
+/// retransmission limit (about 31 s by default) outlasts short lifetimes
+/// and comes long before long ones end. The price: a host may be
+/// unreachable through a restarted registrar for up to one lifetime.
+pub(crate) fn poll_expiry(a: &mut Association, now: Instant, out: &mut Vec<Output>) -> bool {
     if let Some(g) = a.registration.take_if(|g| now >= g.expires) {
         // A retransmitted request must not be answered with the grant
         // that just ended.
@@ -176,21 +229,24 @@ pub(crate) fn poll_expiry(a: &mut Association, now: Instant, out: &mut Vec<Outpu
         });
     }
     let Some(r) = a.requested.as_mut() else {
-        return;
+        return false;
     };
     if let Some(g) = r.granted.take_if(|g| now >= g.expires) {
         out.push(Output::RegistrationLapsed {
             peer: a.peer_hit,
             types: g.types,
         });
+        // A renewal was due at half the lifetime: reaching the end means it
+        // went unanswered (or never got out, behind another unanswered
+        // UPDATE).
         if r.lifetime > 0 && !r.types.is_empty() {
-            if r.in_flight.is_none() {
-                r.due = Some(now);
-            }
-        } else if r.in_flight.is_none() {
+            return true;
+        }
+        if r.in_flight.is_none() {
             a.requested = None;
         }
     }
+    false
 }
 
 /// Our UPDATE `id` went unanswered through every retransmission.
@@ -246,8 +302,17 @@ impl Host {
     }
 
     /// Cancels our registration with `peer` (REG_REQUEST with lifetime 0
-    /// for the types we hold or asked for).
+    /// for the types we hold or asked for). While registering again after
+    /// a lapse, stops doing so instead (nothing to cancel at the registrar;
+    /// an I2 already sent may still register, and that lapses unrenewed).
     pub fn cancel_registration(&mut self, now: Instant, peer: Hit) -> Result<Vec<Output>, Error> {
+        if self.reregistering(&peer) {
+            self.reregister.remove(&peer);
+            if let Some(a) = self.assocs.get_mut(&peer) {
+                a.requested = None;
+            }
+            return Ok(Vec::new());
+        }
         let types = self
             .assocs
             .get(&peer)
@@ -355,6 +420,81 @@ impl Host {
         if p.add(&r.param()).is_ok() {
             r.due = None;
             r.in_flight = Some(id);
+        }
+    }
+
+    /// Whether we are registering with `peer` again after our registration
+    /// lapsed unanswered: a new base exchange runs or waits out its backoff.
+    /// A caller with retries of its own leaves `peer` alone meanwhile.
+    pub fn reregistering(&self, peer: &Hit) -> bool {
+        self.reregister.contains_key(peer)
+            && !matches!(self.state(peer), State::Established | State::R2Sent)
+    }
+
+    /// Our registration with `peer` lapsed unanswered: drop the association
+    /// (the registrar lost it, or will not answer on it) and register again
+    /// in a new base exchange, started by [`Host::poll_reregister`] at once.
+    pub(crate) fn drop_lapsed_registrar(&mut self, now: Instant, peer: Hit, out: &mut Vec<Output>) {
+        let Some(a) = self.assocs.remove(&peer) else {
+            return;
+        };
+        out.push(Output::Closed { peer });
+        let Some(r) = a.requested else {
+            return;
+        };
+        self.reregister.insert(
+            peer,
+            Reregister {
+                addr: a.peer_addr,
+                types: r.types,
+                lifetime: r.lifetime,
+                failures: 0,
+                next: Some(now),
+            },
+        );
+    }
+
+    /// New base exchanges with registrars we lost: started when due, and
+    /// after one that ended without an association, scheduled after the
+    /// backoff. Done once the association is up (the registration in it
+    /// then follows the usual rules).
+    pub(crate) fn poll_reregister(&mut self, now: Instant, out: &mut Vec<Output>) {
+        let peers: Vec<Hit> = self.reregister.keys().copied().collect();
+        for peer in peers {
+            let state = self.state(&peer);
+            let Some(j) = self.reregister.get_mut(&peer) else {
+                continue;
+            };
+            match state {
+                State::Established | State::R2Sent => {
+                    self.reregister.remove(&peer);
+                    continue;
+                }
+                // Ours, or one the caller started: wait for its end.
+                State::I1Sent | State::I2Sent => {
+                    j.next = None;
+                    continue;
+                }
+                _ => {}
+            }
+            match j.next {
+                None => {
+                    j.failures = j.failures.saturating_add(1);
+                    j.next = Some(now + backoff(&self.cfg, j.failures));
+                }
+                Some(t) if now >= t => {
+                    j.next = None;
+                    let (addr, types, lifetime) = (j.addr, j.types.clone(), j.lifetime);
+                    match self.connect_and_register(now, peer, addr, types, lifetime) {
+                        Ok(o) => out.extend(o),
+                        // Only encoding can fail, and would again.
+                        Err(_) => {
+                            self.reregister.remove(&peer);
+                        }
+                    }
+                }
+                Some(_) => {}
+            }
         }
     }
 
