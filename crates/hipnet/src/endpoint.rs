@@ -441,11 +441,16 @@ impl Endpoint {
     }
 
     /// Registers again when the last attempt failed or the association with the
-    /// server went away (it is retried until the server answers).
+    /// server went away (it is retried until the server answers). After a lapse
+    /// (the server restarted, or stayed away past the lifetime) `roam_hip` runs
+    /// the new base exchanges itself, with backoff: leave it alone meanwhile.
     fn keep_registered(&mut self) {
         let Some(r) = self.register_with.clone() else {
             return;
         };
+        if self.host.reregistering(&r.hit) {
+            return;
+        }
         if matches!(
             self.host.state(&r.hit),
             State::Unassociated | State::Closed | State::EFailed
@@ -780,7 +785,8 @@ impl Endpoint {
                     }
                 }
                 Output::RegistrationLapsed { peer, types } => {
-                    warn!(%peer, ?types, "registration lapsed; asking again");
+                    let again = self.host.reregistering(&peer);
+                    warn!(%peer, ?types, again, "registration lapsed unanswered");
                     Stats::bump(&self.stats.reg_lapsed);
                 }
                 Output::Registered {

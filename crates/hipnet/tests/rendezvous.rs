@@ -333,3 +333,104 @@ async fn registration_expires_when_not_renewed() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(v.stats.get("rvs_relayed"), Some(0), "{}", v.stats.render());
 }
+
+/// A rendezvous server that restarts (stops without CLOSE, a fresh one on the same
+/// address) has lost the host's registration and association, so the host's renewal
+/// goes unanswered. When its 2 s grant lapses, the host drops the association and
+/// registers again in a new base exchange: relaying for its HIT works again within
+/// about one lifetime of the restart.
+#[tokio::test]
+async fn host_registers_again_after_the_server_restarts() {
+    let vid = HostIdentity::generate();
+    let v_hit = vid.hit();
+    // A fixed port, so the restarted server has the same address.
+    let v_at = SocketAddr::new(lo(15).into(), 10500);
+    let rvs_cfg = |id: HostIdentity| {
+        let mut vc = cfg(id, v_at);
+        vc.serve_rvs = true;
+        vc.hip.service_lifetime = (64, 160);
+        vc
+    };
+    let (v, vt) = Endpoint::start_on(
+        rvs_cfg(vid.clone()),
+        Box::new(UserEsp::new()),
+        PacketDev::None,
+    )
+    .await
+    .unwrap();
+
+    let bid = HostIdentity::generate();
+    let b_hit = bid.hit();
+    let mut bc = cfg(bid, SocketAddr::new(lo(16).into(), 0));
+    bc.register_with = Some(format!("{v_hit}@{v_at}").parse().unwrap());
+    bc.register_lifetime = Duration::from_secs(2);
+    let mut b = start(bc).await;
+    let st = wait_status(&v, |s| s.contains(&b_hit.to_string())).await;
+    assert!(st.contains(&b_hit.to_string()), "{st}");
+    // Renewed at least once in UPDATE before the restart.
+    assert!(wait_stat(&b.h, "reg_granted", 2).await >= 2);
+
+    // The server dies without a word (no CLOSE) and comes back empty.
+    v.export_and_stop().await.unwrap();
+    vt.await.unwrap();
+    let restarted = tokio::time::Instant::now();
+    let (v2, _vt2) = Endpoint::start_on(rvs_cfg(vid), Box::new(UserEsp::new()), PacketDev::None)
+        .await
+        .unwrap();
+    assert!(!v2.status().await.contains(&b_hit.to_string()));
+
+    // Within one lifetime plus a base exchange, B is registered again.
+    let mut st = String::new();
+    while restarted.elapsed() < Duration::from_secs(6) {
+        st = v2.status().await;
+        if st.contains(&b_hit.to_string()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        st.contains(&b_hit.to_string()),
+        "not registered again: {st}"
+    );
+    let took = restarted.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "registered again after {took:?}"
+    );
+    assert!(
+        b.h.stats.get("reg_lapsed") >= Some(1),
+        "{}",
+        b.h.stats.render()
+    );
+    assert_eq!(
+        v2.stats.get("established"),
+        Some(1),
+        "{}",
+        v2.stats.render()
+    );
+
+    // A correspondent that knows only B's HIT gets through the restarted server.
+    let mut ac = cfg(
+        HostIdentity::generate(),
+        SocketAddr::new(lo(17).into(), 10500),
+    );
+    ac.rvs = Some(v_at);
+    ac.peers = vec![b_hit.to_string().parse().unwrap()];
+    let a = start(ac).await;
+    a.to_net
+        .send(udp4(
+            a.h.lsi,
+            roam_hipnet::config::default_lsi(&b_hit),
+            b"after the restart",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(&recv(&mut b).await[28..], b"after the restart");
+    assert_eq!(v2.stats.get("rvs_relayed"), Some(1));
+    // And B keeps renewing with the new server.
+    assert!(
+        wait_stat(&v2, "rvs_renewed", 1).await >= 1,
+        "{}",
+        v2.stats.render()
+    );
+}
