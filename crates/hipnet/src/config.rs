@@ -192,6 +192,9 @@ pub struct EndpointConfig {
     pub register_with: Option<PeerSpec>,
     /// Registration lifetime to ask for; the registration is renewed at half
     /// of whatever the server grants (its bounds: `hip.service_lifetime`).
+    /// It also bounds how long a restarted server, which lost the
+    /// registration, goes without relaying for us: a grant that lapses
+    /// unanswered is asked for again in a new base exchange.
     pub register_lifetime: Duration,
     /// Act as a rendezvous server: offer registration in R1 and relay I1s
     /// for registered HITs.

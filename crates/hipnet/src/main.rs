@@ -44,7 +44,8 @@ enum Cmd {
         #[arg(long)]
         register: Option<PeerSpec>,
         /// Registration lifetime to ask for, seconds (renewed at half of
-        /// what the server grants).
+        /// what the server grants; after a server restart, registered again
+        /// in a new base exchange once the grant lapses).
         #[arg(long, default_value_t = 4096)]
         register_lifetime: u64,
         /// Our LSI (198.19.x.y); derived from the HIT when absent.
