@@ -56,7 +56,9 @@
 //! - ESP suite 8 (AES-128-CBC, HMAC-SHA-256-128) in BEET semantics with a
 //!   64-packet anti-replay window.
 //! - Registration (RFC 8003) inside the base exchange: REG_INFO in R1,
-//!   REG_REQUEST in I2, REG_RESPONSE / REG_FAILED in R2.
+//!   REG_REQUEST in I2, REG_RESPONSE / REG_FAILED in R2; and inside UPDATE
+//!   (renewal at half the granted lifetime, cancellation with lifetime 0,
+//!   the answer in the ACKing UPDATE), with expiry at the registrar.
 //! - Rendezvous (RFC 8004): relaying an I1 with FROM and RVS_HMAC
 //!   ([`rvs`]); a Responder answers a relayed I1 directly with VIA_RVS.
 //! - Moving an association with its VM: a versioned, bounded, checksummed
@@ -67,9 +69,9 @@
 //!
 //! ## Not implemented
 //! DSA host identities, ECDSA P-384 and ECDSA_LOW, DH groups 4, 8, 9, 10, 11, opportunistic mode,
-//! CERT, rekeying with a new Diffie-Hellman, multihoming (RFC 8047), registration through UPDATE, cancellation and
-//! expiry (RFC 8003 §3.3-3.4),
-//! ICMP error generation, the RVS's own registration bookkeeping, ESP suites other than 8 and extended sequence
+//! CERT, rekeying with a new Diffie-Hellman, multihoming (RFC 8047), registrar-initiated
+//! cancellation (an unsolicited REG_RESPONSE with lifetime 0), per-type lifetimes,
+//! ICMP error generation, ESP suites other than 8 and extended sequence
 //! numbers.
 
 pub mod crypto;

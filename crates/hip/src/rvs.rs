@@ -14,7 +14,8 @@
 //!
 //! [`relay_for`] is the whole rendezvous server's decision for one incoming
 //! packet: the registrar's state lives in the [`Host`] (a registration is an
-//! association whose R2 carried REG_RESPONSE(rendezvous)), and the
+//! association whose R2 or a later UPDATE carried REG_RESPONSE(rendezvous),
+//! until its lifetime ends or the host cancels it), and the
 //! registered host's current locator is that association's peer address, so
 //! an UPDATE(LOCATOR_SET) from a host that moved (RFC 8046) re-points the
 //! relay with no further bookkeeping.

@@ -27,11 +27,15 @@ struct Two {
 
 impl Two {
     fn new() -> Two {
+        Two::with(Config::default())
+    }
+
+    fn with(cfg: Config) -> Two {
         let now = Instant::now();
         let mut t = Two {
             h: [
-                Host::new(HostIdentity::generate(), Config::default(), now).unwrap(),
-                Host::new(HostIdentity::generate(), Config::default(), now).unwrap(),
+                Host::new(HostIdentity::generate(), cfg.clone(), now).unwrap(),
+                Host::new(HostIdentity::generate(), cfg, now).unwrap(),
             ],
             now,
             q: VecDeque::new(),
@@ -196,4 +200,117 @@ fn keymat_runs_out_and_bad_esp_info_is_refused() {
     let outs = t.h[1].receive(t.now, addr(0), &build(k.our_spi)).unwrap();
     assert!(matches!(&outs[..], [Output::Send { packet, .. }]
         if packet.get::<EspInfo>().unwrap().is_some()));
+}
+
+/// The policy: a rekey starts once the highest sequence number seen passes
+/// `rekey_seq`, once per rekey (not again while one is running), and the
+/// new SAs restart numbering, so the old SA never reaches the wrap.
+#[test]
+fn rekey_starts_before_the_sequence_number_wraps() {
+    let cfg = Config {
+        rekey_seq: 1000,
+        ..Config::default()
+    };
+    let mut t = Two::with(cfg);
+    let peer = t.h[1].hit();
+    assert!(t.h[0].rekey_if_due(t.now, &peer, 999).unwrap().is_empty());
+    let outs = t.h[0].rekey_if_due(t.now, &peer, 1000).unwrap();
+    assert!(matches!(&outs[..], [Output::Send { packet, .. }]
+        if packet.get::<EspInfo>().unwrap().is_some()));
+    // Every later packet asks again: no second UPDATE while one is out.
+    assert!(t.h[0].rekey_if_due(t.now, &peer, 1001).unwrap().is_empty());
+    t.absorb(0, outs);
+    t.run(None);
+    assert_eq!(t.rekeyed, [1, 1]);
+    t.esp_works();
+    // The peer's side counts too (its outbound is our inbound window).
+    let back = t.h[0].hit();
+    assert!(!t.h[1]
+        .rekey_if_due(t.now, &back, u32::MAX)
+        .unwrap()
+        .is_empty());
+}
+
+/// A rekey UPDATE the peer never answers is given up after the retries,
+/// and the policy can start a new one afterwards.
+#[test]
+fn an_unanswered_rekey_does_not_block_the_next() {
+    let cfg = Config {
+        rekey_seq: 10,
+        ..Config::default()
+    };
+    let mut t = Two::with(cfg);
+    let peer = t.h[1].hit();
+    let outs = t.h[0].rekey_if_due(t.now, &peer, 11).unwrap();
+    assert_eq!(outs.len(), 1);
+    // Lose the request and every retransmission.
+    for _ in 0..10 {
+        t.q.clear();
+        t.poll(Duration::from_secs(20));
+    }
+    t.q.clear();
+    assert_eq!(t.rekeyed, [0, 0]);
+    let outs = t.h[0].rekey_if_due(t.now, &peer, 12).unwrap();
+    assert_eq!(outs.len(), 1, "a new rekey starts");
+    t.absorb(0, outs);
+    t.run(None);
+    assert_eq!(t.rekeyed, [1, 1]);
+    t.esp_works();
+}
+
+#[test]
+fn the_policy_reports_an_exhausted_keymat() {
+    let cfg = Config {
+        rekey_seq: 1,
+        ..Config::default()
+    };
+    let mut t = Two::with(cfg);
+    let peer = t.h[1].hit();
+    let mut n = 0;
+    let err = loop {
+        match t.h[0].rekey_if_due(t.now, &peer, 5) {
+            Ok(outs) => {
+                t.absorb(0, outs);
+                t.run(None);
+                n += 1;
+            }
+            Err(e) => break e,
+        }
+        assert!(n < 20);
+    };
+    assert_eq!(err, Error::Crypto(CryptoError::Keymat));
+    assert_eq!(t.rekeyed, [n, n]);
+}
+
+/// Both ends start a rekey at once (both see the same sequence numbers):
+/// the crossing UPDATEs each carry a new SPI, both are ACKed, and both
+/// ends finish with the same keys, whichever packet is lost.
+#[test]
+fn simultaneous_rekeys_complete_on_both_ends() {
+    for lost in [None, Some(1), Some(2), Some(3), Some(4)] {
+        let mut t = Two::new();
+        let before = t.keys[0].clone().unwrap();
+        let (h0, h1) = (t.h[0].hit(), t.h[1].hit());
+        let o0 = t.h[0].rekey(t.now, h1).unwrap();
+        let o1 = t.h[1].rekey(t.now, h0).unwrap();
+        t.absorb(0, o0);
+        t.absorb(1, o1);
+        t.run(lost);
+        for _ in 0..6 {
+            t.poll(Duration::from_millis(600));
+            t.run(None);
+        }
+        assert_eq!(t.rekeyed, [1, 1], "lost packet {lost:?}");
+        let (k0, k1) = (t.keys[0].as_ref().unwrap(), t.keys[1].as_ref().unwrap());
+        assert_eq!(k0.peer_spi, k1.our_spi);
+        assert_eq!(k1.peer_spi, k0.our_spi);
+        assert_eq!(k0.esp_keymat_index, before.esp_keymat_index + 96);
+        assert_eq!(k0.esp_keymat_index, k1.esp_keymat_index);
+        t.esp_works();
+        // And the next rekey works as usual.
+        t.rekey(1);
+        t.run(None);
+        assert_eq!(t.rekeyed, [2, 2]);
+        t.esp_works();
+    }
 }

@@ -45,6 +45,11 @@ pub trait EspBackend: Send {
 pub struct UserEsp {
     out: HashMap<Hit, Outbound>,
     inb: HashMap<u32, (Hit, Inbound)>,
+    /// The inbound SA each peer had before its last `install` (a rekey):
+    /// the peer keeps sending on it until our rekey reaches it, so it stays
+    /// open until the first packet arrives on the new SA (RFC 7402 §6.10:
+    /// the old SA is dropped once the new one is in use).
+    draining: HashMap<u32, (Hit, Inbound)>,
 }
 
 impl UserEsp {
@@ -56,7 +61,20 @@ impl UserEsp {
 impl EspBackend for UserEsp {
     fn install(&mut self, peer: Hit, keys: &AssociationKeys) -> Result<(), EspDrop> {
         let (o, i) = esp::sas(keys).map_err(|_| EspDrop::Invalid)?;
-        self.remove(&peer);
+        self.draining.retain(|_, (h, _)| *h != peer);
+        let old: Vec<u32> = self
+            .inb
+            .iter()
+            .filter(|(_, (h, _))| *h == peer)
+            .map(|(spi, _)| *spi)
+            .collect();
+        for spi in old {
+            if let Some(sa) = self.inb.remove(&spi) {
+                if spi != i.spi {
+                    self.draining.insert(spi, sa);
+                }
+            }
+        }
         self.out.insert(peer, o);
         self.inb.insert(i.spi, (peer, i));
         Ok(())
@@ -65,6 +83,7 @@ impl EspBackend for UserEsp {
     fn remove(&mut self, peer: &Hit) {
         self.out.remove(peer);
         self.inb.retain(|_, (h, _)| h != peer);
+        self.draining.retain(|_, (h, _)| h != peer);
     }
 
     fn has_sa(&self, peer: &Hit) -> bool {
@@ -79,7 +98,14 @@ impl EspBackend for UserEsp {
 
     fn open(&mut self, datagram: &[u8]) -> Result<(Hit, u8, Vec<u8>), EspDrop> {
         let spi = esp::spi_of(datagram).ok_or(EspDrop::Invalid)?;
-        let (peer, sa) = self.inb.get_mut(&spi).ok_or(EspDrop::UnknownSpi(spi))?;
+        let current = self.inb.contains_key(&spi);
+        let (peer, sa) = match self.inb.get_mut(&spi) {
+            Some(x) => x,
+            None => self
+                .draining
+                .get_mut(&spi)
+                .ok_or(EspDrop::UnknownSpi(spi))?,
+        };
         // Replays are told apart from forgeries before the ICV is checked
         // (open checks the window again; the cheap test here only names
         // the reason).
@@ -91,7 +117,12 @@ impl EspBackend for UserEsp {
             return Err(EspDrop::Replay);
         }
         let (nh, payload) = sa.open(datagram).map_err(|_| EspDrop::Invalid)?;
-        Ok((*peer, nh, payload))
+        let peer = *peer;
+        if current && !self.draining.is_empty() {
+            // The peer uses the new SA: the old one has served its time.
+            self.draining.retain(|_, (h, _)| *h != peer);
+        }
+        Ok((peer, nh, payload))
     }
 
     fn sa_state(&self, peer: &Hit) -> Option<SaState> {
@@ -149,6 +180,43 @@ mod tests {
         assert_eq!(b.open(&forged).unwrap().2, b"again".to_vec());
         b.remove(&hit_a);
         assert!(!b.has_sa(&hit_a));
+        assert!(b.draining.is_empty());
         assert!(matches!(b.open(&d), Err(EspDrop::UnknownSpi(_))));
+    }
+}
+
+#[cfg(test)]
+mod rekey_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// After a rekey, packets the peer sealed on the old SA (in flight, or
+    /// sent before the rekey reached it) still open, until the first packet
+    /// on the new SA retires the old one.
+    #[test]
+    fn the_old_inbound_sa_drains_after_a_rekey() {
+        let (ka, kb) = crate::bench::exchange_in_memory().unwrap();
+        let (hit_b, hit_a) = (ka.peer_hit, kb.peer_hit);
+        let (mut a, mut b) = (UserEsp::new(), UserEsp::new());
+        a.install(hit_b, &ka).unwrap();
+        b.install(hit_a, &kb).unwrap();
+        let in_flight = a.seal(&hit_b, 6, b"old 1").unwrap();
+        let later = a.seal(&hit_b, 6, b"old 2").unwrap();
+        // B rekeys first (new keys 96 octets further, new SPIs).
+        let (mut ka2, mut kb2) = (ka.clone(), kb.clone());
+        ka2.esp_keymat_index += 96;
+        kb2.esp_keymat_index += 96;
+        ka2.our_spi = 0x5000;
+        kb2.peer_spi = 0x5000;
+        kb2.our_spi = 0x6000;
+        ka2.peer_spi = 0x6000;
+        b.install(hit_a, &kb2).unwrap();
+        assert_eq!(b.open(&in_flight).unwrap().2, b"old 1");
+        a.install(hit_b, &ka2).unwrap();
+        let new = a.seal(&hit_b, 6, b"new").unwrap();
+        assert_eq!(b.open(&new).unwrap().2, b"new");
+        // The new SA is in use: the old one is gone.
+        assert_eq!(b.open(&later), Err(EspDrop::UnknownSpi(kb.our_spi)));
+        assert_eq!(b.sa_state(&hit_a).unwrap().in_top, 1);
     }
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use roam_hip::{Hit, HostIdentity};
 
@@ -189,6 +190,12 @@ pub struct EndpointConfig {
     pub rvs: Option<SocketAddr>,
     /// Register with this rendezvous server at start (RFC 8003/8004).
     pub register_with: Option<PeerSpec>,
+    /// Registration lifetime to ask for; the registration is renewed at half
+    /// of whatever the server grants (its bounds: `hip.service_lifetime`).
+    /// It also bounds how long a restarted server, which lost the
+    /// registration, goes without relaying for us: a grant that lapses
+    /// unanswered is asked for again in a new base exchange.
+    pub register_lifetime: Duration,
     /// Act as a rendezvous server: offer registration in R1 and relay I1s
     /// for registered HITs.
     pub serve_rvs: bool,
@@ -204,6 +211,12 @@ pub struct EndpointConfig {
     pub mtu: u16,
     /// Packets queued per peer while its base exchange runs.
     pub queue_len: usize,
+    /// How long a stopping endpoint keeps retransmitting CLOSE and waits
+    /// for the CLOSE_ACKs (RFC 7401 §5.3.7, §6.14) before it exits. The
+    /// protocol's own limit (`hip.close_timeout`, 30 s) is for a host that
+    /// keeps running; a daemon that is asked to stop should not hang that
+    /// long. Peers that miss every CLOSE time the association out.
+    pub close_grace: Duration,
     pub hip: roam_hip::Config,
 }
 
@@ -221,12 +234,15 @@ impl EndpointConfig {
             peers: Vec::new(),
             rvs: None,
             register_with: None,
+            // 2^((160-64)/8) s, the longest the default registrar grants.
+            register_lifetime: Duration::from_secs(4096),
             serve_rvs: false,
             import: None,
             import_update_skip: 0,
             control: None,
             mtu: 1400,
             queue_len: 16,
+            close_grace: Duration::from_secs(3),
             hip,
         }
     }

@@ -1,5 +1,6 @@
 //! The control socket: a unix stream socket taking one line per connection
-//! (`locator ADDR`, `stats`, `status`, `export`, `stop`) and answering with text.
+//! (`locator ADDR`, `stats`, `status`, `export`, `unregister`, `stop`) and
+//! answering with text.
 //! `roam-hip ctl` is its client; tests use [`request`].
 
 use std::io::{Read, Write};
@@ -72,7 +73,12 @@ async fn answer(h: &Handle, line: &str) -> String {
             h.stop().await;
             "ok\n".to_string()
         }
-        _ => "error commands: locator ADDR | stats | status | export | stop\n".to_string(),
+        (Some("unregister"), None) => match h.unregister().await {
+            Ok(()) => "ok\n".to_string(),
+            Err(e) => format!("error {e}\n"),
+        },
+        _ => "error commands: locator ADDR | stats | status | export | unregister | stop\n"
+            .to_string(),
     }
 }
 

@@ -13,7 +13,8 @@
 //!            │          └ ESP ─► open ─► beet::inbound ───────────────────┼──► TUN
 //!  timer ───►│ Host::poll at Host::next_deadline                          │
 //!  Command ─►│ SetLocator (rebind, UPDATE to every peer), Status,         │
-//!            │ ExportAndStop (hand associations over), Stop (CLOSE all)   │
+//!            │ ExportAndStop (hand associations over), Stop (CLOSE all,   │
+//!            │ retransmitted until CLOSE_ACK or `close_grace`)            │
 //!            └────────────────────────────────────────────────────────────┘
 //! ```
 
@@ -23,7 +24,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use roam_hip::machine::DataPath;
-use roam_hip::wire::params::{Locator, LocatorAddr, LocatorSet, REG_TYPE_RENDEZVOUS};
+use roam_hip::wire::params::{
+    reg_lifetime_value, Locator, LocatorAddr, LocatorSet, REG_TYPE_RENDEZVOUS,
+};
 use roam_hip::wire::udp::{classify, frame_hip, UdpPayload};
 use roam_hip::{Hit, Host, Output, Packet, State};
 use tokio::net::UdpSocket;
@@ -61,6 +64,9 @@ pub enum Command {
     /// A new entry for the static peer table (where to send I1 for that
     /// HIT, its LSI); existing associations are not touched.
     AddPeer(PeerSpec, oneshot::Sender<Result<Ipv4Addr, String>>),
+    /// Cancels the registration with the rendezvous server (RFC 8003:
+    /// REG_REQUEST with lifetime 0) and stops renewing it.
+    Unregister(oneshot::Sender<Result<(), String>>),
     Stop,
 }
 
@@ -113,6 +119,17 @@ impl Handle {
         rx.await.map_err(|_| "endpoint stopped".to_string())?
     }
 
+    /// Cancels the registration with the rendezvous server; returns once
+    /// the request is sent (it is retransmitted until answered).
+    pub async fn unregister(&self) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Unregister(tx))
+            .await
+            .map_err(|_| "endpoint stopped".to_string())?;
+        rx.await.map_err(|_| "endpoint stopped".to_string())?
+    }
+
     pub async fn stop(&self) {
         let _ = self.tx.send(Command::Stop).await;
     }
@@ -136,6 +153,11 @@ pub struct Endpoint {
     serve_rvs: bool,
     /// The rendezvous server we keep registered with.
     register_with: Option<PeerSpec>,
+    /// Lifetime value asked for (RFC 8003 encoding).
+    register_lifetime: u8,
+    /// Peers sent CLOSE by Stop; the loop waits for their CLOSE_ACKs.
+    closing: Vec<Hit>,
+    close_grace: std::time::Duration,
     stats: Arc<Stats>,
 }
 
@@ -278,6 +300,9 @@ impl Endpoint {
             established: HashSet::new(),
             serve_rvs: cfg.serve_rvs,
             register_with: cfg.register_with.clone(),
+            register_lifetime: reg_lifetime_value(cfg.register_lifetime),
+            closing: Vec::new(),
+            close_grace: cfg.close_grace,
             stats,
         };
         if let Some(state) = &cfg.import {
@@ -296,30 +321,59 @@ impl Endpoint {
         let mut tbuf = vec![0u8; BUF];
         let mut reg_tick = tokio::time::interval(REGISTER_RETRY);
         reg_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Set once Stop has sent CLOSE: from then on only HIP packets and
+        // timers are served, until every CLOSE is acknowledged or this time.
+        let mut draining: Option<tokio::time::Instant> = None;
         loop {
-            let deadline = self
+            if let Some(until) = draining {
+                if self
+                    .closing
+                    .iter()
+                    .all(|h| self.host.state(h) != State::Closing)
+                {
+                    break;
+                }
+                if tokio::time::Instant::now() >= until {
+                    let left = self
+                        .closing
+                        .iter()
+                        .filter(|h| self.host.state(h) == State::Closing)
+                        .count();
+                    warn!(left, "stopping with CLOSEs unacknowledged");
+                    for _ in 0..left {
+                        Stats::bump(&self.stats.close_unacked);
+                    }
+                    break;
+                }
+            }
+            let mut deadline = self
                 .host
                 .next_deadline()
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+            if let Some(until) = draining {
+                deadline = deadline.min(until);
+            }
             tokio::select! {
                 r = self.sock.recv_from(&mut ubuf) => match r {
                     Ok((n, from)) => self.on_udp(&ubuf[..n], from),
                     Err(e) => debug!("udp recv: {e}"),
                 },
-                r = self.dev.recv(&mut tbuf) => match r {
+                r = self.dev.recv(&mut tbuf), if draining.is_none() => match r {
                     Ok(n) => self.on_tun(&tbuf[..n]),
                     Err(e) => {
                         warn!("tun read: {e}");
                         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     }
                 },
-                _ = reg_tick.tick(), if self.register_with.is_some() => self.keep_registered(),
+                _ = reg_tick.tick(), if self.register_with.is_some() && draining.is_none() => {
+                    self.keep_registered()
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     let outs = self.host.poll(Instant::now());
                     self.handle(outs);
                 }
-                c = rx.recv() => match c {
+                c = rx.recv(), if draining.is_none() => match c {
                     Some(Command::SetLocator(ip, reply)) => {
                         let r = self.set_locator(ip).await;
                         let _ = reply.send(r);
@@ -330,13 +384,16 @@ impl Endpoint {
                     Some(Command::AddPeer(p, reply)) => {
                         let _ = reply.send(self.add_peer(p));
                     }
+                    Some(Command::Unregister(reply)) => {
+                        let _ = reply.send(self.unregister());
+                    }
                     Some(Command::ExportAndStop(reply)) => {
                         let _ = reply.send(self.export());
                         break;
                     }
                     Some(Command::Stop) | None => {
                         self.close_all();
-                        break;
+                        draining = Some(tokio::time::Instant::now() + self.close_grace);
                     }
                 },
             }
@@ -345,35 +402,55 @@ impl Endpoint {
     }
 
     /// Registers with a rendezvous server (RFC 8003 in the base exchange,
-    /// RFC 8004 rendezvous type). An association with it that arrived
-    /// with a migrated VM already carries the registration: the server
-    /// keeps it and follows our UPDATE, so no new exchange is started.
+    /// RFC 8004 rendezvous type); `roam_hip` renews it at half of each
+    /// granted lifetime. An association with the server that arrived with a
+    /// migrated VM already holds the registration there (the server follows
+    /// our UPDATE), but its renewal schedule did not come along: renew it
+    /// now in an UPDATE, which rides with the locator UPDATE that follows.
     fn register(&mut self, r: &PeerSpec) -> Result<(), Error> {
         let addr = r
             .addr
             .ok_or_else(|| Error::PeerSpec(format!("{} (no address)", r.hit)))?;
-        if self.established.contains(&r.hit) {
-            info!(rvs = %r.hit, "registration carried over");
-            return Ok(());
-        }
-        // 2^((160-64)/8) s = 4096 s, the longest the default registrar grants.
-        let outs = self.host.connect_and_register(
-            Instant::now(),
-            r.hit,
-            addr,
-            vec![REG_TYPE_RENDEZVOUS],
-            160,
-        )?;
+        let now = Instant::now();
+        let types = vec![REG_TYPE_RENDEZVOUS];
+        let outs = if self.established.contains(&r.hit) {
+            info!(rvs = %r.hit, "registration carried over; renewing it");
+            self.host
+                .register(now, r.hit, types, self.register_lifetime)?
+        } else {
+            self.host
+                .connect_and_register(now, r.hit, addr, types, self.register_lifetime)?
+        };
+        self.handle(outs);
+        Ok(())
+    }
+
+    /// Cancels the registration and stops keeping it.
+    fn unregister(&mut self) -> Result<(), String> {
+        let r = self
+            .register_with
+            .take()
+            .ok_or("not registered with a rendezvous server")?;
+        let outs = self
+            .host
+            .cancel_registration(Instant::now(), r.hit)
+            .map_err(|e| e.to_string())?;
+        info!(rvs = %r.hit, "cancelling the registration");
         self.handle(outs);
         Ok(())
     }
 
     /// Registers again when the last attempt failed or the association with the
-    /// server went away (it is retried until the server answers).
+    /// server went away (it is retried until the server answers). After a lapse
+    /// (the server restarted, or stayed away past the lifetime) `roam_hip` runs
+    /// the new base exchanges itself, with backoff: leave it alone meanwhile.
     fn keep_registered(&mut self) {
         let Some(r) = self.register_with.clone() else {
             return;
         };
+        if self.host.reregistering(&r.hit) {
+            return;
+        }
         if matches!(
             self.host.state(&r.hit),
             State::Unassociated | State::Closed | State::EFailed
@@ -488,6 +565,7 @@ impl Endpoint {
                 } else {
                     Stats::bump(&self.stats.send_errors);
                 }
+                self.rekey_if_due(*peer, &d);
             }
             Err(e) => {
                 debug!(%peer, "seal: {e}");
@@ -554,6 +632,42 @@ impl Endpoint {
         }
     }
 
+    /// The rekey policy (RFC 7402 §6.9) after an ESP packet `d` of `peer`
+    /// was sealed or opened: its sequence number (octets 4..8) is the
+    /// newest on that SA. When the KEYMAT is used up the association is
+    /// closed; the next packet for the peer starts a new base exchange.
+    fn rekey_if_due(&mut self, peer: Hit, d: &[u8]) {
+        let Some(seq) = d
+            .get(4..8)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        else {
+            return;
+        };
+        // Cheap test first: this runs for every packet.
+        if seq < self.host.config().rekey_seq {
+            return;
+        }
+        let now = Instant::now();
+        match self.host.rekey_if_due(now, &peer, seq) {
+            Ok(outs) => self.handle(outs),
+            Err(e) => {
+                warn!(%peer, "no rekey possible ({e}): closing for a new base exchange");
+                Stats::bump(&self.stats.rekey_exhausted);
+                // The new base exchange may have to start here, and the
+                // CLOSE_ACK erases the association with the peer's address:
+                // a peer that reached us (not in the static table) stays
+                // reachable.
+                if let Some(addr) = self.host.peer_addr(&peer) {
+                    self.peers.entry(peer).or_insert(Some(addr));
+                }
+                match self.host.close(now, peer) {
+                    Ok(outs) => self.handle(outs),
+                    Err(e) => debug!(%peer, "close: {e}"),
+                }
+            }
+        }
+    }
+
     fn on_esp(&mut self, d: &[u8]) {
         let (peer, nh, payload) = match self.esp.open(d) {
             Ok(x) => x,
@@ -568,6 +682,7 @@ impl Endpoint {
             }
         };
         self.host.inbound_data(Instant::now(), &peer, payload.len());
+        self.rekey_if_due(peer, d);
         let view = View {
             our_hit: self.host.hit(),
             peer_hit: peer,
@@ -618,6 +733,7 @@ impl Endpoint {
                 }
                 Output::Closed { peer } => {
                     info!(%peer, "association closed");
+                    Stats::bump(&self.stats.closed);
                     self.forget(&peer);
                 }
                 Output::PeerLocators { peer, from, .. } => {
@@ -644,7 +760,10 @@ impl Endpoint {
                     // New SPIs and keys (RFC 7402 §3.3); packets still in
                     // flight on the old inbound SA are lost.
                     match self.esp.install(peer, &keys) {
-                        Ok(()) => info!(%peer, spi = keys.our_spi, "rekeyed"),
+                        Ok(()) => {
+                            info!(%peer, spi = keys.our_spi, "rekeyed");
+                            Stats::bump(&self.stats.rekeys);
+                        }
                         Err(e) => warn!(%peer, "installing rekeyed SAs: {e}"),
                     }
                 }
@@ -658,8 +777,34 @@ impl Endpoint {
                     peer,
                     granted,
                     failed,
-                    ..
-                } => info!(%peer, ?granted, ?failed, "registration"),
+                    lifetime,
+                } => {
+                    info!(%peer, ?granted, ?failed, lifetime, "registration");
+                    if lifetime > 0 && !granted.is_empty() {
+                        Stats::bump(&self.stats.reg_granted);
+                    }
+                }
+                Output::RegistrationLapsed { peer, types } => {
+                    let again = self.host.reregistering(&peer);
+                    warn!(%peer, ?types, again, "registration lapsed unanswered");
+                    Stats::bump(&self.stats.reg_lapsed);
+                }
+                Output::Registered {
+                    peer,
+                    types,
+                    lifetime,
+                } => {
+                    info!(%peer, ?types, lifetime, "peer registration");
+                    if lifetime == 0 {
+                        Stats::bump(&self.stats.rvs_cancelled);
+                    } else {
+                        Stats::bump(&self.stats.rvs_renewed);
+                    }
+                }
+                Output::RegistrationExpired { peer, types } => {
+                    info!(%peer, ?types, "peer registration expired: no more relaying");
+                    Stats::bump(&self.stats.rvs_expired);
+                }
             }
         }
     }
@@ -736,14 +881,19 @@ impl Endpoint {
         Ok(told)
     }
 
-    /// Best-effort CLOSE to every peer on shutdown (no retransmission:
-    /// the loop ends; a peer that misses it times the association out).
+    /// CLOSE to every peer on shutdown; the loop then keeps running (HIP
+    /// and timers only) so that `Host::poll` retransmits each CLOSE until its
+    /// CLOSE_ACK arrives or `close_grace` ends (RFC 7401 §6.14).
     fn close_all(&mut self) {
         let mut peers: Vec<Hit> = self.established.iter().copied().collect();
         peers.sort();
         for peer in peers {
-            if let Ok(outs) = self.host.close(Instant::now(), peer) {
-                self.handle(outs);
+            match self.host.close(Instant::now(), peer) {
+                Ok(outs) => {
+                    self.closing.push(peer);
+                    self.handle(outs);
+                }
+                Err(e) => debug!(%peer, "close: {e}"),
             }
         }
     }

@@ -3,9 +3,11 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use roam_hip::wire::params::reg_lifetime_value;
 use roam_hipnet::config::{keygen, load_identity};
 use roam_hipnet::{Endpoint, EndpointConfig, PeerSpec};
 
@@ -41,6 +43,11 @@ enum Cmd {
         /// Register with this rendezvous server: HIT@ADDR:PORT.
         #[arg(long)]
         register: Option<PeerSpec>,
+        /// Registration lifetime to ask for, seconds (renewed at half of
+        /// what the server grants; after a server restart, registered again
+        /// in a new base exchange once the grant lapses).
+        #[arg(long, default_value_t = 4096)]
+        register_lifetime: u64,
         /// Our LSI (198.19.x.y); derived from the HIT when absent.
         #[arg(long)]
         lsi: Option<Ipv4Addr>,
@@ -60,12 +67,19 @@ enum Cmd {
         mtu: u16,
     },
     /// Run a rendezvous server (RFC 8004): hosts register their HIT with it
-    /// (RFC 8003, in the base exchange) and keep it told of their locator
-    /// with UPDATE; an I1 for a registered HIT is relayed to that locator.
+    /// (RFC 8003, in the base exchange, renewed or cancelled in UPDATE) and
+    /// keep it told of their locator with UPDATE; an I1 for a registered HIT
+    /// is relayed to that locator until its registration expires.
     /// Carries no data: no TUN device, no LSIs.
     Rvs {
         #[arg(long)]
         identity: PathBuf,
+        /// Shortest registration lifetime granted, seconds.
+        #[arg(long, default_value_t = 16)]
+        min_lifetime: u64,
+        /// Longest registration lifetime granted, seconds.
+        #[arg(long, default_value_t = 4096)]
+        max_lifetime: u64,
         /// UDP address for HIP (RFC 5770); must be one peers can reach.
         #[arg(long, default_value = "0.0.0.0:10500")]
         listen: SocketAddr,
@@ -78,7 +92,8 @@ enum Cmd {
     /// Print the HIT and default LSI of an identity file.
     Show { file: PathBuf },
     /// Send a request to a running endpoint: `locator ADDR`, `stats`,
-    /// `status`, `export` (stop and print the carried state, hex), `stop`.
+    /// `status`, `export` (stop and print the carried state, hex),
+    /// `unregister` (cancel the rendezvous registration), `stop`.
     Ctl {
         #[arg(long)]
         control: PathBuf,
@@ -129,12 +144,19 @@ fn main() -> Result<()> {
         }
         Cmd::Rvs {
             identity,
+            min_lifetime,
+            max_lifetime,
             listen,
             control,
         } => {
             let id = load_identity(&identity)?;
             let mut cfg = EndpointConfig::new(id, listen, "");
             cfg.tun_name = None;
+            // RFC 8003 encoding (REG_INFO); values round up to the next step.
+            cfg.hip.service_lifetime = (
+                reg_lifetime_value(Duration::from_secs(min_lifetime)),
+                reg_lifetime_value(Duration::from_secs(max_lifetime.max(min_lifetime))),
+            );
             cfg.serve_rvs = true;
             cfg.control = control;
             run(cfg)?;
@@ -146,6 +168,7 @@ fn main() -> Result<()> {
             no_tun,
             serve_rvs,
             register,
+            register_lifetime,
             lsi,
             peer,
             rvs,
@@ -170,6 +193,7 @@ fn main() -> Result<()> {
             cfg.mtu = mtu;
             cfg.serve_rvs = serve_rvs;
             cfg.register_with = register;
+            cfg.register_lifetime = Duration::from_secs(register_lifetime);
             if let Some(f) = import {
                 let text = std::fs::read_to_string(&f)
                     .with_context(|| format!("reading {}", f.display()))?;

@@ -56,6 +56,8 @@ stats! {
     established,
     /// Base exchanges failed.
     failed,
+    /// Associations closed (CLOSE from the peer, or our CLOSE acknowledged).
+    closed,
     /// UPDATEs with a new locator sent (one per peer).
     updates_sent,
     /// Peers that moved (verified UPDATE with a locator).
@@ -69,6 +71,27 @@ stats! {
     rr_failed,
     /// I1s relayed to a registered Responder (rendezvous server role).
     rvs_relayed,
+    /// Rendezvous server: registrations granted or renewed in an UPDATE
+    /// (RFC 8003; those made in a base exchange count as `established`).
+    rvs_renewed,
+    /// Rendezvous server: registrations cancelled by their host (lifetime 0).
+    rvs_cancelled,
+    /// Rendezvous server: registrations that ended without renewal (no more
+    /// relaying for that host).
+    rvs_expired,
+    /// Registrations with our rendezvous server granted (base exchange or
+    /// renewal).
+    reg_granted,
+    /// Our registration reached the end of its lifetime without a renewal
+    /// answered (asked for again).
+    reg_lapsed,
+    /// ESP rekeys completed (new SAs installed, RFC 7402 §3.3).
+    rekeys,
+    /// Associations closed because the KEYMAT had no keys left for the
+    /// rekey the sequence numbers called for (a new base exchange follows).
+    rekey_exhausted,
+    /// CLOSEs that got no CLOSE_ACK before a stopping endpoint exited.
+    close_unacked,
 }
 
 impl Stats {

@@ -12,6 +12,8 @@ use roam_hipnet::beet::internet_checksum;
 use roam_hipnet::config::default_lsi;
 use roam_hipnet::{Endpoint, EndpointConfig, Handle, PacketDev, PeerSpec, UserEsp};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 struct Side {
     h: Handle,
@@ -20,24 +22,37 @@ struct Side {
 }
 
 async fn side(id: HostIdentity, peers: Vec<PeerSpec>, import: Option<Vec<u8>>) -> Side {
+    side_with(id, peers, import, |_| {}).await.0
+}
+
+async fn side_with(
+    id: HostIdentity,
+    peers: Vec<PeerSpec>,
+    import: Option<Vec<u8>>,
+    tune: impl FnOnce(&mut EndpointConfig),
+) -> (Side, JoinHandle<()>) {
     let mut cfg = EndpointConfig::new(id, "127.0.0.1:0".parse().unwrap(), "unused");
     cfg.tun_name = None;
     cfg.peers = peers;
     cfg.import = import;
+    tune(&mut cfg);
     let (to_net, outbound) = mpsc::channel(64);
     let (inbound, from_net) = mpsc::channel(64);
-    let (h, _task) = Endpoint::start_on(
+    let (h, task) = Endpoint::start_on(
         cfg,
         Box::new(UserEsp::new()),
         PacketDev::Channel { outbound, inbound },
     )
     .await
     .unwrap();
-    Side {
-        h,
-        to_net,
-        from_net,
-    }
+    (
+        Side {
+            h,
+            to_net,
+            from_net,
+        },
+        task,
+    )
 }
 
 /// An IPv4/UDP packet with valid checksums.
@@ -178,4 +193,122 @@ async fn a_move_to_another_address_is_verified_before_it_is_trusted() {
     assert_eq!(&recv(&mut a).await[28..], b"after");
     assert_eq!(b.h.stats.get("rr_failed"), Some(0));
     assert_eq!(b.h.stats.get("hip_dropped"), Some(0));
+}
+
+/// A and B with an association between them (A's first packet to B's LSI
+/// started the base exchange). `tune` configures both.
+async fn pair(
+    tune: impl Fn(&mut EndpointConfig) + Copy,
+) -> ((Side, JoinHandle<()>), (Side, JoinHandle<()>)) {
+    let (ida, idb) = (HostIdentity::generate(), HostIdentity::generate());
+    let hit_b = idb.hit();
+    let (mut b, bt) = side_with(idb, Vec::new(), None, tune).await;
+    let spec = format!("{hit_b}@{}", b.h.listen);
+    let (a, at) = side_with(ida, vec![spec.parse().unwrap()], None, tune).await;
+    a.to_net
+        .send(udp4(a.h.lsi, default_lsi(&hit_b), b"hello"))
+        .await
+        .unwrap();
+    assert_eq!(&recv(&mut b).await[28..], b"hello");
+    ((a, at), (b, bt))
+}
+
+/// Sequence numbers past `rekey_seq` make the endpoints rekey (RFC 7402
+/// §6.9), both at once (each sees the same numbers), and not one packet is
+/// lost on the way: the old inbound SA drains what was in flight.
+#[tokio::test]
+async fn endpoints_rekey_before_the_sequence_number_wraps() {
+    let ((mut a, _at), (mut b, _bt)) = pair(|c| c.hip.rekey_seq = 8).await;
+    let (la, lb) = (a.h.lsi, default_lsi(&b.h.hit));
+    let la_at_b = default_lsi(&a.h.hit);
+    // 2 × 16 packets per SA pair... about four rekeys: within the KEYMAT.
+    for i in 0..16u8 {
+        a.to_net.send(udp4(la, lb, &[i; 20])).await.unwrap();
+        b.to_net
+            .send(udp4(b.h.lsi, la_at_b, &[i; 30]))
+            .await
+            .unwrap();
+        assert_eq!(&recv(&mut b).await[28..], &[i; 20]);
+        assert_eq!(&recv(&mut a).await[28..], &[i; 30]);
+    }
+    let (sa, sb) = (&a.h.stats, &b.h.stats);
+    let get = |s: &roam_hipnet::Stats, n: &str| s.get(n).unwrap();
+    let (ra, rb) = (get(sa, "rekeys"), get(sb, "rekeys"));
+    assert!(ra >= 2 && rb >= 2, "rekeys: A {ra}, B {rb}");
+    for s in [sa, sb] {
+        assert_eq!(get(s, "established"), 1, "{}", s.render());
+        assert_eq!(get(s, "rekey_exhausted"), 0, "{}", s.render());
+        assert_eq!(get(s, "esp_invalid"), 0, "{}", s.render());
+        assert_eq!(get(s, "esp_unknown_spi"), 0, "{}", s.render());
+    }
+}
+
+/// When the KEYMAT has no keys left for the next rekey, the association
+/// is closed and the next packet runs a new base exchange (fresh KEYMAT);
+/// a few packets around the switch may be lost (TCP resends them).
+#[tokio::test]
+async fn an_exhausted_keymat_leads_to_a_new_base_exchange() {
+    let ((a, _at), (mut b, _bt)) = pair(|c| c.hip.rekey_seq = 8).await;
+    let (la, lb) = (a.h.lsi, default_lsi(&b.h.hit));
+    let mut delivered = 0;
+    for i in 0..200u8 {
+        a.to_net.send(udp4(la, lb, &[i; 20])).await.unwrap();
+        if let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_millis(300), b.from_net.recv()).await
+        {
+            delivered += 1;
+        }
+        let s = &a.h.stats;
+        if s.get("established").unwrap() >= 2 && delivered > 120 {
+            break;
+        }
+    }
+    let s = &a.h.stats;
+    let b_exhausted = b.h.stats.get("rekey_exhausted").unwrap();
+    assert!(
+        s.get("rekey_exhausted").unwrap() + b_exhausted >= 1,
+        "{}",
+        s.render()
+    );
+    assert!(s.get("established").unwrap() >= 2, "{}", s.render());
+    assert!(delivered > 120, "{delivered} delivered; {}", s.render());
+}
+
+/// Stop sends CLOSE and waits for the CLOSE_ACK: the peer's association
+/// is closed and the stopping endpoint exits as soon as the ACK is in.
+#[tokio::test]
+async fn stop_waits_for_the_close_ack() {
+    let ((a, at), (b, _bt)) = pair(|c| c.close_grace = Duration::from_secs(5)).await;
+    let t0 = Instant::now();
+    a.h.stop().await;
+    tokio::time::timeout(Duration::from_secs(4), at)
+        .await
+        .expect("the CLOSE_ACK ends the drain long before close_grace")
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert_eq!(a.h.stats.get("close_unacked"), Some(0));
+    assert_eq!(a.h.stats.get("closed"), Some(1));
+    assert_eq!(b.h.stats.get("closed"), Some(1));
+}
+
+/// A peer that never answers gets CLOSE retransmitted (RFC 7401 §6.14)
+/// until `close_grace` ends; the unacknowledged CLOSE is counted.
+#[tokio::test]
+async fn close_is_retransmitted_until_the_grace_ends() {
+    let ((a, at), (b, _bt)) = pair(|c| c.close_grace = Duration::from_millis(1300)).await;
+    // B freezes (hands its associations over and stops reading).
+    b.h.export_and_stop().await.unwrap();
+    let sent = a.h.stats.get("hip_out").unwrap();
+    let t0 = Instant::now();
+    a.h.stop().await;
+    tokio::time::timeout(Duration::from_secs(5), at)
+        .await
+        .expect("the drain ends at close_grace")
+        .unwrap();
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_millis(1200), "{waited:?}");
+    // CLOSE at 0 s, again at 0.5 s and 1.5 s would be next (500 ms doubling).
+    let closes = a.h.stats.get("hip_out").unwrap() - sent;
+    assert_eq!(closes, 2, "CLOSE and one retransmission");
+    assert_eq!(a.h.stats.get("close_unacked"), Some(1));
 }

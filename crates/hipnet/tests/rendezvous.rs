@@ -146,6 +146,13 @@ async fn peers_added_by_hit_reach_a_registered_host_before_and_after_it_moves() 
     assert!(st.contains(&format!("addr {}", b2.h.listen)), "{st}");
     assert_eq!(v.stats.get("established"), Some(1), "registered once");
     assert_eq!(v.stats.get("peer_moves"), Some(1));
+    // The new endpoint took over the renewals (REG_REQUEST in UPDATE).
+    assert!(
+        wait_stat(&v, "rvs_renewed", 1).await >= 1,
+        "{}",
+        v.stats.render()
+    );
+    assert!(wait_stat(&b2.h, "reg_granted", 1).await >= 1);
 
     // C, a newcomer that knows only B's HIT and the server, finds B at its new place.
     let mut cc = cfg(
@@ -195,4 +202,235 @@ async fn registration_is_retried_until_the_server_answers() {
     let st = wait_status(&v, |s| s.contains(&b_hit)).await;
     assert!(st.contains(&format!("addr {}", b.h.listen)), "{st}");
     assert_eq!(v.stats.get("established"), Some(1));
+}
+
+/// A rendezvous server that grants lifetimes from 1 s (RFC 8003 value 64).
+async fn short_lived_rvs(n: u8) -> (Handle, PeerSpec) {
+    let vid = HostIdentity::generate();
+    let v_hit = vid.hit();
+    let mut vc = cfg(vid, SocketAddr::new(lo(n).into(), 0));
+    vc.serve_rvs = true;
+    vc.hip.service_lifetime = (64, 160);
+    let (v, _vt) = Endpoint::start_on(vc, Box::new(UserEsp::new()), PacketDev::None)
+        .await
+        .unwrap();
+    let spec = format!("{v_hit}@{}", v.listen).parse().unwrap();
+    (v, spec)
+}
+
+async fn wait_stat(h: &Handle, name: &str, want: u64) -> u64 {
+    for _ in 0..250 {
+        if h.stats.get(name) >= Some(want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.stats.get(name).unwrap_or(0)
+}
+
+/// With a 2 s lifetime the host renews its registration in UPDATE (RFC 8003) at
+/// half of each lifetime, so relaying goes on well past the first one; after the
+/// host cancels (lifetime 0) the server relays no more.
+#[tokio::test]
+async fn renewed_registration_keeps_relaying_until_cancelled() {
+    let (v, rvs_spec) = short_lived_rvs(8).await;
+    let bid = HostIdentity::generate();
+    let b_hit = bid.hit();
+    let mut bc = cfg(bid, SocketAddr::new(lo(9).into(), 0));
+    bc.register_with = Some(rvs_spec);
+    bc.register_lifetime = Duration::from_secs(2);
+    let mut b = start(bc).await;
+    let st = wait_status(&v, |s| s.contains(&b_hit.to_string())).await;
+    assert!(st.contains(&b_hit.to_string()), "{st}");
+
+    // Past the first lifetime and a half: two renewals at 1 s and 2 s.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(v.stats.get("rvs_expired"), Some(0), "{}", v.stats.render());
+    assert!(
+        v.stats.get("rvs_renewed") >= Some(2),
+        "{}",
+        v.stats.render()
+    );
+    assert!(
+        b.h.stats.get("reg_granted") >= Some(3),
+        "{}",
+        b.h.stats.render()
+    );
+    assert_eq!(b.h.stats.get("reg_lapsed"), Some(0));
+
+    let mut ac = cfg(
+        HostIdentity::generate(),
+        SocketAddr::new(lo(10).into(), 10500),
+    );
+    ac.rvs = Some(v.listen);
+    ac.peers = vec![b_hit.to_string().parse().unwrap()];
+    let a = start(ac).await;
+    let b_lsi = roam_hipnet::config::default_lsi(&b_hit);
+    a.to_net
+        .send(udp4(a.h.lsi, b_lsi, b"after 3.5 s"))
+        .await
+        .unwrap();
+    assert_eq!(&recv(&mut b).await[28..], b"after 3.5 s");
+    assert_eq!(v.stats.get("rvs_relayed"), Some(1));
+
+    b.h.unregister().await.unwrap();
+    assert_eq!(wait_stat(&v, "rvs_cancelled", 1).await, 1);
+    assert!(b.h.unregister().await.is_err(), "cancelled twice");
+    // A newcomer that knows only B's HIT no longer gets through the server.
+    let mut cc = cfg(
+        HostIdentity::generate(),
+        SocketAddr::new(lo(11).into(), 10500),
+    );
+    cc.rvs = Some(v.listen);
+    cc.peers = vec![b_hit.to_string().parse().unwrap()];
+    let c = start(cc).await;
+    c.to_net
+        .send(udp4(c.h.lsi, b_lsi, b"after the cancel"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(v.stats.get("rvs_relayed"), Some(1), "{}", v.stats.render());
+    assert!(b.from_net.try_recv().is_err(), "relayed after the cancel");
+    // Nothing renewed it behind our back, nothing expired: it was cancelled.
+    assert_eq!(v.stats.get("rvs_expired"), Some(0));
+}
+
+/// A host that stops without cancelling (here: hands its state over and never
+/// starts again) is dropped by the server when its lifetime ends: no more relaying.
+#[tokio::test]
+async fn registration_expires_when_not_renewed() {
+    let (v, rvs_spec) = short_lived_rvs(12).await;
+    let bid = HostIdentity::generate();
+    let b_hit = bid.hit();
+    let mut bc = cfg(bid, SocketAddr::new(lo(13).into(), 0));
+    bc.register_with = Some(rvs_spec);
+    bc.register_lifetime = Duration::from_secs(2);
+    let b = start(bc).await;
+    wait_status(&v, |s| s.contains(&b_hit.to_string())).await;
+    b.h.export_and_stop().await.unwrap();
+    assert_eq!(
+        wait_stat(&v, "rvs_expired", 1).await,
+        1,
+        "{}",
+        v.stats.render()
+    );
+
+    let mut cc = cfg(
+        HostIdentity::generate(),
+        SocketAddr::new(lo(14).into(), 10500),
+    );
+    cc.rvs = Some(v.listen);
+    cc.peers = vec![b_hit.to_string().parse().unwrap()];
+    let c = start(cc).await;
+    c.to_net
+        .send(udp4(
+            c.h.lsi,
+            roam_hipnet::config::default_lsi(&b_hit),
+            b"x",
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(v.stats.get("rvs_relayed"), Some(0), "{}", v.stats.render());
+}
+
+/// A rendezvous server that restarts (stops without CLOSE, a fresh one on the same
+/// address) has lost the host's registration and association, so the host's renewal
+/// goes unanswered. When its 2 s grant lapses, the host drops the association and
+/// registers again in a new base exchange: relaying for its HIT works again within
+/// about one lifetime of the restart.
+#[tokio::test]
+async fn host_registers_again_after_the_server_restarts() {
+    let vid = HostIdentity::generate();
+    let v_hit = vid.hit();
+    // A fixed port, so the restarted server has the same address.
+    let v_at = SocketAddr::new(lo(15).into(), 10500);
+    let rvs_cfg = |id: HostIdentity| {
+        let mut vc = cfg(id, v_at);
+        vc.serve_rvs = true;
+        vc.hip.service_lifetime = (64, 160);
+        vc
+    };
+    let (v, vt) = Endpoint::start_on(
+        rvs_cfg(vid.clone()),
+        Box::new(UserEsp::new()),
+        PacketDev::None,
+    )
+    .await
+    .unwrap();
+
+    let bid = HostIdentity::generate();
+    let b_hit = bid.hit();
+    let mut bc = cfg(bid, SocketAddr::new(lo(16).into(), 0));
+    bc.register_with = Some(format!("{v_hit}@{v_at}").parse().unwrap());
+    bc.register_lifetime = Duration::from_secs(2);
+    let mut b = start(bc).await;
+    let st = wait_status(&v, |s| s.contains(&b_hit.to_string())).await;
+    assert!(st.contains(&b_hit.to_string()), "{st}");
+    // Renewed at least once in UPDATE before the restart.
+    assert!(wait_stat(&b.h, "reg_granted", 2).await >= 2);
+
+    // The server dies without a word (no CLOSE) and comes back empty.
+    v.export_and_stop().await.unwrap();
+    vt.await.unwrap();
+    let restarted = tokio::time::Instant::now();
+    let (v2, _vt2) = Endpoint::start_on(rvs_cfg(vid), Box::new(UserEsp::new()), PacketDev::None)
+        .await
+        .unwrap();
+    assert!(!v2.status().await.contains(&b_hit.to_string()));
+
+    // Within one lifetime plus a base exchange, B is registered again.
+    let mut st = String::new();
+    while restarted.elapsed() < Duration::from_secs(6) {
+        st = v2.status().await;
+        if st.contains(&b_hit.to_string()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        st.contains(&b_hit.to_string()),
+        "not registered again: {st}"
+    );
+    let took = restarted.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "registered again after {took:?}"
+    );
+    assert!(
+        b.h.stats.get("reg_lapsed") >= Some(1),
+        "{}",
+        b.h.stats.render()
+    );
+    assert_eq!(
+        v2.stats.get("established"),
+        Some(1),
+        "{}",
+        v2.stats.render()
+    );
+
+    // A correspondent that knows only B's HIT gets through the restarted server.
+    let mut ac = cfg(
+        HostIdentity::generate(),
+        SocketAddr::new(lo(17).into(), 10500),
+    );
+    ac.rvs = Some(v_at);
+    ac.peers = vec![b_hit.to_string().parse().unwrap()];
+    let a = start(ac).await;
+    a.to_net
+        .send(udp4(
+            a.h.lsi,
+            roam_hipnet::config::default_lsi(&b_hit),
+            b"after the restart",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(&recv(&mut b).await[28..], b"after the restart");
+    assert_eq!(v2.stats.get("rvs_relayed"), Some(1));
+    // And B keeps renewing with the new server.
+    assert!(
+        wait_stat(&v2, "rvs_renewed", 1).await >= 1,
+        "{}",
+        v2.stats.render()
+    );
 }

@@ -244,6 +244,10 @@ impl VmNet {
             cfg.import_update_skip = update_skip;
             cfg.mtu = spec.mtu;
             cfg.rvs = rvs.as_ref().and_then(|r| r.addr);
+            // The endpoint renews the registration (REG_REQUEST in UPDATE) at half
+            // of each granted lifetime, at once after an import, and in a new base
+            // exchange when a grant lapses unanswered (a restarted server): no
+            // timer here.
             cfg.register_with = rvs.clone();
             let (out_tx, out_rx) = mpsc::channel(QUEUE);
             let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);

@@ -11,7 +11,7 @@ use crate::crypto::mac;
 use crate::error::Error;
 use crate::identity::PeerIdentity;
 use crate::wire::params::*;
-use crate::wire::{Hit, Packet, PacketType};
+use crate::wire::{Hit, Packet, PacketType, RawParam};
 
 impl Host {
     pub(crate) fn signed_with_mac(&self, peer: &Hit, mut p: Packet) -> Result<Packet, Error> {
@@ -181,6 +181,10 @@ impl Host {
         let mut p = Packet::new(PacketType::Update, self.id.hit(), peer);
         p.add(&locators)?;
         p.add(&Seq(id))?;
+        // This UPDATE takes the place of any outstanding one: a REG_REQUEST
+        // waiting or in flight rides along (a moved VM's host renews its
+        // registration with the rendezvous server in the same packet).
+        self.piggyback_reg_request(now, &peer, &mut p, id);
         let p = self.signed_with_mac(&peer, p)?;
         let r = self.start_retransmit(p.clone(), now);
         let a = self
@@ -249,6 +253,7 @@ impl Host {
         }
         if let Some(id) = acked {
             out.extend(self.rekey_acked(peer, id)?);
+            out.extend(self.on_reg_answer(now, peer, id, p)?);
         }
         if let Some(Seq(id)) = seq {
             let (fresh, prev) = {
@@ -287,11 +292,16 @@ impl Host {
                     locators: locators.clone(),
                 });
             }
+            // A REG_REQUEST is answered beside the ACK (RFC 8003 §3.2);
+            // a duplicate gets the first answer again.
+            let (mut answers, event) = self.on_reg_request(now, peer, id, fresh, p)?;
+            out.extend(event);
             // Duplicates are ACKed again but not reprocessed (§6.12.1); an
             // echo request is answered every time.
-            let echo_req = p.get::<EchoRequestSigned>()?.map(|e| e.0);
-            let (reply, to) =
-                self.update_reply(now, peer, from, id, locators.as_ref(), echo_req)?;
+            if let Some(e) = p.get::<EchoRequestSigned>()? {
+                answers.push(RawParam::from_body(&EchoResponseSigned(e.0))?);
+            }
+            let (reply, to) = self.update_reply(now, peer, from, id, locators.as_ref(), answers)?;
             out.push(Output::Send { to, packet: reply });
         }
         Ok(out)

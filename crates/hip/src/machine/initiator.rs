@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use super::responder::KEYMAT_LEN;
-use super::{random_spi, Association, AssociationKeys, Host, Output, State};
+use super::{random_spi, registration, Association, AssociationKeys, Host, Output, State};
 use crate::crypto::keymat::{self, Drawer, HipKeys};
 use crate::crypto::{cipher, dh, mac, puzzle};
 use crate::error::{CryptoError, Error};
@@ -26,7 +26,7 @@ impl Host {
         let out = self.connect(now, peer, addr)?;
         if let Some(a) = self.assocs.get_mut(&peer) {
             if a.state == State::I1Sent {
-                a.wanted_registration = Some((reg_types, lifetime));
+                a.requested = Some(registration::Requested::new(reg_types, lifetime));
             }
         }
         Ok(out)
@@ -186,7 +186,8 @@ impl Host {
         let wanted = self
             .assocs
             .get(&peer)
-            .and_then(|a| a.wanted_registration.clone());
+            .and_then(|a| a.requested.as_ref())
+            .map(|r| (r.types.clone(), r.lifetime));
         if let (Some((types, lifetime)), Some(info)) = (wanted, p.get::<RegInfo>()?) {
             // Types the registrar did not offer are requested too: it answers
             // them with REG_FAILED, which tells the caller why.
@@ -240,7 +241,6 @@ impl Host {
         _from: SocketAddr,
         p: &Packet,
     ) -> Result<Vec<Output>, Error> {
-        let _ = now;
         let me = self.id.hit();
         let peer = p.header.sender_hit;
         if p.header.receiver_hit != me {
@@ -277,7 +277,26 @@ impl Host {
         if granted.is_some() || failed.is_some() {
             let lifetime = granted.as_ref().map_or(0, |g| g.lifetime);
             let granted = granted.map(|g| g.reg_types).unwrap_or_default();
-            a.registration = Some((granted.clone(), lifetime));
+            let failed_types = failed
+                .as_ref()
+                .map(|f| &f.reg_types[..])
+                .unwrap_or_default();
+            if let Some(r) = a.requested.as_mut() {
+                r.types.retain(|t| !failed_types.contains(t));
+                match reg_lifetime(lifetime).filter(|_| !granted.is_empty()) {
+                    Some(span) => {
+                        r.granted = Some(registration::Granted {
+                            types: granted.clone(),
+                            lifetime,
+                            expires: now + span,
+                        });
+                        // Renew at half the lifetime: the other half leaves
+                        // room for the UPDATE's retransmissions.
+                        r.due = Some(now + span / 2);
+                    }
+                    None => a.requested = None,
+                }
+            }
             out.push(Output::Registration {
                 peer,
                 granted,

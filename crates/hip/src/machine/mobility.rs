@@ -36,10 +36,8 @@ use rand_core::{OsRng, RngCore};
 
 use super::{Association, Host, Output, Retransmit};
 use crate::error::Error;
-use crate::wire::params::{
-    Ack, EchoRequestSigned, EchoResponseSigned, LocatorAddr, LocatorSet, Seq,
-};
-use crate::wire::{Hit, Packet, PacketType};
+use crate::wire::params::{Ack, EchoRequestSigned, LocatorAddr, LocatorSet, Seq};
+use crate::wire::{Hit, Packet, PacketType, RawParam};
 
 /// Length of the echo nonce: 128 bits, unguessable.
 pub const NONCE_LEN: usize = 16;
@@ -250,7 +248,8 @@ impl Host {
     }
 
     /// The signed reply to a peer's UPDATE with SEQ `peer_seq`: ACK, the
-    /// answer to its echo request if any, and, when `set` (a fresh
+    /// `answers` to what it asked (ECHO_RESPONSE_SIGNED, REG_RESPONSE /
+    /// REG_FAILED), and, when `set` (a fresh
     /// LOCATOR_SET) names a locator other than where we send, the switch to
     /// it with an address check (SEQ + ECHO_REQUEST_SIGNED, sent to the new
     /// locator and retransmitted). Returns the packet and where it goes.
@@ -261,12 +260,12 @@ impl Host {
         from: SocketAddr,
         peer_seq: u32,
         set: Option<&LocatorSet>,
-        echo_request: Option<Vec<u8>>,
+        answers: Vec<RawParam>,
     ) -> Result<(Packet, SocketAddr), Error> {
         let mut reply = Packet::new(PacketType::Update, self.id.hit(), peer);
         reply.add(&Ack(vec![peer_seq]))?;
-        if let Some(e) = echo_request {
-            reply.add(&EchoResponseSigned(e))?;
+        for param in answers {
+            reply.insert(param);
         }
         let a = self
             .assocs

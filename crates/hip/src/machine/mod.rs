@@ -17,6 +17,7 @@ mod close;
 mod initiator;
 mod mobility;
 mod persist;
+mod registration;
 mod rekey;
 mod responder;
 
@@ -84,7 +85,22 @@ pub struct Config {
     pub udp_port: u16,
     /// Return routability and credit-based authorisation (RFC 8046).
     pub mobility: MobilityConfig,
+    /// ESP sequence number at which [`Host::rekey_if_due`] starts a rekey:
+    /// a sequence number must never cycle on one SA (RFC 4303 §3.3.3,
+    /// RFC 7402 §6.9), and the rekey needs a few round trips to finish.
+    pub rekey_seq: u32,
+    /// Re-registration after a lapse (see `registration.rs`): the first new
+    /// base exchange with the registrar starts at once; after one that
+    /// fails, the next waits this long, doubled for every failure in a row
+    /// up to `reregister_backoff_max`, so a dead registrar is not hammered.
+    pub reregister_backoff: Duration,
+    pub reregister_backoff_max: Duration,
 }
+
+/// Default [`Config::rekey_seq`]: 2^26 packets (≈ 4 minutes at a line rate
+/// of 270 000 packets/s) before the wrap, room for every retransmission of
+/// the rekey UPDATE.
+pub const REKEY_SEQ_DEFAULT: u32 = u32::MAX - (1 << 26);
 
 impl Default for Config {
     fn default() -> Self {
@@ -104,6 +120,9 @@ impl Default for Config {
             // 2^((96-64)/8) = 16 s to 2^((160-64)/8) = 4096 s.
             service_lifetime: (96, 160),
             mobility: MobilityConfig::default(),
+            rekey_seq: REKEY_SEQ_DEFAULT,
+            reregister_backoff: Duration::from_secs(2),
+            reregister_backoff_max: Duration::from_secs(300),
         }
     }
 }
@@ -170,13 +189,31 @@ pub enum Output {
     },
     /// The peer acknowledged our UPDATE.
     UpdateAcked { peer: Hit, update_id: u32 },
-    /// A registrar granted (REG_RESPONSE) or refused (REG_FAILED) services.
+    /// A registrar granted (REG_RESPONSE) or refused (REG_FAILED) services,
+    /// in R2 or in the UPDATE that ACKed our REG_REQUEST. `lifetime` 0 with
+    /// types in `granted`: those registrations were cancelled.
     Registration {
         peer: Hit,
         granted: Vec<u8>,
         failed: Vec<u8>,
         lifetime: u8,
     },
+    /// Our registration with `peer` reached the end of its lifetime without
+    /// a renewal answered: the association with `peer` is dropped
+    /// ([`Output::Closed`] follows) and a new base exchange asks for the
+    /// registration again in I2, retried with backoff until it succeeds
+    /// (see [`Host::reregistering`]).
+    RegistrationLapsed { peer: Hit, types: Vec<u8> },
+    /// Registrar: `peer` registered, renewed (`lifetime` > 0) or cancelled
+    /// (`lifetime` 0) `types` with a REG_REQUEST in an UPDATE.
+    Registered {
+        peer: Hit,
+        types: Vec<u8>,
+        lifetime: u8,
+    },
+    /// Registrar: `peer`'s registration ended without renewal; a rendezvous
+    /// server no longer relays for it.
+    RegistrationExpired { peer: Hit, types: Vec<u8> },
 }
 
 #[derive(Clone, Debug)]
@@ -216,10 +253,14 @@ pub(crate) struct Association {
     pub update_pending: Option<u32>,
     /// Highest peer Update ID processed.
     pub peer_update_id: Option<u32>,
-    /// Registration we want from the peer (Initiator side): types, lifetime.
-    pub wanted_registration: Option<(Vec<u8>, u8)>,
-    /// Registration granted on this association: types, lifetime.
-    pub registration: Option<(Vec<u8>, u8)>,
+    /// Requester side: the registration we want from the peer and what it
+    /// granted.
+    pub requested: Option<registration::Requested>,
+    /// Registrar side: the peer's registration with us.
+    pub registration: Option<registration::Granted>,
+    /// Registrar side: the peer's UPDATE SEQ that carried its last
+    /// REG_REQUEST and our answer, repeated if that UPDATE is retransmitted.
+    pub reg_answer: Option<(u32, Vec<RawParam>)>,
     /// Whether `peer_addr` is verified (RFC 8046 §5.4).
     pub addr_state: AddrState,
     /// The outstanding check of a new peer locator.
@@ -248,8 +289,9 @@ impl Association {
             update_id: 0,
             update_pending: None,
             peer_update_id: None,
-            wanted_registration: None,
+            requested: None,
             registration: None,
+            reg_answer: None,
             addr_state: AddrState::Active,
             verification: None,
             credit: mobility::Credit::default(),
@@ -266,6 +308,8 @@ pub struct Host {
     pub(crate) assocs: HashMap<Hit, Association>,
     pub(crate) responder: responder::ResponderState,
     pub(crate) mobility: MobilityStats,
+    /// Registrars we lost and register with again in a new base exchange.
+    pub(crate) reregister: HashMap<Hit, registration::Reregister>,
 }
 
 impl Host {
@@ -277,6 +321,7 @@ impl Host {
             assocs: HashMap::new(),
             responder,
             mobility: MobilityStats::default(),
+            reregister: HashMap::new(),
         })
     }
 
@@ -312,20 +357,6 @@ impl Host {
     /// another implementation before R2).
     pub fn negotiated_keys(&self, peer: &Hit) -> Option<&AssociationKeys> {
         self.assocs.get(peer).and_then(|a| a.keys.as_ref())
-    }
-
-    /// Peers registered with us as a registrar, with the granted types and
-    /// lifetime (a rendezvous server relays I1s for these HITs).
-    pub fn registrations(&self) -> Vec<(Hit, Vec<u8>, u8)> {
-        self.assocs
-            .values()
-            .filter(|a| matches!(a.state, State::R2Sent | State::Established))
-            .filter_map(|a| {
-                a.registration
-                    .as_ref()
-                    .map(|(t, l)| (a.peer_hit, t.clone(), *l))
-            })
-            .collect()
     }
 
     /// Sends to `addr` from now on (after the caller verified a new peer
@@ -396,15 +427,20 @@ impl Host {
                 a.retransmit.as_ref().map(|r| r.next),
                 a.verification.as_ref().map(|v| v.retransmit.next),
                 a.deadline,
+                registration::next_deadline(a),
             ]
             .into_iter()
             .flatten()
         });
-        assoc.chain(std::iter::once(self.responder.rotate_at)).min()
+        let rereg = self.reregister.values().filter_map(|r| r.next);
+        assoc
+            .chain(rereg)
+            .chain(std::iter::once(self.responder.rotate_at))
+            .min()
     }
 
     /// Runs timers: retransmissions, EC and discard timers, puzzle secret
-    /// rotation.
+    /// rotation, registration renewals, expiry and re-registration.
     pub fn poll(&mut self, now: Instant) -> Vec<Output> {
         let mut out = Vec::new();
         if now >= self.responder.rotate_at {
@@ -413,6 +449,7 @@ impl Host {
         let retries_max = self.cfg.retries_max;
         let hold = self.cfg.state_hold;
         let mut remove = Vec::new();
+        let mut lapsed = Vec::new();
         for a in self.assocs.values_mut() {
             mobility::poll_verification(a, now, retries_max, &mut self.mobility, &mut out);
             if let Some(r) = a.retransmit.as_mut() {
@@ -437,7 +474,12 @@ impl Host {
                             // An unacknowledged UPDATE: the association is
                             // considered broken (§6.11 step 4).
                             State::Established | State::R2Sent => {
-                                a.update_pending = None;
+                                if let Some(id) = a.update_pending.take() {
+                                    registration::update_given_up(a, id, now);
+                                }
+                                // A rekey that was never answered must not
+                                // block the next one.
+                                a.rekey = None;
                             }
                             _ => {}
                         }
@@ -451,6 +493,9 @@ impl Host {
                         });
                     }
                 }
+            }
+            if registration::poll_expiry(a, now, &mut out) {
+                lapsed.push(a.peer_hit);
             }
             if let Some(d) = a.deadline {
                 if now >= d {
@@ -466,6 +511,11 @@ impl Host {
         for h in remove {
             self.assocs.remove(&h);
         }
+        for peer in lapsed {
+            self.drop_lapsed_registrar(now, peer, &mut out);
+        }
+        self.poll_reregister(now, &mut out);
+        self.poll_reg_requests(now, &mut out);
         out
     }
 

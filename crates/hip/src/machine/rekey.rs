@@ -13,7 +13,10 @@
 //!   │ UPDATE(ACK=y)                                            │
 //!   ├────────────────────────────────────────────────────────►│ Rekeyed: in B', out A'
 //! ```
-//! Both UPDATEs with SEQ are retransmitted until ACKed. When the KEYMAT is
+//! Both UPDATEs with SEQ are retransmitted until ACKed. When both ends
+//! start at once (the sequence-number policy fires on both), each initial
+//! UPDATE carries its sender's new SPI: each end ACKs the other's, and
+//! finishes when its own is ACKed, at max(idx_a, idx_b). When the KEYMAT is
 //! used up, [`Host::rekey`] fails with `CryptoError::Keymat` (a rekey with
 //! a new DH is not implemented).
 
@@ -34,8 +37,12 @@ pub(crate) struct Rekey {
     /// Our new inbound SPI.
     pub new_spi: u32,
     pub index: usize,
-    /// The peer's new inbound SPI, once known (we answered its request).
+    /// The peer's new inbound SPI, once known (we answered its request,
+    /// or it sent its own at the same time as ours).
     pub peer_new_spi: Option<u32>,
+    /// The peer ACKed our UPDATE before its ESP_INFO arrived (a
+    /// simultaneous rekey whose packets crossed).
+    pub ours_acked: bool,
 }
 
 /// The Keymat Index just past the SAs in use, checked against the KEYMAT.
@@ -67,6 +74,33 @@ fn rekeyed(
 }
 
 impl Host {
+    /// The rekey policy (RFC 7402 §6.9: new SAs before a sequence number
+    /// cycles). `seq` is the highest ESP sequence number seen on either SA
+    /// of `peer`: the last one we sealed or the top of the replay window, so
+    /// a peer that never rekeys on its own is rekeyed by us. Below
+    /// [`Config::rekey_seq`](super::Config::rekey_seq), or while an UPDATE is
+    /// outstanding (retried on a later packet), nothing happens; cheap
+    /// enough to call for every packet. Fails with `CryptoError::Keymat` when
+    /// the KEYMAT has no keys left: the caller must then close the
+    /// association and run a new base exchange.
+    pub fn rekey_if_due(
+        &mut self,
+        now: Instant,
+        peer: &Hit,
+        seq: u32,
+    ) -> Result<Vec<Output>, Error> {
+        if seq < self.cfg.rekey_seq {
+            return Ok(Vec::new());
+        }
+        let Some(a) = self.assocs.get(peer) else {
+            return Ok(Vec::new());
+        };
+        if a.state != State::Established || a.update_pending.is_some() || a.rekey.is_some() {
+            return Ok(Vec::new());
+        }
+        self.rekey(now, *peer)
+    }
+
     /// Starts a rekey of the ESP SAs with `peer` (ESTABLISHED, no UPDATE
     /// outstanding). [`Output::Rekeyed`] reports the new keys.
     pub fn rekey(&mut self, now: Instant, peer: Hit) -> Result<Vec<Output>, Error> {
@@ -103,6 +137,7 @@ impl Host {
             new_spi,
             index,
             peer_new_spi: None,
+            ours_acked: false,
         });
         Ok(vec![Output::Send {
             to: a.peer_addr,
@@ -125,6 +160,9 @@ impl Host {
         };
         let Some(peer_spi) = r.peer_new_spi else {
             // Our own request: completes with the peer's ESP_INFO.
+            if let Some(r) = a.rekey.as_mut() {
+                r.ours_acked = true;
+            }
             return Ok(None);
         };
         let keys = a.keys.as_ref().ok_or(Error::Unexpected("no keys"))?;
@@ -159,13 +197,31 @@ impl Host {
         }
         let ours = a.rekey.clone();
         match ours {
-            Some(r) if r.peer_new_spi.is_none() => {
-                if !ack.is_some_and(|k| k.0.contains(&r.update_id)) {
-                    return Err(Error::Unexpected("simultaneous rekey"));
+            Some(r)
+                if r.peer_new_spi.is_none()
+                    && !r.ours_acked
+                    && !ack.is_some_and(|k| k.0.contains(&r.update_id)) =>
+            {
+                // Both ends started a rekey at once (RFC 7402 §6.9.1: each
+                // side's initial UPDATE already carries its new SPI). Keep
+                // the peer's SPI and the larger index and ACK its SEQ; ours
+                // completes when the peer ACKs our UPDATE. Both ends take
+                // max(index_a, index_b), so they draw the same keys.
+                let index = r.index.max(usize::from(info.keymat_index));
+                rekeyed(keys, index, 0, 0)?;
+                let (reply, to) = self.update_reply(now, peer, from, seq_id, None, Vec::new())?;
+                if let Some(r) = self.assocs.get_mut(&peer).and_then(|a| a.rekey.as_mut()) {
+                    r.peer_new_spi = Some(info.new_spi);
+                    r.index = index;
                 }
+                Ok(vec![Output::Send { to, packet: reply }])
+            }
+            Some(r) if r.peer_new_spi.is_none() => {
+                // The answer to our request (it ACKs our UPDATE, now or
+                // before): the new SAs are in place.
                 let index = r.index.max(usize::from(info.keymat_index));
                 let new = rekeyed(keys, index, r.new_spi, info.new_spi)?;
-                let (reply, to) = self.update_reply(now, peer, from, seq_id, None, None)?;
+                let (reply, to) = self.update_reply(now, peer, from, seq_id, None, Vec::new())?;
                 let a = self
                     .assocs
                     .get_mut(&peer)
@@ -212,6 +268,7 @@ impl Host {
                     new_spi,
                     index,
                     peer_new_spi: Some(info.new_spi),
+                    ours_acked: false,
                 });
                 Ok(vec![Output::Send {
                     to: from,

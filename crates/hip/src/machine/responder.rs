@@ -404,25 +404,13 @@ impl Host {
         // with failure type 1 (registration type unavailable).
         let mut registration = None;
         if let Some(req) = p.get::<RegRequest>()? {
-            let (lo, hi) = self.cfg.service_lifetime;
-            let lifetime = req.lifetime.clamp(lo, hi.max(lo));
-            let (granted, refused): (Vec<u8>, Vec<u8>) = req
-                .reg_types
-                .iter()
-                .partition(|t| self.cfg.services.contains(t));
-            if !granted.is_empty() {
-                r2.add(&RegResponse {
-                    lifetime,
-                    reg_types: granted.clone(),
-                })?;
-                registration = Some((granted, lifetime));
-            }
-            if !refused.is_empty() {
-                r2.add(&RegFailed {
-                    lifetime: 0,
-                    failure_type: REG_FAILURE_TYPE_UNAVAILABLE,
-                    reg_types: refused,
-                })?;
+            // A cancellation in I2 has nothing to cancel.
+            if req.lifetime != 0 {
+                let (granted, params) = super::registration::decide(&self.cfg, now, &req, None)?;
+                registration = granted;
+                for param in params {
+                    r2.insert(param);
+                }
             }
         }
         let our_host_id = RawParam::from_body(&self.id.host_id_param())?;

@@ -613,6 +613,22 @@ pub fn reg_lifetime_secs(v: u8) -> f64 {
     2f64.powf((f64::from(v) - 64.0) / 8.0)
 }
 
+/// The lifetime a registration value grants, or `None` for 0, which in a
+/// REG_REQUEST or REG_RESPONSE means cancellation (RFC 8003 §3.2, §3.3).
+pub fn reg_lifetime(v: u8) -> Option<std::time::Duration> {
+    (v != 0).then(|| std::time::Duration::from_secs_f64(reg_lifetime_secs(v)))
+}
+
+/// The smallest registration lifetime value that lasts at least `d`
+/// (255, about 177 days, if none does). Searched through [`reg_lifetime`]
+/// rather than computed with a logarithm, so rounding can never give a
+/// value one step too short.
+pub fn reg_lifetime_value(d: std::time::Duration) -> u8 {
+    (1..=u8::MAX)
+        .find(|v| reg_lifetime(*v).is_some_and(|l| l >= d))
+        .unwrap_or(u8::MAX)
+}
+
 /// REG_FAILED (RFC 8003 §4.4).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegFailed {
