@@ -209,6 +209,16 @@ pub fn checks(nbd: &Value, migrations: &[MigrationFigures]) -> Vec<Check> {
                     met: ratio >= 0.9,
                 });
             }
+            // The hot path of a running VM: change tracking with a migration and a
+            // replica subscribed, against the same server without it.
+            if let Some(ratio) = v.get("tracked_ratio").and_then(Value::as_f64) {
+                out.push(Check {
+                    name: format!("NBD {workload}: tracked / plain roam"),
+                    measured: ratio,
+                    target: ">= 0.90".into(),
+                    met: ratio >= 0.9,
+                });
+            }
         }
     }
     for m in migrations {
