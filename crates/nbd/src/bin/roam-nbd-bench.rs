@@ -92,15 +92,18 @@ const TRACK_CHUNK: u64 = 64 * 1024;
 /// A running server; stopping it (or dropping it) cleans up. A tracked server keeps its
 /// subscriptions alive (a write marks every live one).
 enum Running {
-    Roam(Option<NbdServer>, Vec<roam_nbd::DirtySubscription>),
+    Roam {
+        server: Option<NbdServer>,
+        _subs: Vec<roam_nbd::DirtySubscription>,
+    },
     Qemu(Child),
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         match self {
-            Running::Roam(s, _) => {
-                if let Some(s) = s.take() {
+            Running::Roam { server, .. } => {
+                if let Some(s) = server.take() {
                     s.shutdown();
                 }
             }
@@ -133,7 +136,10 @@ fn start(which: Server, file: &Path, sock: &Path, workers: usize) -> Result<Runn
                 b
             };
             s.add_export(EXPORT, b, false).map_err(|e| e.to_string())?;
-            Running::Roam(Some(s), subs)
+            Running::Roam {
+                server: Some(s),
+                _subs: subs,
+            }
         }
         Server::QemuNbd => {
             let child = Command::new("qemu-nbd")
@@ -308,7 +314,7 @@ fn run(o: &Opts) -> Result<(), String> {
             let running = start(servers[si], &file, &sock, o.workers)?;
             let pid = match &running {
                 Running::Qemu(c) => c.id(),
-                Running::Roam(..) => std::process::id(),
+                Running::Roam { .. } => std::process::id(),
             };
             for (wi, w) in workloads.iter().enumerate() {
                 let cpu0 = cpu_seconds(pid);
