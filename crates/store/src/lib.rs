@@ -18,6 +18,9 @@
 //! * [`ReplicaWriter`] — the receiver: a raw disk file plus a redo journal; a batch becomes
 //!   visible atomically; `open` recovers after a crash at any step; the generation rule
 //!   (stale primary, split brain) is enforced on every batch.
+//! * [`Promoted`] — a disk file (a replica, a kept copy) lent in place to an incoming
+//!   migration under an undo log: pre-images of first overwrites are durable before the
+//!   writes, so a failed migration or a crash gives the file back exactly as lent.
 //! * [`choose_level`] — zstd level from link speed against CPU cost.
 //! * [`envelope`] — magic, version, length cap, BLAKE3 checksum, atomic replace: the stored
 //!   form of every small file here.
@@ -61,6 +64,7 @@ pub mod index;
 mod io;
 pub mod level;
 pub mod plan;
+pub mod promote;
 pub mod replica;
 
 pub use chunkmap::{ChunkMap, ChunkState, Digest};
@@ -70,4 +74,5 @@ pub use error::{Result, StoreError};
 pub use index::{ChunkIndex, FileId, Location};
 pub use level::{choose_level, LevelInput};
 pub use plan::{plan, plan_offers, Action, HaveSet, TransferPlan};
+pub use promote::{PromotePaths, Promoted, RolledBack};
 pub use replica::{BatchId, ReplicaWriter, Version};
