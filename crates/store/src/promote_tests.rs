@@ -94,7 +94,7 @@ fn run(
                 Op::Write(c, v) => {
                     let len = case.chunk_len(c);
                     let data = v.map_or_else(|| vec![0; len], |v| content(c, v, len));
-                    if v.is_none() && c % 2 == 0 {
+                    if v.is_none() && c.is_multiple_of(2) {
                         p.zero(c)?;
                     } else {
                         p.write(c, &data)?;
@@ -210,7 +210,7 @@ fn tear_tail(log: &Path, synced: u64, t: u64) {
     }
     let span = len - synced;
     let f = OpenOptions::new().read(true).write(true).open(log).unwrap();
-    if t % 2 == 0 {
+    if t.is_multiple_of(2) {
         f.set_len(synced + t % span).unwrap();
     } else {
         let pos = synced + t % span;
