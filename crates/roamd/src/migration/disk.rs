@@ -589,6 +589,98 @@ pub struct DiskReceiver {
     ondemand: Option<Arc<roam_nbd::OnDemandBackend>>,
     /// Post-copy: told the number of pending chunks once `Switch` was applied.
     switched: Option<tokio::sync::oneshot::Sender<u64>>,
+    /// The file is a disk lent in place (a replica here): every write goes through its
+    /// undo log, so a failed migration can give it back as it was.
+    undo: Option<SharedPromoted>,
+}
+
+/// A promoted disk shared between the receiver and the migration that owns it: the
+/// migration takes it out (to keep or roll it back), after which writes fail.
+pub type SharedPromoted = Arc<std::sync::Mutex<Option<roam_store::Promoted>>>;
+
+/// Where the receiver's writes go: straight into the file, or through a promoted disk's
+/// undo log (a first overwrite of a chunk saves the chunk first; reads see every write).
+enum Target {
+    File(Arc<File>),
+    Undo(SharedPromoted),
+}
+
+impl Target {
+    fn with<T>(
+        p: &SharedPromoted,
+        f: impl FnOnce(&mut roam_store::Promoted) -> roam_store::Result<T>,
+    ) -> std::result::Result<T, StoreOrGone> {
+        let mut g = p.lock().unwrap_or_else(|e| e.into_inner());
+        let p = g.as_mut().ok_or(StoreOrGone::Gone)?;
+        f(p).map_err(StoreOrGone::Store)
+    }
+
+    fn write(&self, chunk: u64, off: u64, data: &[u8]) -> Result<()> {
+        match self {
+            Target::File(f) => f
+                .write_all_at(data, off)
+                .map_err(|e| disk_write_error(chunk, e)),
+            Target::Undo(p) => Self::with(p, |p| p.write(chunk, data)).map_err(|e| e.at(chunk)),
+        }
+    }
+
+    fn clear(&self, chunk: u64, off: u64, len: usize) -> Result<()> {
+        match self {
+            Target::File(f) => clear(f, off, len).map_err(|e| disk_write_error(chunk, e)),
+            Target::Undo(p) => Self::with(p, |p| p.zero(chunk)).map_err(|e| e.at(chunk)),
+        }
+    }
+
+    /// Chunk `idx` as last written.
+    fn read<'a>(&self, hashes: &ChunkHashes, idx: u64, buf: &'a mut [u8]) -> Result<&'a mut [u8]> {
+        match self {
+            Target::File(f) => read_chunk(f, hashes, idx, buf),
+            Target::Undo(p) => {
+                let (_, len) = hashes.range(idx).ok_or_else(|| {
+                    Error::Disk(format!("chunk {idx} is beyond the end of the disk"))
+                })?;
+                let data = &mut buf[..len];
+                Self::with(p, |p| p.read(idx, data)).map_err(|e| e.at(idx))?;
+                Ok(data)
+            }
+        }
+    }
+
+    /// Every write so far is in the file (undo log: saved and written).
+    fn flush(&self) -> Result<()> {
+        match self {
+            Target::File(_) => Ok(()),
+            Target::Undo(p) => Self::with(p, |p| p.flush()).map_err(|e| e.at(0)),
+        }
+    }
+
+    /// Every write so far is durable.
+    fn sync(&self) -> Result<()> {
+        match self {
+            Target::File(f) => f
+                .sync_data()
+                .map_err(|e| Error::io("flush received disk", e)),
+            Target::Undo(p) => Self::with(p, |p| p.sync()).map_err(|e| e.at(0)),
+        }
+    }
+}
+
+enum StoreOrGone {
+    Store(roam_store::StoreError),
+    /// The migration took the disk back (it failed and rolls back).
+    Gone,
+}
+
+impl StoreOrGone {
+    fn at(self, chunk: u64) -> Error {
+        match self {
+            StoreOrGone::Gone => Error::Migration("the incoming disk was given back".into()),
+            StoreOrGone::Store(roam_store::StoreError::Io { source, .. }) => {
+                disk_write_error(chunk, source)
+            }
+            StoreOrGone::Store(e) => Error::Disk(format!("incoming disk: {e}")),
+        }
+    }
 }
 
 impl DiskReceiver {
@@ -602,7 +694,14 @@ impl DiskReceiver {
             counters: Arc::default(),
             ondemand: None,
             switched: None,
+            undo: None,
         }
+    }
+
+    /// The file is a disk lent in place: write it only through `p` (its undo log).
+    pub fn with_undo(mut self, p: SharedPromoted) -> DiskReceiver {
+        self.undo = Some(p);
+        self
     }
 
     /// Post-copy: write through `od` and report the switchover on `switched`.
@@ -664,7 +763,12 @@ impl DiskReceiver {
             counters,
             ondemand,
             mut switched,
+            undo,
         } = self;
+        let target = match undo {
+            Some(p) => Target::Undo(p),
+            None => Target::File(file.clone()),
+        };
         let wcounters = counters.clone();
         let writer = tokio::task::spawn_blocking(move || -> Result<Option<SealOutcome>> {
             let mut received = 0u64;
@@ -699,6 +803,8 @@ impl DiskReceiver {
                     continue;
                 }
                 if frame.kind == Kind::Sync {
+                    // "Written" must be true when the source reads the ack.
+                    target.flush()?;
                     let _ = ack_tx.send(DiskFrame::sync(received).encode_header());
                     continue;
                 }
@@ -717,7 +823,7 @@ impl DiskReceiver {
                     }
                     // 1. Held at this place already (an older copy of this disk)?
                     if in_base.get(frame.index as usize).copied().unwrap_or(false) {
-                        let data = read_chunk(&file, &hashes, frame.index, &mut buf)?;
+                        let data = target.read(&hashes, frame.index, &mut buf)?;
                         if *blake3::hash(data).as_bytes() == frame.hash {
                             hashes.set(frame.index, frame.hash);
                             offers.held += 1;
@@ -732,8 +838,7 @@ impl DiskReceiver {
                             .read_verified(&frame.hash, &mut buf[..len]);
                         match found {
                             Ok(Some(_)) => {
-                                file.write_all_at(&buf[..len], off)
-                                    .map_err(|e| disk_write_error(frame.index, e))?;
+                                target.write(frame.index, off, &buf[..len])?;
                                 hashes.set(frame.index, frame.hash);
                                 offers.deduped += 1;
                                 continue;
@@ -755,12 +860,12 @@ impl DiskReceiver {
                         if unoffered_held {
                             // Unchanged since the replica's batch, says the source: keep
                             // it, and hash what is really here so the seal proves it.
-                            let data = read_chunk(&file, &hashes, c, &mut buf)?;
+                            let data = target.read(&hashes, c, &mut buf)?;
                             hashes.set(c, *blake3::hash(data).as_bytes());
                             offers.held += 1;
                         } else if let Some((off, len)) = hashes.range(c) {
                             // What the source did not offer is zero there: clear it here.
-                            clear(&file, off, len).map_err(|e| disk_write_error(c, e))?;
+                            target.clear(c, off, len)?;
                             hashes.set(c, zero_hash(len));
                         }
                         if let Some(o) = offered.get_mut(c as usize) {
@@ -778,13 +883,15 @@ impl DiskReceiver {
                     wcounters
                         .deduped_chunks
                         .fetch_add(offers.deduped + offers.copied, Ordering::Relaxed);
+                    // What the negotiation wrote (local copies, clears) reaches the file
+                    // before the chunks the source now sends.
+                    target.flush()?;
                     let _ = ack_tx.send(end.encode_header());
                     offers.end_round();
                     continue;
                 }
                 if frame.kind == Kind::Seal {
-                    file.sync_data()
-                        .map_err(|e| Error::io("flush received disk", e))?;
+                    target.sync()?;
                     let dest = hashes.root();
                     let complete = ondemand.as_ref().is_none_or(|od| od.is_complete());
                     let ok = dest == frame.hash && received == frame.index && complete;
@@ -821,28 +928,31 @@ impl DiskReceiver {
                 offers.pending.remove(&frame.index);
                 if frame.kind == Kind::Zero {
                     match &ondemand {
-                        Some(od) => od.install_zero(frame.index).map(|_| ()),
-                        None => clear(&file, off, len),
+                        Some(od) => od
+                            .install_zero(frame.index)
+                            .map(|_| ())
+                            .map_err(|e| disk_write_error(frame.index, e))?,
+                        None => target.clear(frame.index, off, len)?,
                     }
-                    .map_err(|e| disk_write_error(frame.index, e))?;
                     hashes.set(frame.index, zero_hash(len));
                 } else {
                     let data = frame
                         .decode_body(&body)
                         .map_err(|e| Error::Disk(e.to_string()))?;
                     match &ondemand {
-                        Some(od) => od.install(frame.index, &data).map(|_| ()),
-                        None => file.write_all_at(&data, off),
+                        Some(od) => od
+                            .install(frame.index, &data)
+                            .map(|_| ())
+                            .map_err(|e| disk_write_error(frame.index, e))?,
+                        None => target.write(frame.index, off, &data)?,
                     }
-                    .map_err(|e| disk_write_error(frame.index, e))?;
                     hashes.set(frame.index, frame.hash);
                     wcounters.raw_bytes.fetch_add(len as u64, Ordering::Relaxed);
                     // Chunks of the same content that wait for this one.
                     for c in offers.resolve(&frame.hash) {
                         if let Some((coff, clen)) = hashes.range(c) {
                             if clen == data.len() {
-                                file.write_all_at(&data, coff)
-                                    .map_err(|e| disk_write_error(c, e))?;
+                                target.write(c, coff, &data)?;
                                 hashes.set(c, frame.hash);
                             }
                         }
