@@ -284,19 +284,29 @@ async fn aborted_move_gives_the_replica_back(lab: &mut Lab, cut_log: &Path) {
         .push(("ROAM_FAULTS".into(), "refuse-handover".into()));
     home.spawn().await.unwrap();
     let t = now_ms();
-    wait_for(lab, Duration::from_secs(60), "caught up before the refused move", |r| {
-        caught_up(r, t)
-    })
+    wait_for(
+        lab,
+        Duration::from_secs(60),
+        "caught up before the refused move",
+        |r| caught_up(r, t),
+    )
     .await;
     let m = lab.migrate("desk", "office", "home", |_| {}).await.unwrap();
-    assert_eq!(m.outcome, Outcome::Aborted, "the fault must abort the move: {m:?}");
+    assert_eq!(
+        m.outcome,
+        Outcome::Aborted,
+        "the fault must abort the move: {m:?}"
+    );
     let log = lab.host("home").log.clone();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()
         .contains("replica given back at its committed batch")
     {
-        assert!(Instant::now() < deadline, "home never gave the replica back");
+        assert!(
+            Instant::now() < deadline,
+            "home never gave the replica back"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let text = std::fs::read_to_string(&log).unwrap();
@@ -321,12 +331,18 @@ async fn aborted_move_gives_the_replica_back(lab: &mut Lab, cut_log: &Path) {
     home.env.retain(|(k, _)| k != "ROAM_FAULTS");
     home.spawn().await.unwrap();
     let t = now_ms();
-    wait_for(lab, Duration::from_secs(60), "caught up after the refused move", |r| {
-        caught_up(r, t)
-    })
+    wait_for(
+        lab,
+        Duration::from_secs(60),
+        "caught up after the refused move",
+        |r| caught_up(r, t),
+    )
     .await;
     let (after, _) = committed_state(&home_dir, &scratch_of(cut_log));
-    assert!(after > seq, "no batch committed after the refused move ({after} <= {seq})");
+    assert!(
+        after > seq,
+        "no batch committed after the refused move ({after} <= {seq})"
+    );
 }
 
 fn scratch_of(cut_log: &Path) -> std::path::PathBuf {
@@ -340,7 +356,12 @@ fn cut_roots(log: &Path) -> Vec<(u64, String)> {
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["source"] == "office" && v["vm"] == "desk" && v["host"] == "home")
-        .map(|v| (v["seq"].as_u64().unwrap(), v["root"].as_str().unwrap().to_string()))
+        .map(|v| {
+            (
+                v["seq"].as_u64().unwrap(),
+                v["root"].as_str().unwrap().to_string(),
+            )
+        })
         .collect()
 }
 

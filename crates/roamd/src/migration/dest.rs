@@ -160,9 +160,9 @@ impl Dest {
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         let disk_path = dir.join("disk.raw");
-        // A VM coming back: start from the copy this host kept when it left, so that only
-        // what changed since has to cross the WAN. The old copy itself stays untouched
-        // until the new one is complete and running.
+        // A VM coming back: start from the replica or the copy this host kept when it
+        // left, so that only what changed since has to cross the WAN. That file is lent in
+        // place, not copied: if the move fails it is given back exactly as it was.
         // (Post-copy starts empty: the source names every chunk it holds as pending.)
         let t_seed = Instant::now();
         let (seeded, base_replica) = if self.postcopy.is_none() {
