@@ -452,6 +452,10 @@ fn seeds(log: &std::path::Path) -> Vec<(u64, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replication_resumes_after_either_roamd_restarts_without_resending() {
+    let scratch = std::env::temp_dir().join(format!("roam-repl-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let cut_log = scratch.join("cuts.jsonl");
+    std::env::set_var("ROAM_TEST_CUT_LOG", &cut_log);
     let mut lab = Lab::start(config()).await.unwrap();
     lab.create_vm("office", "desk").await.unwrap();
     lab.host("office")
@@ -515,5 +519,57 @@ async fn replication_resumes_after_either_roamd_restarts_without_resending() {
             "a resumed seed resent what the replica held: {seeds:?}"
         );
     }
+
+    // A move to the replica host whose roamd dies once the replica is lent to it (the
+    // memory phase: the disk's changes are written into the lent file): at its restart,
+    // before it serves anything, home gives the replica back at its committed batch, and
+    // replication goes on from there.
+    let home_pid = lab.host_mut("home").pid().expect("home roamd runs");
+    let killed = std::sync::atomic::AtomicBool::new(false);
+    let r = lab
+        .migrate("desk", "office", "home", |p| {
+            if p.phase == roam_control::api::Phase::Memory
+                && !killed.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                // SAFETY: kill(2) on a pid the lab spawned and has not reaped.
+                unsafe { libc::kill(home_pid as i32, libc::SIGKILL) };
+            }
+        })
+        .await
+        .unwrap();
+    assert!(killed.into_inner(), "home was never killed");
+    assert_eq!(r.outcome, Outcome::Aborted, "{r:?}");
+    let home_dir = lab.host("home").state.join("replicas").join("desk");
+    assert!(
+        home_dir.join("promoted").exists(),
+        "the replica was not lent when home died"
+    );
+    lab.host_mut("home").spawn().await.unwrap();
+    let text = std::fs::read_to_string(&lab.host("home").log).unwrap();
+    assert!(
+        text.contains("disk lent to an interrupted migration given back"),
+        "home did not give the replica back at its start"
+    );
+    for f in ["promoted", "undo"] {
+        assert!(!home_dir.join(f).exists(), "{f} left in the replica");
+    }
+    let (seq, root) = committed_state(&home_dir, &scratch_of(&cut_log));
+    assert!(
+        cut_roots(&cut_log)
+            .iter()
+            .any(|(s, r)| *s == seq && *r == root),
+        "the replica given back (batch {seq}, root {root}) is no state the primary proposed"
+    );
+    let t = now_ms();
+    wait_for(
+        &lab,
+        Duration::from_secs(60),
+        "caught up after the interrupted move",
+        |r| caught_up(r, t),
+    )
+    .await;
+    let (after, _) = committed_state(&home_dir, &scratch_of(&cut_log));
+    assert!(after > seq, "no batch committed after the interrupted move");
     lab.shutdown().await;
+    let _ = std::fs::remove_dir_all(&scratch);
 }
