@@ -274,7 +274,9 @@ async fn a_move_cut_half_way_gives_the_lent_replica_back() {
     // The migration fails: it takes the disk back while the source still sends.
     let p = shared.lock().unwrap().take().unwrap();
     let _ = sender.send(&mut a, (N / 2..N).collect(), false).await;
+    // The connection closes (both halves: the receiver's reader then sees its end).
     drop(a);
+    drop(ar);
     let e = recv.await.unwrap().unwrap_err();
     assert!(e.to_string().contains("given back"), "{e}");
     p.roll_back().unwrap();
