@@ -50,8 +50,9 @@
 //! acknowledging a write to a cold extent (`mark` returns `true`) — without that gate an
 //! unclean open must be followed by a full hash comparison; call [`ChunkIndex::record_many`]
 //! after writes it makes to local disks; carry the generation and primary id in each batch
-//! and implement `roam vm force-primary`; turn a replica into the disk of a migrated VM
-//! (one code path with seeding). See `docs/storage.md`.
+//! and implement `roam vm force-primary`. (A replica becomes the disk of a VM migrating
+//! to its host through [`ReplicaWriter::promote`]: lent in place, see [`promote`].) See
+//! `docs/storage.md`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
