@@ -4,12 +4,20 @@
 //! restarts without resending what the replica already holds.
 #![allow(clippy::unwrap_used)]
 
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use roam_control::api::{Outcome, ReplicaInfo, ReplicaState, Workload};
 use roam_control::Client;
 use roam_lab::{Lab, LabConfig};
+use roam_migrate::digest::{to_hex, ChunkHashes};
+use roam_store::replica::NoFaults;
+use roam_store::ReplicaWriter;
 use roam_wan::LinkParams;
+
+const DISK_BYTES: u64 = 1 << 30;
+const CHUNK: u32 = 64 << 10;
 
 fn config() -> LabConfig {
     LabConfig {
@@ -20,7 +28,7 @@ fn config() -> LabConfig {
             ..LinkParams::default()
         },
         memory_mib: 256,
-        disk_bytes: 1 << 30,
+        disk_bytes: DISK_BYTES,
         data_mib: 64,
         workload: Workload {
             mem_dirty_mib_s: 8,
@@ -93,9 +101,15 @@ async fn heartbeats_flow(lab: &Lab, host: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_follows_the_guest_survives_an_outage_and_seeds_the_move() {
-    let lab = Lab::start(config()).await.unwrap();
+    let scratch = std::env::temp_dir().join(format!("roam-repl-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let cut_log = scratch.join("cuts.jsonl");
+    // Both roamds inherit it; the primary logs the state each batch it proposes leaves.
+    std::env::set_var("ROAM_TEST_CUT_LOG", &cut_log);
+    let mut lab = Lab::start(config()).await.unwrap();
     lab.create_vm("office", "desk").await.unwrap();
-    let office = &lab.host("office").client;
+    let office = lab.host("office").client.clone();
+    let office = &office;
     let home_dir = lab.host("home").state.join("replicas").join("desk");
 
     // Add: the seed copies the 64 MiB of data; then in sync.
@@ -193,11 +207,13 @@ async fn replica_follows_the_guest_survives_an_outage_and_seeds_the_move() {
     );
     assert!(v[0]["lag_bytes"].is_u64() && v[0]["generation"].as_u64() >= Some(1));
 
+    aborted_move_gives_the_replica_back(&mut lab, &cut_log).await;
+
     // Move to the replica host: the disk starts from the replica.
     let m = lab.migrate("desk", "office", "home", |_| {}).await.unwrap();
     eprintln!(
-        "migration to the replica host: disk {} B, wire {} B, chunks skipped {:?}, offered {:?}, total {} ms",
-        m.bytes.disk, m.bytes.wire, m.chunks_skipped, m.chunks_offered, m.total_ms
+        "migration to the replica host: disk {} B, wire {} B, chunks skipped {:?}, offered {:?}, total {} ms, phases {:?}",
+        m.bytes.disk, m.bytes.wire, m.chunks_skipped, m.chunks_offered, m.total_ms, m.phases
     );
     assert_eq!(m.outcome, Outcome::Completed, "{:?}", m.error);
     assert_eq!(m.acked_writes_lost, 0);
@@ -254,6 +270,163 @@ async fn replica_follows_the_guest_survives_an_outage_and_seeds_the_move() {
     // The VM at home runs from its own disk, untouched by the removal.
     assert!(heartbeats_flow(&lab, "home").await);
     lab.shutdown().await;
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// A move to the replica host that fails after the replica's disk was lent to it in place
+/// (home refuses at the seal, once the chunks that changed were written into it): the
+/// replica must be given back exactly at a committed batch the primary proposed, and
+/// replication must go on from there.
+async fn aborted_move_gives_the_replica_back(lab: &mut Lab, cut_log: &Path) {
+    let home_dir = lab.host("home").state.join("replicas").join("desk");
+    let home = lab.host_mut("home");
+    home.env
+        .push(("ROAM_FAULTS".into(), "refuse-handover".into()));
+    home.spawn().await.unwrap();
+    let t = now_ms();
+    wait_for(
+        lab,
+        Duration::from_secs(60),
+        "caught up before the refused move",
+        |r| caught_up(r, t),
+    )
+    .await;
+    let m = lab.migrate("desk", "office", "home", |_| {}).await.unwrap();
+    assert_eq!(
+        m.outcome,
+        Outcome::Aborted,
+        "the fault must abort the move: {m:?}"
+    );
+    let log = lab.host("home").log.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("replica given back at its committed batch")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "home never gave the replica back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("incoming migration starts from the replica, in place"),
+        "the replica was not lent in place"
+    );
+    for f in ["promoted", "undo"] {
+        assert!(!home_dir.join(f).exists(), "{f} left in the replica");
+    }
+    // The clean-up removes the incoming directory just after the give-back.
+    let incoming = lab.host("home").state.join("incoming").join("desk");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while incoming.exists() {
+        assert!(Instant::now() < deadline, "incoming disk left at home");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (seq, root) = committed_state(&home_dir, &scratch_of(cut_log));
+    let cuts = cut_roots(cut_log);
+    assert!(
+        cuts.iter().any(|(s, r)| *s == seq && *r == root),
+        "the replica given back (batch {seq}, root {root}) is no state the primary proposed"
+    );
+    eprintln!("refused move: replica given back at batch {seq}");
+    // Replication goes on from there (home without the fault, for the real move).
+    let home = lab.host_mut("home");
+    home.env.retain(|(k, _)| k != "ROAM_FAULTS");
+    home.spawn().await.unwrap();
+    let t = now_ms();
+    wait_for(
+        lab,
+        Duration::from_secs(60),
+        "caught up after the refused move",
+        |r| caught_up(r, t),
+    )
+    .await;
+    let (after, _) = committed_state(&home_dir, &scratch_of(cut_log));
+    assert!(
+        after > seq,
+        "no batch committed after the refused move ({after} <= {seq})"
+    );
+}
+
+fn scratch_of(cut_log: &Path) -> std::path::PathBuf {
+    cut_log.with_file_name("snapshot")
+}
+
+/// `(seq, root)` of every batch office proposed to home.
+fn cut_roots(log: &Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["source"] == "office" && v["vm"] == "desk" && v["host"] == "home")
+        .map(|v| {
+            (
+                v["seq"].as_u64().unwrap(),
+                v["root"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The replica's committed batch and the digest root of its disk, read while roamd runs:
+/// the disk is copied between two reads of the record that find the same file (a commit
+/// replaces the record twice) naming no commit in progress; else it tries again.
+fn committed_state(replica: &Path, scratch: &Path) -> (u64, String) {
+    for _ in 0..50 {
+        let _ = std::fs::remove_dir_all(scratch);
+        std::fs::create_dir_all(scratch).unwrap();
+        let rec = replica.join("record");
+        let (Ok(m1), Ok(r1)) = (std::fs::metadata(&rec), std::fs::read(&rec)) else {
+            continue;
+        };
+        let st = std::process::Command::new("cp")
+            .args(["--sparse=always"])
+            .arg(replica.join("disk"))
+            .arg(scratch.join("disk"))
+            .status()
+            .unwrap();
+        let (Ok(m2), Ok(r2)) = (std::fs::metadata(&rec), std::fs::read(&rec)) else {
+            continue;
+        };
+        if !st.success() || m1.ino() != m2.ino() || r1 != r2 {
+            continue;
+        }
+        std::fs::write(scratch.join("record"), &r1).unwrap();
+        std::fs::write(scratch.join("journal"), b"").unwrap();
+        // A record naming a commit in progress wants its journal: not a quiet moment.
+        let Ok((w, _)) = ReplicaWriter::open(scratch, Box::new(NoFaults)) else {
+            continue;
+        };
+        let seq = w.applied().version.seq;
+        drop(w);
+        return (seq, disk_root(&scratch.join("disk")));
+    }
+    panic!("the replica was never quiet long enough to read its committed state");
+}
+
+/// The digest root of a raw disk file, as `ChunkHashes::root` (the cut log's `root`).
+fn disk_root(path: &Path) -> String {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let mut h = ChunkHashes::new_zero(DISK_BYTES, CHUNK);
+    let mut buf = vec![0u8; CHUNK as usize];
+    for i in 0..h.len() {
+        let (off, len) = h.range(i).unwrap();
+        let b = &mut buf[..len];
+        let mut done = 0;
+        while done < len {
+            let n = f.read_at(&mut b[done..], off + done as u64).unwrap();
+            if n == 0 {
+                b[done..].fill(0);
+                break;
+            }
+            done += n;
+        }
+        h.set(i, *blake3::hash(b).as_bytes());
+    }
+    to_hex(&h.root())
 }
 
 /// `(offered, sent)` of every "replica seeded" line in a roamd log.
@@ -284,6 +457,10 @@ fn seeds(log: &std::path::Path) -> Vec<(u64, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replication_resumes_after_either_roamd_restarts_without_resending() {
+    let scratch = std::env::temp_dir().join(format!("roam-repl-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let cut_log = scratch.join("cuts.jsonl");
+    std::env::set_var("ROAM_TEST_CUT_LOG", &cut_log);
     let mut lab = Lab::start(config()).await.unwrap();
     lab.create_vm("office", "desk").await.unwrap();
     lab.host("office")
@@ -347,5 +524,57 @@ async fn replication_resumes_after_either_roamd_restarts_without_resending() {
             "a resumed seed resent what the replica held: {seeds:?}"
         );
     }
+
+    // A move to the replica host whose roamd dies once the replica is lent to it (the
+    // memory phase: the disk's changes are written into the lent file): at its restart,
+    // before it serves anything, home gives the replica back at its committed batch, and
+    // replication goes on from there.
+    let home_pid = lab.host_mut("home").pid().expect("home roamd runs");
+    let killed = std::sync::atomic::AtomicBool::new(false);
+    let r = lab
+        .migrate("desk", "office", "home", |p| {
+            if p.phase == roam_control::api::Phase::Memory
+                && !killed.swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                // SAFETY: kill(2) on a pid the lab spawned and has not reaped.
+                unsafe { libc::kill(home_pid as i32, libc::SIGKILL) };
+            }
+        })
+        .await
+        .unwrap();
+    assert!(killed.into_inner(), "home was never killed");
+    assert_eq!(r.outcome, Outcome::Aborted, "{r:?}");
+    let home_dir = lab.host("home").state.join("replicas").join("desk");
+    assert!(
+        home_dir.join("promoted").exists(),
+        "the replica was not lent when home died"
+    );
+    lab.host_mut("home").spawn().await.unwrap();
+    let text = std::fs::read_to_string(&lab.host("home").log).unwrap();
+    assert!(
+        text.contains("disk lent to an interrupted migration given back"),
+        "home did not give the replica back at its start"
+    );
+    for f in ["promoted", "undo"] {
+        assert!(!home_dir.join(f).exists(), "{f} left in the replica");
+    }
+    let (seq, root) = committed_state(&home_dir, &scratch_of(&cut_log));
+    assert!(
+        cut_roots(&cut_log)
+            .iter()
+            .any(|(s, r)| *s == seq && *r == root),
+        "the replica given back (batch {seq}, root {root}) is no state the primary proposed"
+    );
+    let t = now_ms();
+    wait_for(
+        &lab,
+        Duration::from_secs(60),
+        "caught up after the interrupted move",
+        |r| caught_up(r, t),
+    )
+    .await;
+    let (after, _) = committed_state(&home_dir, &scratch_of(&cut_log));
+    assert!(after > seq, "no batch committed after the interrupted move");
     lab.shutdown().await;
+    let _ = std::fs::remove_dir_all(&scratch);
 }

@@ -149,7 +149,9 @@ pub async fn run(state: PathBuf, socket: Option<PathBuf>) -> anyhow::Result<()> 
             store.put_vm(&v)?;
         }
     }
-    // Leftovers of migrations that were arriving when roamd stopped.
+    // Leftovers of migrations that were arriving when roamd stopped. A disk of this host
+    // one of them had borrowed in place is given back first (it lives in there).
+    crate::migration::dest::give_back_after_restart(&paths.state);
     let _ = std::fs::remove_dir_all(paths.state.join("incoming"));
     let shutdown = CancellationToken::new();
     let daemon = Arc::new_cyclic(|me| Daemon {

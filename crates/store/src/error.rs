@@ -66,6 +66,10 @@ pub enum StoreError {
     },
     #[error("replica: {0}")]
     Replica(String),
+    /// The disk is lent to a migration (`crate::promote`); it must be rolled back (or
+    /// the promotion kept) before anything else opens it.
+    #[error("disk is promoted to a migration (marker {0}); roll it back first")]
+    Promoted(PathBuf),
     #[error("dirty map: {0}")]
     Dirty(String),
     /// Returned by a fault-injection hook: the operation stops as if the process died.

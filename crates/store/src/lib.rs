@@ -18,6 +18,9 @@
 //! * [`ReplicaWriter`] — the receiver: a raw disk file plus a redo journal; a batch becomes
 //!   visible atomically; `open` recovers after a crash at any step; the generation rule
 //!   (stale primary, split brain) is enforced on every batch.
+//! * [`Promoted`] — a disk file (a replica, a kept copy) lent in place to an incoming
+//!   migration under an undo log: pre-images of first overwrites are durable before the
+//!   writes, so a failed migration or a crash gives the file back exactly as lent.
 //! * [`choose_level`] — zstd level from link speed against CPU cost.
 //! * [`envelope`] — magic, version, length cap, BLAKE3 checksum, atomic replace: the stored
 //!   form of every small file here.
@@ -47,8 +50,9 @@
 //! acknowledging a write to a cold extent (`mark` returns `true`) — without that gate an
 //! unclean open must be followed by a full hash comparison; call [`ChunkIndex::record_many`]
 //! after writes it makes to local disks; carry the generation and primary id in each batch
-//! and implement `roam vm force-primary`; turn a replica into the disk of a migrated VM
-//! (one code path with seeding). See `docs/storage.md`.
+//! and implement `roam vm force-primary`. (A replica becomes the disk of a VM migrating
+//! to its host through [`ReplicaWriter::promote`]: lent in place, see [`promote`].) See
+//! `docs/storage.md`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -61,6 +65,7 @@ pub mod index;
 mod io;
 pub mod level;
 pub mod plan;
+pub mod promote;
 pub mod replica;
 
 pub use chunkmap::{ChunkMap, ChunkState, Digest};
@@ -70,4 +75,5 @@ pub use error::{Result, StoreError};
 pub use index::{ChunkIndex, FileId, Location};
 pub use level::{choose_level, LevelInput};
 pub use plan::{plan, plan_offers, Action, HaveSet, TransferPlan};
+pub use promote::{PromotePaths, Promoted, RolledBack};
 pub use replica::{BatchId, ReplicaWriter, Version};

@@ -28,6 +28,11 @@
 //! batch from an older generation is refused (a stale primary); one from the same
 //! generation but another primary is split brain, refused and reported; a newer
 //! generation is accepted (the VM moved) and from then on the old one is stale.
+//!
+//! A migration arriving at a replica's host borrows the disk in place
+//! ([`ReplicaWriter::promote`], `crate::promote`): `dir/promoted` marks it lent and
+//! `dir/undo` holds the pre-images of what the migration overwrote, so a failed migration
+//! or a crash gives the replica back as exactly its committed batch.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -39,6 +44,7 @@ use crate::chunkmap::{check_geometry, is_zero};
 use crate::envelope::{self, Kind};
 use crate::error::{Result, StoreError};
 use crate::io::PosReader;
+use crate::promote::{PromotePaths, Promoted, RolledBack};
 
 const RECORD: Kind = Kind {
     what: "replica record",
@@ -84,6 +90,21 @@ pub enum Step {
     DiskSync,
     AppliedRecord,
     JournalReset,
+    // A promoted disk (`crate::promote`): lending it out ...
+    UndoLogCreate,
+    PromoteMarker,
+    PromoteRename,
+    // ... first overwrites: pre-images, then the writes ...
+    UndoSave { chunk: u64 },
+    UndoSync,
+    PromotedWrite { chunk: u64 },
+    PromotedSync,
+    // ... and the end: kept (commit), or rolled back.
+    PromoteDrop,
+    UndoRestore { chunk: u64 },
+    UndoDiskSync,
+    UndoRename,
+    UndoDrop,
 }
 
 /// Called before every durable step; an error stops the writer there, as a crash would.
@@ -316,8 +337,14 @@ impl ReplicaWriter {
     }
 
     /// Open a replica and bring it to its last committed batch (see the module doc).
+    /// A replica whose disk is lent to a migration is refused (`StoreError::Promoted`):
+    /// [`recover_promotion`] gives it back first.
     pub fn open(dir: &Path, hook: Box<dyn FaultHook>) -> Result<(ReplicaWriter, Recovery)> {
         let (d, j, r) = paths(dir);
+        let marker = promotion_marker(dir);
+        if marker.exists() {
+            return Err(StoreError::Promoted(marker));
+        }
         let (_, p) = envelope::read_file(&RECORD, &r)?;
         let record = Record::decode(&p)?;
         let disk = OpenOptions::new()
@@ -428,6 +455,24 @@ impl ReplicaWriter {
         self.record
             .disk_bytes
             .div_ceil(u64::from(self.record.chunk_size))
+    }
+
+    /// Lend the replica's disk, in its committed state, to an incoming migration that
+    /// writes it at `at` (same filesystem): renamed, not copied, under an undo log in the
+    /// replica's directory (`crate::promote`). The writer is consumed, so no batch can
+    /// reach the disk meanwhile; a batch being staged is dropped (the primary sends it
+    /// again). After `Promoted::roll_back`, `open` the replica again: it is exactly the
+    /// batch it was lent at.
+    pub fn promote(self, at: &Path, hook: Box<dyn FaultHook>) -> Result<Promoted> {
+        self.check_usable()?;
+        if self.record.committing.is_some() {
+            // Only `open`/`commit` leave the writer, and both retire a commit first.
+            return Err(StoreError::Replica("a batch is being applied".into()));
+        }
+        let (disk_bytes, chunk_size) = (self.record.disk_bytes, self.record.chunk_size);
+        let dir = self.dir.clone();
+        drop(self);
+        Promoted::promote(promote_paths(&dir, at), disk_bytes, chunk_size, hook)
     }
 
     /// Path of the replica's disk file (consistent whenever no batch is being applied).
@@ -695,6 +740,26 @@ impl ReplicaWriter {
             .map_err(|e| StoreError::io("truncate", &j, e))?;
         Ok(())
     }
+}
+
+/// The marker of a replica lent to a migration (`ReplicaWriter::promote`).
+pub fn promotion_marker(dir: &Path) -> PathBuf {
+    dir.join("promoted")
+}
+
+fn promote_paths(dir: &Path, at: &Path) -> PromotePaths {
+    PromotePaths {
+        home: paths(dir).0,
+        at: at.to_path_buf(),
+        marker: promotion_marker(dir),
+        log: dir.join("undo"),
+    }
+}
+
+/// Give a replica lent to a migration back, after a crash or a failed migration whose
+/// `Promoted` is gone: the disk returns to `dir` exactly as lent. `None`: it was not lent.
+pub fn recover_promotion(dir: &Path, hook: Box<dyn FaultHook>) -> Result<Option<RolledBack>> {
+    crate::promote::recover(&promotion_marker(dir), hook)
 }
 
 fn read_some(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -60,6 +60,7 @@ pub async fn serve(
         vm,
         version,
         rt: None,
+        lent: None,
         owned: false,
         _guard: guard,
         postcopy: postcopy.then(postcopy::DestPostcopy::new),
@@ -141,6 +142,9 @@ struct Dest {
     /// The migration protocol version the source speaks.
     version: u16,
     rt: Option<Arc<RunningVm>>,
+    /// The incoming disk is a disk of this host lent in place (its replica, or the copy
+    /// kept when the VM left): kept at commit, given back on failure.
+    lent: Option<Lent>,
     /// The guest runs here and this host recorded itself as its owner.
     owned: bool,
     _guard: BusyGuard,
@@ -156,15 +160,20 @@ impl Dest {
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         let disk_path = dir.join("disk.raw");
-        // A VM coming back: start from the copy this host kept when it left, so that only
-        // what changed since has to cross the WAN. The old copy itself stays untouched
-        // until the new one is complete and running.
+        // A VM coming back: start from the replica or the copy this host kept when it
+        // left, so that only what changed since has to cross the WAN. That file is lent in
+        // place, not copied: if the move fails it is given back exactly as it was.
         // (Post-copy starts empty: the source names every chunk it holds as pending.)
+        let t_seed = Instant::now();
         let (seeded, base_replica) = if self.postcopy.is_none() {
-            self.seed_from_old_copy(&disk_path)?
+            self.seed_from_old_copy(&disk_path).await?
         } else {
             (false, None)
         };
+        if seeded {
+            info!(vm = %self.vm.name, ms = t_seed.elapsed().as_millis() as u64,
+                in_place = self.lent.is_some(), "incoming disk seeded");
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -200,6 +209,9 @@ impl Dest {
             .with_base(base)
             .with_index(d.dedup.index())
             .on_sealed(Box::new(move |rows| dedup.hold_received(&vm_name, rows)));
+        if let Some(l) = &self.lent {
+            receiver = receiver.with_undo(l.disk.clone());
+        }
         let mut demand = None;
         if let Some(p) = self.postcopy.as_mut() {
             let (r, dem) = p.attach(receiver, &self.conn, &rt)?;
@@ -543,24 +555,66 @@ impl Dest {
         Ok(())
     }
 
-    /// Copy the disk this host kept when the VM left (status `moved`), if it has one of
-    /// the right size. Sparse and, where the filesystem can, a reflink: cheap.
-    /// A committed background replica of the VM held here is preferred: it is fresher.
-    /// Also names the replica's committed batch when the copy is a replica's: the
-    /// source, if it knows what changed since that batch, offers only those chunks.
-    fn seed_from_old_copy(
-        &self,
+    /// Start from a disk this host holds of the VM, lent in place (renamed to `to`, first
+    /// overwrites saved in an undo log; see `roam_store::promote`), so that only what
+    /// changed since has to cross the WAN and nothing is copied. A committed background
+    /// replica held here is preferred: it is fresher, and its batch is named to the source
+    /// (which, if it knows what changed since, offers only those chunks). Otherwise the
+    /// disk kept when the VM left (status `moved`), if it has the right size.
+    async fn seed_from_old_copy(
+        &mut self,
         to: &std::path::Path,
     ) -> Result<(bool, Option<roam_store::Version>)> {
-        let (name, bytes) = (&self.vm.name, self.vm.disk_bytes);
-        if let Some(v) = crate::replication::replica::seed_copy_at(&self.d, name, bytes, to)? {
-            return Ok((true, Some(v)));
-        }
-        let Some(old) = crate::daemon::kept_disk(&self.d, &self.vm.name, self.vm.disk_bytes) else {
-            return Ok((false, None));
-        };
-        crate::daemon::copy_sparse(&old, to)?;
-        Ok((true, None))
+        let (d, name, bytes, cs, to2) = (
+            self.d.clone(),
+            self.vm.name.clone(),
+            self.vm.disk_bytes,
+            self.vm.chunk_size,
+            to.to_path_buf(),
+        );
+        let lent = tokio::task::spawn_blocking(
+            move || -> Result<Option<(Lent, Option<roam_store::Version>)>> {
+                if let Some((p, v)) =
+                    crate::replication::replica::promote(&d, &name, (bytes, cs), &to2)?
+                {
+                    return Ok(Some((Lent::new(LentFrom::Replica, p), Some(v))));
+                }
+                let Some(old) = crate::daemon::kept_disk(&d, &name, bytes) else {
+                    return Ok(None);
+                };
+                // The marker must be where startup looks for it: beside the kept disk, in
+                // the VM's directory.
+                let dir = d.paths.vm_dir(&name);
+                if old.parent() != Some(dir.as_path()) {
+                    crate::daemon::copy_sparse(&old, &to2)?;
+                    return Ok(Some((Lent::copied(), None)));
+                }
+                let paths = roam_store::PromotePaths {
+                    home: old,
+                    at: to2,
+                    marker: dir.join(LENT_MARKER),
+                    log: dir.join("undo"),
+                };
+                let p = roam_store::Promoted::promote(
+                    paths,
+                    bytes,
+                    cs,
+                    Box::new(roam_store::replica::NoFaults),
+                )
+                .map_err(|e| Error::Disk(format!("lend the kept disk: {e}")))?;
+                info!(vm = %name, "incoming migration starts from the disk kept here, in place");
+                Ok(Some((Lent::new(LentFrom::Kept, p), None)))
+            },
+        )
+        .await
+        .map_err(|e| Error::Disk(format!("seed the incoming disk: {e}")))??;
+        Ok(match lent {
+            None => (false, None),
+            Some((l, v)) => {
+                self.lent = l.disk_is_lent().then_some(l);
+                (true, v)
+            }
+        })
     }
 
     fn record(&self, disk_path: String, status: VmStatus) -> VmRecord {
@@ -590,6 +644,20 @@ impl Dest {
         let final_disk = d.paths.vm_disk(&self.vm.name);
         std::fs::create_dir_all(&final_dir)
             .map_err(|e| Error::io(format!("create {}", final_dir.display()), e))?;
+        // A lent disk becomes the VM's: drop its undo log (the commit point of the
+        // promotion) before the file moves to where a kept disk's roll back would look.
+        if let Some(l) = self.lent.take() {
+            let taken = l.disk.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(p) = taken {
+                let kept = tokio::task::spawn_blocking(move || p.keep())
+                    .await
+                    .map_err(|e| Error::Disk(format!("keep the lent disk: {e}")))?;
+                if let Err(e) = kept {
+                    self.lent = Some(l); // cleanup finishes the roll back from the marker
+                    return Err(Error::Disk(format!("keep the lent disk: {e}")));
+                }
+            }
+        }
         rt.move_disk(&final_disk)?;
         let _ = std::fs::remove_dir_all(d.paths.incoming_dir(&self.vm.name));
         let rec = self.record(final_disk.display().to_string(), VmStatus::Running);
@@ -622,7 +690,108 @@ impl Dest {
             }
             let _ = std::fs::remove_dir_all(&rt.config.run_dir);
         }
+        // Nothing writes the lent disk any more (QEMU and its export are gone; the
+        // receiver finds it taken): give it back before its directory goes.
+        if let Some(l) = self.lent.take() {
+            let (d, vm) = (self.d.clone(), self.vm.name.clone());
+            let _ = tokio::task::spawn_blocking(move || l.give_back(&d, &vm)).await;
+        }
         let _ = std::fs::remove_dir_all(self.d.paths.incoming_dir(&self.vm.name));
+    }
+}
+
+/// The marker of a kept disk lent to a migration, in the VM's directory.
+const LENT_MARKER: &str = "promoted";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LentFrom {
+    Replica,
+    Kept,
+    /// Not lent: copied (a kept disk outside the VM's directory).
+    Copied,
+}
+
+/// A disk of this host lent to the incoming migration.
+struct Lent {
+    from: LentFrom,
+    disk: super::disk::SharedPromoted,
+}
+
+impl Lent {
+    fn new(from: LentFrom, p: roam_store::Promoted) -> Lent {
+        Lent {
+            from,
+            disk: Arc::new(std::sync::Mutex::new(Some(p))),
+        }
+    }
+
+    fn copied() -> Lent {
+        Lent {
+            from: LentFrom::Copied,
+            disk: Arc::default(),
+        }
+    }
+
+    fn disk_is_lent(&self) -> bool {
+        self.from != LentFrom::Copied
+    }
+
+    /// Roll the disk back and return it home (blocking). Taking it out of the shared slot
+    /// waits for a write in progress and makes the receiver's next write fail.
+    fn give_back(self, d: &Daemon, vm: &str) {
+        let p = self.disk.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match self.from {
+            LentFrom::Replica => crate::replication::replica::give_back(d, vm, p),
+            LentFrom::Kept => {
+                let marker = d.paths.vm_dir(vm).join(LENT_MARKER);
+                let r = match p {
+                    Some(p) => p.roll_back().map(Some).or_else(|e| {
+                        warn!(
+                            vm,
+                            "kept disk roll back failed ({e}); retrying from its marker"
+                        );
+                        roam_store::promote::recover(
+                            &marker,
+                            Box::new(roam_store::replica::NoFaults),
+                        )
+                    }),
+                    None => roam_store::promote::recover(
+                        &marker,
+                        Box::new(roam_store::replica::NoFaults),
+                    ),
+                };
+                match r {
+                    Ok(Some(rb)) => info!(vm, restored = rb.restored, "kept disk given back"),
+                    Ok(None) => {}
+                    Err(e) => warn!(
+                        vm,
+                        "kept disk could not be given back (a restart retries): {e}"
+                    ),
+                }
+            }
+            LentFrom::Copied => {}
+        }
+    }
+}
+
+/// At startup, before anything serves: give back every disk a migration had borrowed
+/// when roamd stopped (replicas under `STATE/replicas/*`, kept disks under
+/// `STATE/vms/*`). Must run before the incoming directory is cleared.
+pub fn give_back_after_restart(state: &std::path::Path) {
+    for sub in ["replicas", "vms"] {
+        let Ok(dirs) = std::fs::read_dir(state.join(sub)) else {
+            continue;
+        };
+        for e in dirs.flatten() {
+            let marker = e.path().join(LENT_MARKER);
+            match roam_store::promote::recover(&marker, Box::new(roam_store::replica::NoFaults)) {
+                Ok(Some(rb)) => info!(dir = %e.path().display(), restored = rb.restored,
+                    torn = rb.torn_bytes, "disk lent to an interrupted migration given back"),
+                Ok(None) => {}
+                Err(e2) => warn!(dir = %e.path().display(),
+                    "disk lent to an interrupted migration could not be given back: {e2}"),
+            }
+        }
     }
 }
 

@@ -589,7 +589,16 @@ pub struct DiskReceiver {
     ondemand: Option<Arc<roam_nbd::OnDemandBackend>>,
     /// Post-copy: told the number of pending chunks once `Switch` was applied.
     switched: Option<tokio::sync::oneshot::Sender<u64>>,
+    /// The file is a disk lent in place (a replica here): every write goes through its
+    /// undo log, so a failed migration can give it back as it was.
+    undo: Option<SharedPromoted>,
 }
+
+pub use target::SharedPromoted;
+use target::Target;
+
+#[path = "disk_target.rs"]
+mod target;
 
 impl DiskReceiver {
     pub fn new(file: Arc<File>, disk_bytes: u64, chunk_size: u32) -> DiskReceiver {
@@ -602,7 +611,14 @@ impl DiskReceiver {
             counters: Arc::default(),
             ondemand: None,
             switched: None,
+            undo: None,
         }
+    }
+
+    /// The file is a disk lent in place: write it only through `p` (its undo log).
+    pub fn with_undo(mut self, p: SharedPromoted) -> DiskReceiver {
+        self.undo = Some(p);
+        self
     }
 
     /// Post-copy: write through `od` and report the switchover on `switched`.
@@ -664,7 +680,12 @@ impl DiskReceiver {
             counters,
             ondemand,
             mut switched,
+            undo,
         } = self;
+        let target = match undo {
+            Some(p) => Target::Undo(p),
+            None => Target::File(file.clone()),
+        };
         let wcounters = counters.clone();
         let writer = tokio::task::spawn_blocking(move || -> Result<Option<SealOutcome>> {
             let mut received = 0u64;
@@ -699,6 +720,8 @@ impl DiskReceiver {
                     continue;
                 }
                 if frame.kind == Kind::Sync {
+                    // "Written" must be true when the source reads the ack.
+                    target.flush()?;
                     let _ = ack_tx.send(DiskFrame::sync(received).encode_header());
                     continue;
                 }
@@ -717,7 +740,7 @@ impl DiskReceiver {
                     }
                     // 1. Held at this place already (an older copy of this disk)?
                     if in_base.get(frame.index as usize).copied().unwrap_or(false) {
-                        let data = read_chunk(&file, &hashes, frame.index, &mut buf)?;
+                        let data = target.read(&hashes, frame.index, &mut buf)?;
                         if *blake3::hash(data).as_bytes() == frame.hash {
                             hashes.set(frame.index, frame.hash);
                             offers.held += 1;
@@ -732,8 +755,7 @@ impl DiskReceiver {
                             .read_verified(&frame.hash, &mut buf[..len]);
                         match found {
                             Ok(Some(_)) => {
-                                file.write_all_at(&buf[..len], off)
-                                    .map_err(|e| disk_write_error(frame.index, e))?;
+                                target.write(frame.index, off, &buf[..len])?;
                                 hashes.set(frame.index, frame.hash);
                                 offers.deduped += 1;
                                 continue;
@@ -755,12 +777,12 @@ impl DiskReceiver {
                         if unoffered_held {
                             // Unchanged since the replica's batch, says the source: keep
                             // it, and hash what is really here so the seal proves it.
-                            let data = read_chunk(&file, &hashes, c, &mut buf)?;
+                            let data = target.read(&hashes, c, &mut buf)?;
                             hashes.set(c, *blake3::hash(data).as_bytes());
                             offers.held += 1;
                         } else if let Some((off, len)) = hashes.range(c) {
                             // What the source did not offer is zero there: clear it here.
-                            clear(&file, off, len).map_err(|e| disk_write_error(c, e))?;
+                            target.clear(c, off, len)?;
                             hashes.set(c, zero_hash(len));
                         }
                         if let Some(o) = offered.get_mut(c as usize) {
@@ -778,13 +800,15 @@ impl DiskReceiver {
                     wcounters
                         .deduped_chunks
                         .fetch_add(offers.deduped + offers.copied, Ordering::Relaxed);
+                    // What the negotiation wrote (local copies, clears) reaches the file
+                    // before the chunks the source now sends.
+                    target.flush()?;
                     let _ = ack_tx.send(end.encode_header());
                     offers.end_round();
                     continue;
                 }
                 if frame.kind == Kind::Seal {
-                    file.sync_data()
-                        .map_err(|e| Error::io("flush received disk", e))?;
+                    target.sync()?;
                     let dest = hashes.root();
                     let complete = ondemand.as_ref().is_none_or(|od| od.is_complete());
                     let ok = dest == frame.hash && received == frame.index && complete;
@@ -821,28 +845,31 @@ impl DiskReceiver {
                 offers.pending.remove(&frame.index);
                 if frame.kind == Kind::Zero {
                     match &ondemand {
-                        Some(od) => od.install_zero(frame.index).map(|_| ()),
-                        None => clear(&file, off, len),
+                        Some(od) => od
+                            .install_zero(frame.index)
+                            .map(|_| ())
+                            .map_err(|e| disk_write_error(frame.index, e))?,
+                        None => target.clear(frame.index, off, len)?,
                     }
-                    .map_err(|e| disk_write_error(frame.index, e))?;
                     hashes.set(frame.index, zero_hash(len));
                 } else {
                     let data = frame
                         .decode_body(&body)
                         .map_err(|e| Error::Disk(e.to_string()))?;
                     match &ondemand {
-                        Some(od) => od.install(frame.index, &data).map(|_| ()),
-                        None => file.write_all_at(&data, off),
+                        Some(od) => od
+                            .install(frame.index, &data)
+                            .map(|_| ())
+                            .map_err(|e| disk_write_error(frame.index, e))?,
+                        None => target.write(frame.index, off, &data)?,
                     }
-                    .map_err(|e| disk_write_error(frame.index, e))?;
                     hashes.set(frame.index, frame.hash);
                     wcounters.raw_bytes.fetch_add(len as u64, Ordering::Relaxed);
                     // Chunks of the same content that wait for this one.
                     for c in offers.resolve(&frame.hash) {
                         if let Some((coff, clen)) = hashes.range(c) {
                             if clen == data.len() {
-                                file.write_all_at(&data, coff)
-                                    .map_err(|e| disk_write_error(c, e))?;
+                                target.write(c, coff, &data)?;
                                 hashes.set(c, frame.hash);
                             }
                         }

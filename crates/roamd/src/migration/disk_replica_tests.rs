@@ -145,3 +145,143 @@ async fn without_a_known_replica_state_every_chunk_is_offered() {
     assert!(out.ok, "{out:?}");
     assert!(whole(&sfile) == whole(&dfile), "disks differ");
 }
+
+/// The replica's own file, lent in place (`roam_store::Promoted`): the move writes it
+/// through the undo log — negotiation clears, rewritten and new chunks, a dirty round
+/// with zeroes — and proves it equal at the seal; rolling back then gives the replica
+/// back byte for byte, as a failed move must.
+#[tokio::test]
+async fn a_move_into_a_lent_replica_rolls_back_to_the_replica() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("replica-disk");
+    let at = tmp.path().join("disk.raw");
+    let replica: Vec<(u64, u8)> = (1..=10).map(|i| (i, i as u8)).chain([(40, 4)]).collect();
+    {
+        let f = File::create(&home).unwrap();
+        f.set_len(N * CS as u64).unwrap();
+        for (i, v) in &replica {
+            f.write_all_at(&vec![*v; CS], i * CS as u64).unwrap();
+        }
+    }
+    let lent = std::fs::read(&home).unwrap();
+    let paths = roam_store::PromotePaths {
+        home: home.clone(),
+        at: at.clone(),
+        marker: tmp.path().join("promoted"),
+        log: tmp.path().join("undo"),
+    };
+    let p = roam_store::Promoted::promote(
+        paths,
+        N * CS as u64,
+        CS as u32,
+        Box::new(roam_store::replica::NoFaults),
+    )
+    .unwrap()
+    .with_queue_bytes(3 * CS); // several flushes
+    let shared: SharedPromoted = Arc::new(std::sync::Mutex::new(Some(p)));
+    let dfile = Arc::new(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&at)
+            .unwrap(),
+    );
+    // The source: chunks 3 and 7 rewritten, 20 and 21 new, 40 gone.
+    let mut now: Vec<(u64, u8)> = (1..=10).map(|i| (i, i as u8)).collect();
+    now[2].1 = 33;
+    now[6].1 = 77;
+    now.extend([(20, 20), (21, 21)]);
+    let (_s, sfile) = disk(&now);
+    let base = allocated_chunks(&dfile, N * CS as u64, CS as u32).unwrap();
+    let mut sender = DiskSender::new(sfile.clone(), N * CS as u64, CS as u32, 3);
+    let receiver = DiskReceiver::new(dfile.clone(), N * CS as u64, CS as u32)
+        .with_base(base)
+        .with_undo(shared.clone());
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let (mut ar, mut a) = tokio::io::split(a);
+    let (mut br, bw) = tokio::io::split(b);
+    let recv = tokio::spawn(async move { receiver.run(&mut br, bw).await });
+    let all = allocated_chunks(&sfile, N * CS as u64, CS as u32).unwrap();
+    let neg = sender.negotiate(&mut a, &mut ar, all).await.unwrap();
+    assert_eq!(neg.wanted, vec![3, 7, 20, 21]);
+    sender.send(&mut a, neg.wanted, false).await.unwrap();
+    sender.sync(&mut a, &mut ar).await.unwrap();
+    // A dirty round: chunk 5 zeroed, chunk 21 rewritten (its pre-image is saved already).
+    sfile.write_all_at(&vec![0u8; CS], 5 * CS as u64).unwrap();
+    sfile.write_all_at(&vec![9u8; CS], 21 * CS as u64).unwrap();
+    sender.send(&mut a, vec![5, 21], false).await.unwrap();
+    sender.seal(&mut a).await.unwrap();
+    let out = recv.await.unwrap().unwrap();
+    assert!(out.ok, "{out:?}");
+    assert!(
+        whole(&sfile) == whole(&dfile),
+        "the lent disk is not the source's"
+    );
+    let p = shared.lock().unwrap().take().unwrap();
+    assert!(p.saved_chunks() >= 6, "{p:?}");
+    p.roll_back().unwrap();
+    assert!(!at.exists());
+    assert!(
+        std::fs::read(&home).unwrap() == lent,
+        "the replica is not as lent"
+    );
+}
+
+/// A move that dies half-way into a lent replica: the receiver stops once the disk is
+/// taken back, and the roll back restores the replica.
+#[tokio::test]
+async fn a_move_cut_half_way_gives_the_lent_replica_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path().join("replica-disk");
+    let at = tmp.path().join("disk.raw");
+    {
+        let f = File::create(&home).unwrap();
+        f.set_len(N * CS as u64).unwrap();
+        for i in 0..N {
+            f.write_all_at(&vec![i as u8 + 1; CS], i * CS as u64)
+                .unwrap();
+        }
+    }
+    let lent = std::fs::read(&home).unwrap();
+    let paths = roam_store::PromotePaths {
+        home: home.clone(),
+        at: at.clone(),
+        marker: tmp.path().join("promoted"),
+        log: tmp.path().join("undo"),
+    };
+    let p = roam_store::Promoted::promote(
+        paths,
+        N * CS as u64,
+        CS as u32,
+        Box::new(roam_store::replica::NoFaults),
+    )
+    .unwrap()
+    .with_queue_bytes(4 * CS);
+    let shared: SharedPromoted = Arc::new(std::sync::Mutex::new(Some(p)));
+    let dfile = Arc::new(File::open(&at).unwrap());
+    let (_s, sfile) = disk(&(0..N).map(|i| (i, 200u8)).collect::<Vec<_>>());
+    let mut sender = DiskSender::new(sfile.clone(), N * CS as u64, CS as u32, 3);
+    let receiver = DiskReceiver::new(dfile, N * CS as u64, CS as u32).with_undo(shared.clone());
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let (mut ar, mut a) = tokio::io::split(a);
+    let (mut br, bw) = tokio::io::split(b);
+    let recv = tokio::spawn(async move { receiver.run(&mut br, bw).await });
+    sender
+        .send(&mut a, (0..N / 2).collect(), false)
+        .await
+        .unwrap();
+    sender.sync(&mut a, &mut ar).await.unwrap();
+    // The migration fails: it takes the disk back while the source still sends.
+    let p = shared.lock().unwrap().take().unwrap();
+    let _ = sender.send(&mut a, (N / 2..N).collect(), false).await;
+    // The connection closes (both halves: the receiver's reader then sees its end).
+    drop(a);
+    drop(ar);
+    let e = recv.await.unwrap().unwrap_err();
+    assert!(e.to_string().contains("given back"), "{e}");
+    p.roll_back().unwrap();
+    assert!(
+        std::fs::read(&home).unwrap() == lent,
+        "the replica is not as lent"
+    );
+}

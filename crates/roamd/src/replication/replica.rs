@@ -12,8 +12,11 @@
 //!             reply writer (async) ──▶ stream
 //! ```
 //!
-//! The writer sits in a per-VM slot behind a mutex, so a migration that seeds from the
-//! replica (`seed_copy`) never reads the disk while a batch is being applied.
+//! The writer sits in a per-VM slot behind a mutex, so a migration that borrows the
+//! replica's disk (`promote`) takes it between batches, at a committed state. While it is
+//! lent the slot has no writer and `ReplicaWriter::open` refuses the replica (its marker),
+//! so sessions are refused and the primary retries; `give_back` (a failed migration) or
+//! startup recovery (a crash) returns it exactly as lent.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -90,6 +93,15 @@ fn ensure_open(
     if slot.is_some() {
         return Ok(true);
     }
+    if dir.join("record").exists()
+        && !dir.join("disk").exists()
+        && !roam_store::replica::promotion_marker(dir).exists()
+    {
+        // Its disk became the VM's in a migration that committed here, and roamd stopped
+        // before it dropped the rest (`drop_held`): nothing is left to recover.
+        warn!(dir = %dir.display(), "replica without a disk (taken by a migration); dropped");
+        let _ = std::fs::remove_dir_all(dir);
+    }
     if !dir.join("record").exists() {
         let Some((bytes, cs)) = create else {
             return Ok(false);
@@ -129,33 +141,127 @@ fn prefill_from(old: &Path, disk: &Path) {
 }
 
 /// Copy the committed state of this host's replica of `vm` to `to` (sparse, reflinked
-/// where possible), for a migration arriving here. `false` if there is none to use.
+/// where possible), for `force-primary`. `false` if there is none to use.
 pub fn seed_copy(d: &Daemon, vm: &str, disk_bytes: u64, to: &Path) -> Result<bool> {
-    Ok(seed_copy_at(d, vm, disk_bytes, to)?.is_some())
+    let dir = replica_dir(d, vm);
+    if !dir.join("record").exists() {
+        return Ok(false);
+    }
+    let slot = d.replication.held.slot(vm);
+    let mut g = lock(&slot.writer);
+    if !ensure_open(&mut g, &dir, None, None)? {
+        return Ok(false);
+    }
+    let Some(w) = g.as_ref() else {
+        return Ok(false);
+    };
+    let applied = w.applied().version;
+    if w.disk_bytes() != disk_bytes || applied == Version::default() {
+        return Ok(false);
+    }
+    crate::daemon::copy_sparse(&w.disk_path(), to)?;
+    info!(vm, ?applied, "copied the replica");
+    Ok(true)
 }
 
-/// Like `seed_copy`, naming the committed batch the copy holds (the writer's lock is held
-/// during the copy, so no batch is applied in between).
-pub fn seed_copy_at(d: &Daemon, vm: &str, disk_bytes: u64, to: &Path) -> Result<Option<Version>> {
+/// Lend this host's replica of `vm`, in its committed state, to an incoming migration
+/// that writes it at `at` (a rename, not a copy: `ReplicaWriter::promote`). Returns the
+/// promoted disk and the batch it holds; `None` if there is no committed replica of the
+/// right size. While lent, the replica has no writer: a session in progress is ended, and
+/// a new one is refused by `ReplicaWriter::open` (the marker) until `give_back`, so a
+/// primary's batches wait and are retried, never written into the migration's disk.
+pub fn promote(
+    d: &Daemon,
+    vm: &str,
+    (disk_bytes, chunk_size): (u64, u32),
+    at: &Path,
+) -> Result<Option<(roam_store::Promoted, Version)>> {
     let dir = replica_dir(d, vm);
     if !dir.join("record").exists() {
         return Ok(None);
     }
     let slot = d.replication.held.slot(vm);
+    if let Some(t) = lock(&slot.session).take() {
+        t.cancel();
+    }
+    // Taking the writer lock waits for a batch being applied: the disk is lent between
+    // batches, at a committed state.
     let mut g = lock(&slot.writer);
     if !ensure_open(&mut g, &dir, None, None)? {
         return Ok(None);
     }
-    let Some(w) = g.as_ref() else {
+    match g.as_ref() {
+        Some(w)
+            if w.disk_bytes() == disk_bytes
+                && w.chunk_size() == chunk_size
+                && w.applied().version != Version::default() => {}
+        _ => return Ok(None),
+    }
+    let Some(w) = g.take() else {
         return Ok(None);
     };
     let applied = w.applied().version;
-    if w.disk_bytes() != disk_bytes || applied == Version::default() {
-        return Ok(None);
+    match w.promote(at, Box::new(roam_store::replica::NoFaults)) {
+        Ok(p) => {
+            info!(
+                vm,
+                ?applied,
+                "incoming migration starts from the replica, in place"
+            );
+            Ok(Some((p, applied)))
+        }
+        Err(e) => {
+            // Half lent (e.g. the rename failed after the marker): give it back now.
+            if let Err(e2) = roam_store::replica::recover_promotion(
+                &dir,
+                Box::new(roam_store::replica::NoFaults),
+            ) {
+                warn!(
+                    vm,
+                    "replica could not be given back after a failed promotion: {e2}"
+                );
+            }
+            Err(store_err(e))
+        }
     }
-    crate::daemon::copy_sparse(&w.disk_path(), to)?;
-    info!(vm, ?applied, "incoming migration seeded from the replica");
-    Ok(Some(applied))
+}
+
+/// A migration that borrowed the replica of `vm` failed: give the disk back (roll back the
+/// undo log, rename it home) so the replica is again exactly its committed batch and
+/// replication resumes at the primary's next try. `p` is `None` when the migration's
+/// `Promoted` is gone (it failed inside a step): the marker on disk then says what to do.
+pub fn give_back(d: &Daemon, vm: &str, p: Option<roam_store::Promoted>) {
+    let dir = replica_dir(d, vm);
+    let slot = d.replication.held.slot(vm);
+    let _g = lock(&slot.writer);
+    let recover =
+        || roam_store::replica::recover_promotion(&dir, Box::new(roam_store::replica::NoFaults));
+    let r = match p {
+        // A roll back that failed half-way is finished from the marker (idempotent).
+        Some(p) => p.roll_back().map(Some).or_else(|e| {
+            warn!(
+                vm,
+                "replica roll back failed ({e}); retrying from its marker"
+            );
+            recover()
+        }),
+        None => recover(),
+    };
+    match r {
+        Ok(Some(rb)) => {
+            info!(
+                vm,
+                restored = rb.restored,
+                torn = rb.torn_bytes,
+                "replica given back at its committed batch"
+            )
+        }
+        Ok(None) => {}
+        Err(e) => warn!(
+            vm,
+            "replica could not be given back (sessions refused until a restart recovers it): {e}"
+        ),
+    }
 }
 
 /// A conversation whose first stream is of kind `Replication` and whose first message was
@@ -267,6 +373,15 @@ async fn remove(
             );
             return send(tx, &m).await;
         }
+    }
+    if roam_store::replica::promotion_marker(&replica_dir(d, vm)).exists() {
+        // Its disk is lent to a migration arriving here: removing it now would strand
+        // that migration's roll back. The primary may ask again.
+        let m = ReplMsg::refuse(
+            "the replica is in use by an incoming migration; try again",
+            false,
+        );
+        return send(tx, &m).await;
     }
     let slot = d.replication.held.slot(vm);
     if let Some(t) = lock(&slot.session).take() {
