@@ -113,7 +113,8 @@ pub fn hash_file(path: &Path) -> std::io::Result<(u64, [u8; 32])> {
     hash_reader(std::fs::File::open(path)?, &mut vec![0u8; READ_LEN])
 }
 
-const READ_LEN: usize = 256 * 1024;
+// 4 MiB: the uncached reads of the check get no readahead, so each one should be large.
+const READ_LEN: usize = 4 << 20;
 
 fn hash_reader(mut f: std::fs::File, buf: &mut [u8]) -> std::io::Result<(u64, [u8; 32])> {
     let mut h = blake3::Hasher::new();

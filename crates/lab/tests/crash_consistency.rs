@@ -104,25 +104,11 @@ fn cut_history(log: &Path) -> Vec<Cut> {
 
 /// The digest root of a raw disk file, as `ChunkHashes::root` (the cut log's `root`).
 fn disk_root(path: &Path) -> String {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path).unwrap();
-    let mut h = ChunkHashes::new_zero(DISK_BYTES, CHUNK);
-    let mut buf = vec![0u8; CHUNK as usize];
-    for i in 0..h.len() {
-        let (off, len) = h.range(i).unwrap();
-        let b = &mut buf[..len];
-        let mut done = 0;
-        while done < len {
-            let n = f.read_at(&mut b[done..], off + done as u64).unwrap();
-            if n == 0 {
-                b[done..].fill(0);
-                break;
-            }
-            done += n;
-        }
-        h.set(i, *blake3::hash(b).as_bytes());
-    }
-    to_hex(&h.root())
+    to_hex(
+        &ChunkHashes::of_file(path, DISK_BYTES, CHUNK)
+            .unwrap()
+            .root(),
+    )
 }
 
 fn sparse_copy(from: &Path, to: &Path) {

@@ -50,6 +50,34 @@ impl ChunkHashes {
         }
     }
 
+    /// The hashes of a raw disk file of `disk_bytes` (read in full; bytes past the
+    /// file's end count as zeroes, as in a sparse file that was never extended).
+    pub fn of_file(
+        path: &std::path::Path,
+        disk_bytes: u64,
+        chunk_size: u32,
+    ) -> std::io::Result<Self> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(path)?;
+        let mut h = ChunkHashes::new_zero(disk_bytes, chunk_size);
+        let mut buf = vec![0u8; chunk_size as usize];
+        for i in 0..h.len() {
+            let Some((off, len)) = h.range(i) else { break };
+            let b = &mut buf[..len];
+            let mut done = 0;
+            while done < len {
+                let n = f.read_at(&mut b[done..], off + done as u64)?;
+                if n == 0 {
+                    b[done..].fill(0);
+                    break;
+                }
+                done += n;
+            }
+            h.hashes[i as usize] = *blake3::hash(b).as_bytes();
+        }
+        Ok(h)
+    }
+
     pub fn len(&self) -> u64 {
         self.hashes.len() as u64
     }
@@ -112,6 +140,26 @@ pub fn to_hex(d: &Digest) -> String {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn of_file_hashes_each_chunk_and_reads_past_the_end_as_zeroes() {
+        let dir = std::env::temp_dir().join(format!("roam-digest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("disk");
+        // 2.5 chunks of data on a 4.25-chunk disk.
+        let data: Vec<u8> = (0..4096 * 5 / 2).map(|i| (i % 253) as u8 + 1).collect();
+        std::fs::write(&path, &data).unwrap();
+        let h = ChunkHashes::of_file(&path, 4096 * 4 + 1024, 4096).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(h.get(0), Some(blake3::hash(&data[..4096]).as_bytes()));
+        let mut third = data[8192..].to_vec();
+        third.resize(4096, 0);
+        assert_eq!(h.get(2), Some(blake3::hash(&third).as_bytes()));
+        let zero = ChunkHashes::new_zero(4096 * 4 + 1024, 4096);
+        assert_eq!(h.get(3), zero.get(3));
+        assert_eq!(h.get(4), zero.get(4));
+        assert_ne!(h.root(), zero.root());
+    }
 
     #[test]
     fn geometry_and_tail() {

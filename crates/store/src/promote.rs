@@ -624,7 +624,8 @@ fn remove_durably(path: &Path) -> Result<()> {
 }
 
 /// Make a range read as zeroes: punch a hole, or write zeroes where holes are unsupported.
-fn punch(file: &File, off: u64, len: usize) -> std::io::Result<()> {
+/// (Also the migration receiver's, for the chunks it clears.)
+pub fn punch(file: &File, off: u64, len: usize) -> std::io::Result<()> {
     // SAFETY: fallocate on a descriptor we own, with plain integer arguments; no memory
     // is passed.
     let rc = unsafe {

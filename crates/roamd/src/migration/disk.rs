@@ -989,19 +989,7 @@ fn disk_write_error(index: u64, e: std::io::Error) -> Error {
 
 /// Make a range read as zeroes: punch a hole, or write zeroes where holes are unsupported.
 fn clear(file: &File, off: u64, len: usize) -> std::io::Result<()> {
-    // SAFETY: fallocate on an fd we own, with plain integer arguments.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            off as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    file.write_all_at(&vec![0u8; len], off)
+    roam_store::promote::punch(file, off, len)
 }
 
 #[cfg(test)]

@@ -917,6 +917,18 @@ impl Source {
         }
         self.result.bytes.disk = self.meter.disk_bytes();
         if let Some(c) = self.meter.disk_counters() {
+            use std::sync::atomic::Ordering::Relaxed;
+            info!(
+                vm = %self.req.vm,
+                frames = c.chunks.load(Relaxed),
+                zero_frames = c.zero_chunks.load(Relaxed),
+                raw = c.raw_bytes.load(Relaxed),
+                stream = c.stream_bytes.load(Relaxed),
+                held = c.held_chunks.load(Relaxed),
+                offered = c.offered_chunks.load(Relaxed),
+                least = c.least_bytes.load(Relaxed),
+                "disk stream"
+            );
             let deduped = c.deduped_chunks.load(std::sync::atomic::Ordering::Relaxed);
             self.result.chunks_deduped = (deduped > 0).then_some(deduped);
             self.result.least_bytes =
