@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use roam_migrate::digest::{to_hex, zero_hash, ChunkHashes, Digest};
+use roam_migrate::digest::{chunk_count, to_hex, zero_hash, ChunkHashes, Digest};
 use roam_migrate::frame::{DiskFrame, Kind, HEADER_LEN, QUERY_UNOFFERED_HELD};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -92,6 +92,11 @@ struct SenderState {
     groups: HashMap<Digest, Vec<u64>>,
     /// Contents already sent once (for `least_bytes`).
     sent: HashSet<Digest>,
+    /// Chunks this migration sent a frame for: the destination holds exactly the content
+    /// `hashes` names there (nothing else writes its incoming disk before the switch, and
+    /// after it the guest's own writes win over ours). A chunk marked dirty again whose
+    /// content did not change (a rewrite of the same bytes) is then not sent again.
+    delivered: Vec<bool>,
 }
 
 /// The source half: owns the source-side chunk hashes of one migration.
@@ -116,6 +121,7 @@ impl DiskSender {
                 hashes: ChunkHashes::new_zero(disk_bytes, chunk_size),
                 groups: HashMap::new(),
                 sent: HashSet::new(),
+                delivered: vec![false; chunk_count(disk_bytes, chunk_size) as usize],
             }),
             level,
             frames_sent: 0,
@@ -125,6 +131,19 @@ impl DiskSender {
 
     pub fn set_level(&mut self, level: i32) {
         self.level = level;
+    }
+
+    /// The destination no longer counts on what it received for `chunks` (post-copy's
+    /// pending chunks are missing to its back end until a frame arrives): send them
+    /// even if unchanged.
+    pub fn undeliver(&mut self, chunks: &[u64]) {
+        if let Some(st) = self.state.as_mut() {
+            for &c in chunks {
+                if let Some(d) = st.delivered.get_mut(c as usize) {
+                    *d = false;
+                }
+            }
+        }
     }
 
     /// Send `chunks` in order. With `skip_zero` (the first pass to an empty destination)
@@ -157,6 +176,11 @@ impl DiskSender {
                 };
                 let (frame, body, hash) = DiskFrame::for_chunk(idx, data, level);
                 let old = st.hashes.get(idx).copied();
+                let delivered = st.delivered.get(idx as usize).copied().unwrap_or(false);
+                if delivered && old == Some(hash) {
+                    counters.held_chunks.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 st.hashes.set(idx, hash);
                 if let Some(old) = old.filter(|o| *o != hash) {
                     // The destination may be waiting to copy `old` from this chunk.
@@ -184,6 +208,9 @@ impl DiskSender {
                             .least_bytes
                             .fetch_add(least as u64, Ordering::Relaxed);
                     }
+                }
+                if let Some(d) = st.delivered.get_mut(idx as usize) {
+                    *d = true;
                 }
                 let item = Item {
                     header: frame.encode_header(),
@@ -1030,11 +1057,13 @@ mod tests {
         sender.sync(&mut a, &mut ar).await.unwrap();
         sfile.write_all_at(&vec![3u8; cs], 5 * cs as u64).unwrap();
         sfile.write_all_at(&vec![0u8; cs], cs as u64).unwrap();
-        sender.send(&mut a, vec![1, 5], false).await.unwrap();
+        // Chunk 63 was marked dirty too, but rewritten with the same bytes.
+        sfile.write_all_at(&vec![1u8; cs], 63 * cs as u64).unwrap();
+        sender.send(&mut a, vec![1, 5, 63], false).await.unwrap();
         sender.seal(&mut a).await.unwrap();
         let out = recv.await.unwrap().unwrap();
         assert!(out.ok, "{out:?}");
-        // Only the 3 non-zero chunks + 2 dirty chunks crossed.
+        // Only the 3 non-zero chunks + the 2 changed dirty chunks crossed.
         assert_eq!(out.frames_received, 5);
         let mut a = vec![0u8; n as usize * cs];
         let mut b = vec![0u8; n as usize * cs];

@@ -124,7 +124,9 @@ pub async fn background_copy<W: AsyncWrite + Unpin>(
     mut w: W,
     chunks: Vec<u64>,
 ) -> Result<String> {
-    // Zero chunks go as `Zero` frames: the destination waits for every pending chunk.
+    // Zero chunks go as `Zero` frames, unchanged ones too: the destination waits for a
+    // frame for every pending chunk.
+    sender.undeliver(&chunks);
     sender.send(&mut w, chunks, false).await?;
     let root = sender.seal(&mut w).await?;
     Ok(root)
