@@ -12,7 +12,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use roam_hip::HostIdentity;
+use roam_hip::{Hit, HostIdentity};
 use roam_hipnet::beet::internet_checksum;
 use roam_hipnet::{Endpoint, EndpointConfig, Handle, PacketDev, PeerSpec, UserEsp};
 use tokio::sync::mpsc;
@@ -51,6 +51,18 @@ fn cfg(id: HostIdentity, listen: SocketAddr) -> EndpointConfig {
     let mut c = EndpointConfig::new(id, listen, "unused");
     c.tun_name = None;
     c
+}
+
+/// A newcomer at 127.X.Y.`n`:10500 that knows only `peer`'s HIT and the rendezvous
+/// server at `rvs`.
+async fn knows_only_hit(n: u8, rvs: SocketAddr, peer: Hit) -> Side {
+    let mut c = cfg(
+        HostIdentity::generate(),
+        SocketAddr::new(lo(n).into(), 10500),
+    );
+    c.rvs = Some(rvs);
+    c.peers = vec![peer.to_string().parse().unwrap()];
+    start(c).await
 }
 
 /// An IPv4/UDP packet (UDP checksum zero: not checked on the way).
@@ -155,13 +167,7 @@ async fn peers_added_by_hit_reach_a_registered_host_before_and_after_it_moves() 
     assert!(wait_stat(&b2.h, "reg_granted", 1).await >= 1);
 
     // C, a newcomer that knows only B's HIT and the server, finds B at its new place.
-    let mut cc = cfg(
-        HostIdentity::generate(),
-        SocketAddr::new(lo(5).into(), 10500),
-    );
-    cc.rvs = Some(v.listen);
-    cc.peers = vec![b_hit.to_string().parse().unwrap()];
-    let c = start(cc).await;
+    let c = knows_only_hit(5, v.listen, b_hit).await;
     let b_lsi_c = roam_hipnet::config::default_lsi(&b_hit);
     c.to_net
         .send(udp4(c.h.lsi, b_lsi_c, b"after the move"))
@@ -258,13 +264,7 @@ async fn renewed_registration_keeps_relaying_until_cancelled() {
     );
     assert_eq!(b.h.stats.get("reg_lapsed"), Some(0));
 
-    let mut ac = cfg(
-        HostIdentity::generate(),
-        SocketAddr::new(lo(10).into(), 10500),
-    );
-    ac.rvs = Some(v.listen);
-    ac.peers = vec![b_hit.to_string().parse().unwrap()];
-    let a = start(ac).await;
+    let a = knows_only_hit(10, v.listen, b_hit).await;
     let b_lsi = roam_hipnet::config::default_lsi(&b_hit);
     a.to_net
         .send(udp4(a.h.lsi, b_lsi, b"after 3.5 s"))
@@ -277,13 +277,7 @@ async fn renewed_registration_keeps_relaying_until_cancelled() {
     assert_eq!(wait_stat(&v, "rvs_cancelled", 1).await, 1);
     assert!(b.h.unregister().await.is_err(), "cancelled twice");
     // A newcomer that knows only B's HIT no longer gets through the server.
-    let mut cc = cfg(
-        HostIdentity::generate(),
-        SocketAddr::new(lo(11).into(), 10500),
-    );
-    cc.rvs = Some(v.listen);
-    cc.peers = vec![b_hit.to_string().parse().unwrap()];
-    let c = start(cc).await;
+    let c = knows_only_hit(11, v.listen, b_hit).await;
     c.to_net
         .send(udp4(c.h.lsi, b_lsi, b"after the cancel"))
         .await
@@ -315,13 +309,7 @@ async fn registration_expires_when_not_renewed() {
         v.stats.render()
     );
 
-    let mut cc = cfg(
-        HostIdentity::generate(),
-        SocketAddr::new(lo(14).into(), 10500),
-    );
-    cc.rvs = Some(v.listen);
-    cc.peers = vec![b_hit.to_string().parse().unwrap()];
-    let c = start(cc).await;
+    let c = knows_only_hit(14, v.listen, b_hit).await;
     c.to_net
         .send(udp4(
             c.h.lsi,
@@ -410,13 +398,7 @@ async fn host_registers_again_after_the_server_restarts() {
     );
 
     // A correspondent that knows only B's HIT gets through the restarted server.
-    let mut ac = cfg(
-        HostIdentity::generate(),
-        SocketAddr::new(lo(17).into(), 10500),
-    );
-    ac.rvs = Some(v_at);
-    ac.peers = vec![b_hit.to_string().parse().unwrap()];
-    let a = start(ac).await;
+    let a = knows_only_hit(17, v_at, b_hit).await;
     a.to_net
         .send(udp4(
             a.h.lsi,

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use rand_core::{OsRng, RngCore};
 
-use super::{Host, Output, Retransmit, State};
+use super::{registration, Host, Output, Retransmit, State};
 use crate::crypto::mac;
 use crate::error::Error;
 use crate::identity::PeerIdentity;
@@ -177,29 +177,22 @@ impl Host {
         if !matches!(self.state(&peer), State::Established | State::R2Sent) {
             return Err(Error::Unexpected("UPDATE needs an established association"));
         }
-        let id = self.assocs.get(&peer).map_or(0, |a| a.update_id);
         let mut p = Packet::new(PacketType::Update, self.id.hit(), peer);
         p.add(&locators)?;
-        p.add(&Seq(id))?;
         // This UPDATE takes the place of any outstanding one: a REG_REQUEST
         // waiting or in flight rides along (a moved VM's host renews its
         // registration with the rendezvous server in the same packet).
-        self.piggyback_reg_request(now, &peer, &mut p, id);
-        let p = self.signed_with_mac(&peer, p)?;
-        let r = self.start_retransmit(p.clone(), now);
-        let a = self
-            .assocs
-            .get_mut(&peer)
-            .ok_or(Error::Unexpected("no association"))?;
+        let rides_along = self.piggyback_reg_request(now, &peer, &mut p);
+        let (id, packet, a) = self.send_update(now, peer, p)?;
+        if rides_along {
+            registration::reg_request_sent(a, id);
+        }
         if let Some(addr) = new_peer_addr {
             a.peer_addr = addr;
         }
-        a.update_pending = Some(id);
-        a.update_id = id.wrapping_add(1);
-        a.retransmit = Some(r);
         Ok(vec![Output::Send {
             to: a.peer_addr,
-            packet: p,
+            packet,
         }])
     }
 

@@ -36,7 +36,7 @@ use rand_core::{OsRng, RngCore};
 
 use super::{Association, Host, Output, Retransmit};
 use crate::error::Error;
-use crate::wire::params::{Ack, EchoRequestSigned, LocatorAddr, LocatorSet, Seq};
+use crate::wire::params::{Ack, EchoRequestSigned, LocatorAddr, LocatorSet};
 use crate::wire::{Hit, Packet, PacketType, RawParam};
 
 /// Length of the echo nonce: 128 bits, unguessable.
@@ -286,12 +286,10 @@ impl Host {
         }
         let mut nonce = vec![0u8; NONCE_LEN];
         OsRng.fill_bytes(&mut nonce);
-        let update_id = a.update_id;
-        a.update_id = update_id.wrapping_add(1);
-        reply.add(&Seq(update_id))?;
         reply.add(&EchoRequestSigned(nonce.clone()))?;
-        let reply = self.signed_with_mac(&peer, reply)?;
-        let retransmit = self.start_retransmit(reply.clone(), now);
+        // Retransmitted on its own: the address check, not the outstanding
+        // UPDATE.
+        let (update_id, reply, retransmit) = self.sequenced_update(now, peer, reply)?;
         let a = self
             .assocs
             .get_mut(&peer)

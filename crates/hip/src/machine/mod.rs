@@ -29,7 +29,7 @@ use crate::crypto::keymat::HipKeys;
 use crate::crypto::{cipher, dh};
 use crate::error::Error;
 use crate::identity::{HostIdentity, PeerIdentity, Rhash};
-use crate::wire::params::{LocatorSet, Notification};
+use crate::wire::params::{LocatorSet, Notification, Seq};
 use crate::wire::{Hit, Packet, RawParam};
 
 pub use mobility::{chosen_locator, AddrState, DataPath, MobilityConfig, MobilityStats};
@@ -527,6 +527,51 @@ impl Host {
             interval: self.cfg.retransmit_initial,
             give_up_at: None,
         }
+    }
+
+    /// Adds SEQ with `peer`'s next Update ID (§5.2.16) to the UPDATE `p`,
+    /// signs it and takes the ID; the packet goes out retransmitted until
+    /// ACKed. Every UPDATE with a SEQ that we send is numbered here.
+    pub(crate) fn sequenced_update(
+        &mut self,
+        now: Instant,
+        peer: Hit,
+        mut p: Packet,
+    ) -> Result<(u32, Packet, Retransmit), Error> {
+        let id = self
+            .assocs
+            .get(&peer)
+            .ok_or(Error::Unexpected("no association"))?
+            .update_id;
+        p.add(&Seq(id))?;
+        let p = self.signed_with_mac(&peer, p)?;
+        let retransmit = self.start_retransmit(p.clone(), now);
+        let a = self
+            .assocs
+            .get_mut(&peer)
+            .ok_or(Error::Unexpected("no association"))?;
+        a.update_id = id.wrapping_add(1);
+        Ok((id, p, retransmit))
+    }
+
+    /// Sends `p` as our one outstanding UPDATE to `peer` (§6.11): numbered
+    /// by [`Host::sequenced_update`], retransmitted by the association until
+    /// its ACK arrives or it gives up. Returns the Update ID, the packet and
+    /// the association, where the caller notes what the UPDATE carries.
+    pub(crate) fn send_update(
+        &mut self,
+        now: Instant,
+        peer: Hit,
+        p: Packet,
+    ) -> Result<(u32, Packet, &mut Association), Error> {
+        let (id, p, retransmit) = self.sequenced_update(now, peer, p)?;
+        let a = self
+            .assocs
+            .get_mut(&peer)
+            .ok_or(Error::Unexpected("no association"))?;
+        a.update_pending = Some(id);
+        a.retransmit = Some(retransmit);
+        Ok((id, p, a))
     }
 }
 

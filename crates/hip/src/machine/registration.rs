@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use super::{Association, Config, Host, Output, State};
 use crate::error::Error;
 use crate::wire::params::{
-    reg_lifetime, RegFailed, RegRequest, RegResponse, Seq, REG_FAILURE_TYPE_UNAVAILABLE,
+    reg_lifetime, RegFailed, RegRequest, RegResponse, REG_FAILURE_TYPE_UNAVAILABLE,
 };
 use crate::wire::{Hit, Packet, PacketType, RawParam};
 
@@ -157,6 +157,15 @@ pub(crate) fn decide(
         })?);
     }
     Ok((next, params))
+}
+
+/// Our REG_REQUEST went out in the UPDATE `id`: no longer due, waiting for
+/// the answer.
+pub(crate) fn reg_request_sent(a: &mut Association, id: u32) {
+    if let Some(r) = a.requested.as_mut() {
+        r.due = None;
+        r.in_flight = Some(id);
+    }
 }
 
 /// Whether an UPDATE of ours may go out now: one outstanding at a time,
@@ -377,50 +386,29 @@ impl Host {
         if !can_update(a) {
             return Ok(None);
         }
-        let id = a.update_id;
         let mut p = Packet::new(PacketType::Update, self.id.hit(), peer);
         p.add(&r.param())?;
-        p.add(&Seq(id))?;
-        let p = self.signed_with_mac(&peer, p)?;
-        let retransmit = self.start_retransmit(p.clone(), now);
-        let a = self
-            .assocs
-            .get_mut(&peer)
-            .ok_or(Error::Unexpected("no association"))?;
-        a.update_pending = Some(id);
-        a.update_id = id.wrapping_add(1);
-        a.retransmit = Some(retransmit);
-        if let Some(r) = a.requested.as_mut() {
-            r.due = None;
-            r.in_flight = Some(id);
-        }
+        let (id, packet, a) = self.send_update(now, peer, p)?;
+        reg_request_sent(a, id);
         Ok(Some(Output::Send {
             to: a.peer_addr,
-            packet: p,
+            packet,
         }))
     }
 
-    /// Adds our pending REG_REQUEST to an UPDATE `id` we are about to send
-    /// for another reason (a new locator): one UPDATE instead of two, and
-    /// the one it replaces as outstanding is not lost.
-    pub(crate) fn piggyback_reg_request(
-        &mut self,
-        now: Instant,
-        peer: &Hit,
-        p: &mut Packet,
-        id: u32,
-    ) {
-        let Some(r) = self.assocs.get_mut(peer).and_then(|a| a.requested.as_mut()) else {
-            return;
+    /// Adds our pending REG_REQUEST to an UPDATE we are about to send for
+    /// another reason (a new locator): one UPDATE instead of two, and the
+    /// one it replaces as outstanding is not lost. Returns whether it did;
+    /// then [`reg_request_sent`] once the UPDATE has its ID.
+    pub(crate) fn piggyback_reg_request(&self, now: Instant, peer: &Hit, p: &mut Packet) -> bool {
+        let Some(r) = self.assocs.get(peer).and_then(|a| a.requested.as_ref()) else {
+            return false;
         };
         let waiting = r.due.is_some_and(|d| now >= d) || r.in_flight.is_some();
         if !waiting || r.types.is_empty() {
-            return;
+            return false;
         }
-        if p.add(&r.param()).is_ok() {
-            r.due = None;
-            r.in_flight = Some(id);
-        }
+        p.add(&r.param()).is_ok()
     }
 
     /// Whether we are registering with `peer` again after our registration

@@ -26,7 +26,7 @@ use std::time::Instant;
 use super::{random_spi, AssociationKeys, Host, Output, State};
 use crate::error::{CryptoError, Error};
 use crate::esp;
-use crate::wire::params::{Ack, EspInfo, Seq};
+use crate::wire::params::{Ack, EspInfo};
 use crate::wire::{Hit, Packet, PacketType};
 
 /// A rekey in progress.
@@ -115,23 +115,13 @@ impl Host {
         let keys = a.keys.as_ref().ok_or(Error::Unexpected("no keys"))?;
         let index = next_index(keys)?;
         let new_spi = random_spi();
-        let id = a.update_id;
         let mut p = Packet::new(PacketType::Update, self.id.hit(), peer);
         p.add(&EspInfo {
             keymat_index: index as u16,
             old_spi: keys.our_spi,
             new_spi,
         })?;
-        p.add(&Seq(id))?;
-        let p = self.signed_with_mac(&peer, p)?;
-        let r = self.start_retransmit(p.clone(), now);
-        let a = self
-            .assocs
-            .get_mut(&peer)
-            .ok_or(Error::Unexpected("no association"))?;
-        a.update_pending = Some(id);
-        a.update_id = id.wrapping_add(1);
-        a.retransmit = Some(r);
+        let (id, packet, a) = self.send_update(now, peer, p)?;
         a.rekey = Some(Rekey {
             update_id: id,
             new_spi,
@@ -141,7 +131,7 @@ impl Host {
         });
         Ok(vec![Output::Send {
             to: a.peer_addr,
-            packet: p,
+            packet,
         }])
     }
 
@@ -245,24 +235,14 @@ impl Host {
                 // Refuse an index the KEYMAT cannot serve before answering.
                 rekeyed(keys, index, 0, 0)?;
                 let new_spi = random_spi();
-                let id = a.update_id;
                 let mut p = Packet::new(PacketType::Update, self.id.hit(), peer);
                 p.add(&EspInfo {
                     keymat_index: index as u16,
                     old_spi: keys.our_spi,
                     new_spi,
                 })?;
-                p.add(&Seq(id))?;
                 p.add(&Ack(vec![seq_id]))?;
-                let p = self.signed_with_mac(&peer, p)?;
-                let r = self.start_retransmit(p.clone(), now);
-                let a = self
-                    .assocs
-                    .get_mut(&peer)
-                    .ok_or(Error::Unexpected("no association"))?;
-                a.update_pending = Some(id);
-                a.update_id = id.wrapping_add(1);
-                a.retransmit = Some(r);
+                let (id, packet, a) = self.send_update(now, peer, p)?;
                 a.rekey = Some(Rekey {
                     update_id: id,
                     new_spi,
@@ -270,10 +250,7 @@ impl Host {
                     peer_new_spi: Some(info.new_spi),
                     ours_acked: false,
                 });
-                Ok(vec![Output::Send {
-                    to: from,
-                    packet: p,
-                }])
+                Ok(vec![Output::Send { to: from, packet }])
             }
         }
     }
