@@ -23,6 +23,46 @@ fn disk(chunks: &[(u64, u8)]) -> (tempfile::NamedTempFile, Arc<File>) {
     (f, file)
 }
 
+/// A replica disk holding `chunks` under `dir`, lent in place to `dir/disk.raw` with an
+/// undo log that flushes every `queue_bytes`: (the replica's path, the lent path, the
+/// replica's bytes, the lent disk as the receiver shares it).
+fn lend(
+    dir: &std::path::Path,
+    chunks: &[(u64, u8)],
+    queue_bytes: usize,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    Vec<u8>,
+    SharedPromoted,
+) {
+    let home = dir.join("replica-disk");
+    let at = dir.join("disk.raw");
+    {
+        let f = File::create(&home).unwrap();
+        f.set_len(N * CS as u64).unwrap();
+        for (i, v) in chunks {
+            f.write_all_at(&vec![*v; CS], i * CS as u64).unwrap();
+        }
+    }
+    let lent = std::fs::read(&home).unwrap();
+    let paths = roam_store::PromotePaths {
+        home: home.clone(),
+        at: at.clone(),
+        marker: dir.join("promoted"),
+        log: dir.join("undo"),
+    };
+    let p = roam_store::Promoted::promote(
+        paths,
+        N * CS as u64,
+        CS as u32,
+        Box::new(roam_store::replica::NoFaults),
+    )
+    .unwrap()
+    .with_queue_bytes(queue_bytes);
+    (home, at, lent, Arc::new(std::sync::Mutex::new(Some(p))))
+}
+
 fn whole(f: &File) -> Vec<u8> {
     let mut b = vec![0u8; N as usize * CS];
     f.read_exact_at(&mut b, 0).unwrap();
@@ -153,32 +193,8 @@ async fn without_a_known_replica_state_every_chunk_is_offered() {
 #[tokio::test]
 async fn a_move_into_a_lent_replica_rolls_back_to_the_replica() {
     let tmp = tempfile::tempdir().unwrap();
-    let home = tmp.path().join("replica-disk");
-    let at = tmp.path().join("disk.raw");
     let replica: Vec<(u64, u8)> = (1..=10).map(|i| (i, i as u8)).chain([(40, 4)]).collect();
-    {
-        let f = File::create(&home).unwrap();
-        f.set_len(N * CS as u64).unwrap();
-        for (i, v) in &replica {
-            f.write_all_at(&vec![*v; CS], i * CS as u64).unwrap();
-        }
-    }
-    let lent = std::fs::read(&home).unwrap();
-    let paths = roam_store::PromotePaths {
-        home: home.clone(),
-        at: at.clone(),
-        marker: tmp.path().join("promoted"),
-        log: tmp.path().join("undo"),
-    };
-    let p = roam_store::Promoted::promote(
-        paths,
-        N * CS as u64,
-        CS as u32,
-        Box::new(roam_store::replica::NoFaults),
-    )
-    .unwrap()
-    .with_queue_bytes(3 * CS); // several flushes
-    let shared: SharedPromoted = Arc::new(std::sync::Mutex::new(Some(p)));
+    let (home, at, lent, shared) = lend(tmp.path(), &replica, 3 * CS); // several flushes
     let dfile = Arc::new(
         std::fs::OpenOptions::new()
             .read(true)
@@ -232,32 +248,8 @@ async fn a_move_into_a_lent_replica_rolls_back_to_the_replica() {
 #[tokio::test]
 async fn a_move_cut_half_way_gives_the_lent_replica_back() {
     let tmp = tempfile::tempdir().unwrap();
-    let home = tmp.path().join("replica-disk");
-    let at = tmp.path().join("disk.raw");
-    {
-        let f = File::create(&home).unwrap();
-        f.set_len(N * CS as u64).unwrap();
-        for i in 0..N {
-            f.write_all_at(&vec![i as u8 + 1; CS], i * CS as u64)
-                .unwrap();
-        }
-    }
-    let lent = std::fs::read(&home).unwrap();
-    let paths = roam_store::PromotePaths {
-        home: home.clone(),
-        at: at.clone(),
-        marker: tmp.path().join("promoted"),
-        log: tmp.path().join("undo"),
-    };
-    let p = roam_store::Promoted::promote(
-        paths,
-        N * CS as u64,
-        CS as u32,
-        Box::new(roam_store::replica::NoFaults),
-    )
-    .unwrap()
-    .with_queue_bytes(4 * CS);
-    let shared: SharedPromoted = Arc::new(std::sync::Mutex::new(Some(p)));
+    let full: Vec<(u64, u8)> = (0..N).map(|i| (i, i as u8 + 1)).collect();
+    let (home, at, lent, shared) = lend(tmp.path(), &full, 4 * CS);
     let dfile = Arc::new(File::open(&at).unwrap());
     let (_s, sfile) = disk(&(0..N).map(|i| (i, 200u8)).collect::<Vec<_>>());
     let mut sender = DiskSender::new(sfile.clone(), N * CS as u64, CS as u32, 3);
