@@ -71,7 +71,7 @@ impl Default for LabConfig {
                 ..Default::default()
             },
             home_state_limit_mib: None,
-            keep: false,
+            keep: std::env::var_os("ROAM_LAB_KEEP").is_some(),
             correspondent: false,
         }
     }

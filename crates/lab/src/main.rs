@@ -142,7 +142,7 @@ fn lab_config(link: &LinkArgs, vm: &VmArgs, keep: bool) -> LabConfig {
             ..Default::default()
         },
         home_state_limit_mib: None,
-        keep,
+        keep: keep || std::env::var_os("ROAM_LAB_KEEP").is_some(),
         correspondent: false,
     }
 }

@@ -161,6 +161,7 @@ where
             )));
         }
         let (idx, file2) = (f.index, file.clone());
+        let t0 = std::time::Instant::now();
         let (frame, body) = tokio::task::spawn_blocking(move || -> Result<(DiskFrame, Vec<u8>)> {
             let off = idx * chunk_size as u64;
             let len = (chunk_size as u64).min(disk_bytes - off) as usize;
@@ -180,9 +181,11 @@ where
                 .await
                 .map_err(|e| Error::io("send demanded chunk", e))?;
         }
+        let t1 = t0.elapsed();
         tx.flush()
             .await
             .map_err(|e| Error::io("send demanded chunk", e))?;
+        info!(target: "demandtrace", idx, read_us = t1.as_micros() as u64, total_us = t0.elapsed().as_micros() as u64, len = body.len(), "served");
         bytes.fetch_add((HEADER_LEN + body.len()) as u64, Ordering::Relaxed);
         served += 1;
     }
@@ -208,6 +211,7 @@ pub async fn demand_client<W, R>(
             while let Ok(c) = wants.try_recv() {
                 batch.push(c);
             }
+            info!(target: "demandtrace", n = batch.len(), first = batch[0], "asking");
             for c in batch {
                 if tx
                     .write_all(&DiskFrame::control(Kind::Want, c).encode_header())
@@ -244,6 +248,7 @@ pub async fn demand_client<W, R>(
             if rx.read_exact(&mut body).await.is_err() {
                 return;
             }
+            info!(target: "demandtrace", idx = f.index, "answer arrived");
             let od = od.clone();
             let installed = tokio::task::spawn_blocking(move || -> Result<()> {
                 if f.kind == Kind::Zero {
