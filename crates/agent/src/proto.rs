@@ -251,6 +251,9 @@ pub struct WorkloadConfig {
     /// Operations per second on files under `/data/churn` (rewrite + fsync + rename,
     /// append + fsync, delete): ext4 metadata changes, each made durable by a FLUSH.
     pub file_writes_per_s: u32,
+    /// Single 4 KiB O_DIRECT reads per second at random places of the files under
+    /// `/data` (what "a read of one block" costs, e.g. during a post-copy migration).
+    pub probe_reads_per_s: u32,
 }
 
 /// Messages from the agent to the host.
@@ -449,6 +452,7 @@ mod tests {
                 mem_working_set_mib: 2,
                 disk_writes_per_s: 3,
                 file_writes_per_s: 4,
+                probe_reads_per_s: 5,
             }),
             HostMsg::Verify { upto_seq: 99 },
             HostMsg::Ping { nonce: 1 },

@@ -527,6 +527,15 @@ pub struct PostcopyStats {
     pub block_fetch_p50_ms: f64,
     #[serde(default)]
     pub block_fetch_max_ms: f64,
+    /// Guest reads that needed exactly one missing block (chunk), from the read's
+    /// arrival in the destination's NBD back end to its data: how many, median,
+    /// longest (ms). Benchmark 3's latency.
+    #[serde(default)]
+    pub single_reads: u64,
+    #[serde(default)]
+    pub single_read_p50_ms: f64,
+    #[serde(default)]
+    pub single_read_max_ms: f64,
     /// Chunks from the source dropped because the guest had rewritten them already.
     pub chunks_superseded: u64,
     /// Bytes of chunks sent on demand (frames, compressed).
@@ -627,6 +636,10 @@ pub struct Workload {
     /// each fsynced): real file-system metadata changes on the disk.
     #[serde(default)]
     pub file_writes_per_s: u32,
+    /// Single-block (4 KiB, uncached) reads per second at random places of the guest's
+    /// `/data` files: a read-latency probe.
+    #[serde(default)]
+    pub probe_reads_per_s: u32,
 }
 
 /// What the host sees of a VM's guest agent (`GET /v1/vms/{name}/agent`).

@@ -56,9 +56,16 @@ pub struct PostcopyFigures {
     pub demand_fetches: u64,
     pub demand_wait_p50_ms: f64,
     pub demand_wait_max_ms: f64,
-    /// Per demanded chunk, request to arrival: the benchmark's figure.
+    /// Per demanded chunk, request to arrival. Most guest reads need several chunks
+    /// (readahead, large reads), so this includes the transfer of the chunks asked
+    /// for with it.
     pub block_fetch_p50_ms: f64,
     pub block_fetch_max_ms: f64,
+    /// Guest reads of one missing block (the agent's probe reads): how many, median,
+    /// longest. The benchmark's figure.
+    pub single_reads: u64,
+    pub single_read_p50_ms: f64,
+    pub single_read_max_ms: f64,
     /// 2 × RTT + one 64 KiB chunk at the link rate.
     pub target_ms: f64,
     pub result: MigrationResult,
@@ -79,9 +86,18 @@ pub struct BenchReport {
     pub storage: Option<crate::bench_storage::StorageReport>,
 }
 
+/// Probe reads per second in the post-copy benchmark's guest.
+pub const PROBE_READS_PER_S: u32 = 20;
+
 /// The demo VM moved with `--postcopy` over `cfg.link`.
-pub async fn postcopy_migration(label: &str, cfg: LabConfig) -> Result<PostcopyFigures, LabError> {
+pub async fn postcopy_migration(
+    label: &str,
+    mut cfg: LabConfig,
+) -> Result<PostcopyFigures, LabError> {
     let link = cfg.link;
+    // Single-block reads at random places of the guest's files: after the switch,
+    // some land on chunks that have not arrived (the figure the benchmark asks for).
+    cfg.workload.probe_reads_per_s = PROBE_READS_PER_S;
     let lab = Lab::start(cfg).await?;
     lab.create_vm("office", "desk").await?;
     lab.start_workload("office", "desk").await?;
@@ -110,6 +126,9 @@ pub async fn postcopy_migration(label: &str, cfg: LabConfig) -> Result<PostcopyF
         demand_wait_max_ms: pc.demand_fetch_max_ms,
         block_fetch_p50_ms: pc.block_fetch_p50_ms,
         block_fetch_max_ms: pc.block_fetch_max_ms,
+        single_reads: pc.single_reads,
+        single_read_p50_ms: pc.single_read_p50_ms,
+        single_read_max_ms: pc.single_read_max_ms,
         target_ms: 2.0 * link.rtt_ms + chunk_ms,
         result,
     })
@@ -134,13 +153,16 @@ pub fn postcopy_checks(p: &[PostcopyFigures]) -> Vec<Check> {
             met: completed && f.time_to_running_ms < f.disk_complete_ms,
         });
         out.push(Check {
-            name: format!("post-copy {}: fetch of a missing block p50, ms", f.label),
-            measured: f.block_fetch_p50_ms,
+            name: format!(
+                "post-copy {}: guest read of a missing block p50, ms",
+                f.label
+            ),
+            measured: f.single_read_p50_ms,
             target: format!("<= {:.1} (2 RTT + chunk)", f.target_ms),
             met: completed
-                && f.demand_fetches > 0
-                && f.block_fetch_p50_ms > 0.0
-                && f.block_fetch_p50_ms <= f.target_ms,
+                && f.single_reads > 0
+                && f.single_read_p50_ms > 0.0
+                && f.single_read_p50_ms <= f.target_ms,
         });
     }
     out
@@ -274,7 +296,7 @@ pub fn render(r: &BenchReport) -> String {
     }
     if !r.postcopy.is_empty() {
         s.push_str(&format!(
-            "\n{:<22} {:>12} {:>13} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}\n",
+            "\n{:<22} {:>12} {:>13} {:>8} {:>8} {:>10} {:>10} {:>10} {:>10} {:>7} {:>10} {:>10} {:>10}\n",
             "post-copy",
             "to running",
             "disk complete",
@@ -284,11 +306,14 @@ pub fn render(r: &BenchReport) -> String {
             "wait max",
             "fetch p50",
             "fetch max",
+            "1-block",
+            "read p50",
+            "read max",
             "target"
         ));
         for p in &r.postcopy {
             s.push_str(&format!(
-                "{:<22} {:>9} ms {:>10} ms {:>8} {:>8} {:>7.1} ms {:>7.1} ms {:>7.1} ms {:>7.1} ms {:>7.1} ms\n",
+                "{:<22} {:>9} ms {:>10} ms {:>8} {:>8} {:>7.1} ms {:>7.1} ms {:>7.1} ms {:>7.1} ms {:>7} {:>7.1} ms {:>7.1} ms {:>7.1} ms\n",
                 p.label,
                 p.time_to_running_ms,
                 p.disk_complete_ms,
@@ -298,6 +323,9 @@ pub fn render(r: &BenchReport) -> String {
                 p.demand_wait_max_ms,
                 p.block_fetch_p50_ms,
                 p.block_fetch_max_ms,
+                p.single_reads,
+                p.single_read_p50_ms,
+                p.single_read_max_ms,
                 p.target_ms
             ));
         }

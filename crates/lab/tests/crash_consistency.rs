@@ -36,6 +36,7 @@ fn workload() -> Workload {
         mem_working_set_mib: 8,
         disk_writes_per_s: 20,
         file_writes_per_s: 25,
+        probe_reads_per_s: 0,
     }
 }
 

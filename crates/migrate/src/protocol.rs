@@ -219,6 +219,13 @@ pub enum Msg {
         fetch_p50_ms: f64,
         #[serde(default)]
         fetch_max_ms: f64,
+        /// Guest reads that needed exactly one missing chunk, request to data (ms).
+        #[serde(default)]
+        single_reads: u64,
+        #[serde(default)]
+        single_read_p50_ms: f64,
+        #[serde(default)]
+        single_read_max_ms: f64,
         /// Source chunks dropped because the guest had already rewritten them here.
         superseded: u64,
         detail: Option<String>,

@@ -180,6 +180,16 @@ impl Presence {
         self.active = true;
     }
 
+    /// How many chunks of `[offset, offset+len)` are not present.
+    pub fn absent(&self, offset: u64, len: u64) -> u64 {
+        if !self.active {
+            return 0;
+        }
+        self.touched(offset, len)
+            .filter(|&c| !self.states[c as usize].present())
+            .count() as u64
+    }
+
     /// A read of `[offset, offset+len)`: the chunks to ask for now (moved to
     /// `Requested`), and whether the read must wait. Before activation it neither asks
     /// nor waits (see the module doc).
@@ -298,6 +308,11 @@ pub struct OnDemandStats {
     pub fetches_timed: u64,
     pub fetch_p50_ms: f64,
     pub fetch_max_ms: f64,
+    /// Guest reads that needed exactly one missing chunk (a read of one missing
+    /// block: benchmark 3's figure), from the request to its data, milliseconds.
+    pub single_reads: u64,
+    pub single_read_p50_ms: f64,
+    pub single_read_max_ms: f64,
     /// Chunks still missing.
     pub missing: u64,
     /// Source chunks dropped because the guest had written the chunk already.
@@ -311,6 +326,7 @@ struct Shared {
     p: Presence,
     waits_us: Vec<u64>,
     fetch_us: Vec<u64>,
+    single_us: Vec<u64>,
     requested_at: std::collections::HashMap<u64, Instant>,
     abandoned: bool,
 }
@@ -372,6 +388,7 @@ impl OnDemandBackend {
                 p,
                 waits_us: Vec::new(),
                 fetch_us: Vec::new(),
+                single_us: Vec::new(),
                 requested_at: Default::default(),
                 abandoned: false,
             }),
@@ -470,7 +487,11 @@ impl OnDemandBackend {
             v.sort_unstable();
             v
         };
-        let (w, one) = (sorted(&s.waits_us), sorted(&s.fetch_us));
+        let (w, one, single) = (
+            sorted(&s.waits_us),
+            sorted(&s.fetch_us),
+            sorted(&s.single_us),
+        );
         let ms = |us: u64| us as f64 / 1000.0;
         let p50 = |v: &Vec<u64>| v.get(v.len() / 2).copied().map(ms).unwrap_or(0.0);
         let max = |v: &Vec<u64>| v.last().copied().map(ms).unwrap_or(0.0);
@@ -482,6 +503,9 @@ impl OnDemandBackend {
             fetches_timed: one.len() as u64,
             fetch_p50_ms: p50(&one),
             fetch_max_ms: max(&one),
+            single_reads: single.len() as u64,
+            single_read_p50_ms: p50(&single),
+            single_read_max_ms: max(&single),
             missing: s.p.missing,
             superseded: self.superseded.load(Ordering::Relaxed),
         }
@@ -570,10 +594,16 @@ impl Backend for OnDemandBackend {
         }
         let mut s = self.lock();
         let mut since = None;
+        // Chunks this read found absent when it came (the first plan).
+        let mut absent = None;
         loop {
             let (request, wait) = s.p.plan_read(offset, buf.len() as u64);
+            absent.get_or_insert_with(|| s.p.absent(offset, buf.len() as u64));
             if !wait {
                 self.record_wait(&mut s, since);
+                if let (Some(t), Some(1)) = (since, absent) {
+                    push_sample(&mut s.single_us, t);
+                }
                 break;
             }
             note_requested(&mut s, &request);

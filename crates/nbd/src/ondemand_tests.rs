@@ -379,3 +379,22 @@ fn concurrent_guest_and_background_copy_on_a_file() {
     let st = od.stats();
     assert!(st.superseded > 0, "the race under test happened: {st:?}");
 }
+
+#[test]
+fn only_reads_of_exactly_one_missing_chunk_count_as_single_block_reads() {
+    let source: Vec<u8> = (0..8 * 16).map(|i| i as u8).collect();
+    let (od, _f) = sync_backend(&source, 16);
+    od.activate(0..6); // chunks 6 and 7 are present
+    let mut buf = [0u8; 4];
+    od.read_at(&mut buf, 20).unwrap(); // one missing chunk (1)
+    let mut two = [0u8; 32];
+    od.read_at(&mut two, 40).unwrap(); // chunks 2 and 3: two missing
+    let mut present = [0u8; 8];
+    od.read_at(&mut present, 100).unwrap(); // chunk 6: no wait
+    od.read_at(&mut buf, 48).unwrap(); // chunk 3 again: present now
+    let st = od.stats();
+    assert_eq!(st.waits, 2, "two reads waited");
+    assert_eq!(st.single_reads, 1, "one of them for exactly one chunk");
+    assert!(st.single_read_p50_ms >= 0.0 && st.single_read_max_ms >= st.single_read_p50_ms);
+    assert_eq!(&buf, &source[48..52]);
+}

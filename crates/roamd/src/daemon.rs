@@ -666,6 +666,7 @@ impl Host for Daemon {
                 mem_working_set_mib: w.mem_working_set_mib,
                 disk_writes_per_s: w.disk_writes_per_s,
                 file_writes_per_s: w.file_writes_per_s,
+                probe_reads_per_s: w.probe_reads_per_s,
             })
             .await
             .map_err(|e| ApiError::unavailable(format!("guest agent of '{name}': {e}")))?;

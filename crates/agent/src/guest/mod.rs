@@ -6,6 +6,7 @@
 //!   verify thread ──(verify_report)──┘     (dropped while the host is away)
 //!   mem thread: dirties its working set          reader (main thread) <── /dev/vportNpM
 //!   files thread: fsynced ext4 churn in /data      config / verify / ping
+//!   probe thread: single-block O_DIRECT reads of /data files
 //! ```
 //! Nothing waits on the host: while the chardev has no client (e.g. during a
 //! migration, before the destination's monitor connects) messages are dropped,
@@ -15,6 +16,7 @@ pub mod disk;
 pub mod files;
 pub mod mem;
 pub mod port;
+pub mod probe;
 pub mod sys;
 
 use std::path::PathBuf;
@@ -220,6 +222,10 @@ pub fn run(paths: Paths) -> Result<(), GuestError> {
     if sh.data_mounted {
         let sh = sh.clone();
         spawn("files", move || files::file_loop(sh))?;
+    }
+    if sh.data_mounted {
+        let sh = sh.clone();
+        spawn("probe", move || probe::probe_loop(sh))?;
     }
     port::reader_loop(sh, port).map_err(GuestError::Port)
 }

@@ -450,6 +450,9 @@ impl DestPostcopy {
                 wait_max_ms: st.wait_max_ms,
                 fetch_p50_ms: st.fetch_p50_ms,
                 fetch_max_ms: st.fetch_max_ms,
+                single_reads: st.single_reads,
+                single_read_p50_ms: st.single_read_p50_ms,
+                single_read_max_ms: st.single_read_max_ms,
                 superseded: st.superseded,
                 detail: (!seal.ok).then(|| {
                     format!(

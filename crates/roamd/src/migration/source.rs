@@ -774,6 +774,9 @@ impl Source {
             wait_max_ms,
             fetch_p50_ms,
             fetch_max_ms,
+            single_reads,
+            single_read_p50_ms,
+            single_read_max_ms,
             superseded,
             detail,
         } = msg
@@ -787,6 +790,9 @@ impl Source {
         p.demand_fetch_max_ms = wait_max_ms;
         p.block_fetch_p50_ms = fetch_p50_ms;
         p.block_fetch_max_ms = fetch_max_ms;
+        p.single_reads = single_reads;
+        p.single_read_p50_ms = single_read_p50_ms;
+        p.single_read_max_ms = single_read_max_ms;
         p.chunks_superseded = superseded;
         p.demand_bytes = self.demand_bytes.load(std::sync::atomic::Ordering::Relaxed);
         p.disk_complete_ms = self.meter.elapsed_ms();

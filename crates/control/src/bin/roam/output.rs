@@ -312,13 +312,17 @@ pub fn migration_summary(r: &MigrationResult) -> String {
     if let Some(p) = &r.postcopy {
         s.push_str(&format!(
             "  postcopy running after {} with {} chunks still to come, disk complete after {}; \
-             {} fetched on demand (p50 {:.1} ms, max {:.1} ms)\n",
+             {} fetched on demand (p50 {:.1} ms, max {:.1} ms); \
+             {} reads of one missing block (p50 {:.1} ms, max {:.1} ms)\n",
             format_ms(p.time_to_running_ms),
             p.chunks_pending_at_resume,
             format_ms(p.disk_complete_ms),
             p.demand_fetches,
             p.block_fetch_p50_ms,
-            p.block_fetch_max_ms
+            p.block_fetch_max_ms,
+            p.single_reads,
+            p.single_read_p50_ms,
+            p.single_read_max_ms
         ));
         if p.ram {
             s.push_str(&format!(
