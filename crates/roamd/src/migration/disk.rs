@@ -106,6 +106,8 @@ pub struct DiskSender {
     level: i32,
     frames_sent: u64,
     pub counters: Arc<DiskCounters>,
+    /// Post-copy: hold every frame while a demanded chunk is being sent.
+    yield_to: Option<Arc<super::postcopy::DemandGate>>,
 }
 
 struct Item {
@@ -126,7 +128,13 @@ impl DiskSender {
             level,
             frames_sent: 0,
             counters: Arc::default(),
+            yield_to: None,
         }
+    }
+
+    /// Write nothing while `gate` has demanded chunks in service (post-copy).
+    pub fn yield_to(&mut self, gate: Arc<super::postcopy::DemandGate>) {
+        self.yield_to = Some(gate);
     }
 
     pub fn set_level(&mut self, level: i32) {
@@ -231,6 +239,9 @@ impl DiskSender {
                     break;
                 }
             };
+            if let Some(g) = &self.yield_to {
+                g.idle().await;
+            }
             if let Err(e) = write_item(w, &item).await {
                 result = Err(Error::io("send disk chunk", e));
                 break;

@@ -420,6 +420,8 @@ impl Source {
                 ram_remaining_at_switch: ram_switch.map_or(0, |r| r.2),
                 ..Default::default()
             });
+            let gate = Arc::new(postcopy::DemandGate::default());
+            sender.yield_to(gate.clone());
             background = Some(postcopy::Task(tokio::spawn(postcopy::background_copy(
                 sender, disk_tx, pending,
             ))));
@@ -430,6 +432,7 @@ impl Source {
                 dtx,
                 drx,
                 self.demand_bytes.clone(),
+                gate,
             ))));
             "post-copy".to_string()
         } else {
@@ -829,6 +832,9 @@ impl Source {
             .map_err(|e| self.peer_err(e.to_string()))?;
         let _ = disk_tx.set_priority(-1);
         let _ = dtx.set_priority(2);
+        // The path's own round trip, before the probe queues data at the bottleneck
+        // (the smoothed RTT after it is the path's plus that queue).
+        let idle_rtt = conn.stats().rtt;
         self.meter.phase(Phase::DiskBulk);
         let bulk = allocated_chunks(file, manifest.disk_bytes, CHUNK_SIZE)
             .map_err(|e| Error::io("map allocated disk ranges", e))?;
@@ -849,7 +855,13 @@ impl Source {
             }
         }
         sender.sync(disk_tx, disk_rx).await?;
-        let rtt_ms = conn.stats().rtt.as_millis() as u64;
+        let loaded_rtt = conn.stats().rtt;
+        let rtt_ms = if idle_rtt.is_zero() {
+            loaded_rtt
+        } else {
+            idle_rtt.min(loaded_rtt)
+        }
+        .as_millis() as u64;
         let measured = mark.and_then(|(t, b)| {
             let s = t.elapsed().as_secs_f64();
             (s > 0.3).then(|| conn.stats().tx_bytes.saturating_sub(b) as f64 / s)
