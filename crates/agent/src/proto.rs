@@ -254,6 +254,9 @@ pub struct WorkloadConfig {
     /// Single 4 KiB O_DIRECT reads per second at random places of the files under
     /// `/data` (what "a read of one block" costs, e.g. during a post-copy migration).
     pub probe_reads_per_s: u32,
+    /// Rewrite whole pages with random bytes instead of stamping 8 bytes into each:
+    /// memory that compression cannot shrink (a pre-copy's worst case).
+    pub mem_incompressible: bool,
 }
 
 /// Messages from the agent to the host.
@@ -453,6 +456,7 @@ mod tests {
                 disk_writes_per_s: 3,
                 file_writes_per_s: 4,
                 probe_reads_per_s: 5,
+                mem_incompressible: true,
             }),
             HostMsg::Verify { upto_seq: 99 },
             HostMsg::Ping { nonce: 1 },

@@ -567,6 +567,13 @@ pub struct PostcopyStats {
     /// When the source QEMU finished sending every page, ms from the request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ram_complete_ms: Option<u64>,
+    /// What decided RAM's mode: the guest's dirty rate (bytes/s) and the compressed
+    /// over raw size of what it wrote, measured while the disk probe ran. RAM goes
+    /// post-copy only when a compressed pre-copy could not keep up with the link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_dirty_bytes_per_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_dirty_zstd_ratio: Option<f64>,
 }
 
 /// Where a background replica stands (`roam replica list`).
@@ -640,6 +647,9 @@ pub struct Workload {
     /// `/data` files: a read-latency probe.
     #[serde(default)]
     pub probe_reads_per_s: u32,
+    /// Dirty whole pages with random bytes (incompressible) instead of a stamp per page.
+    #[serde(default)]
+    pub mem_incompressible: bool,
 }
 
 /// What the host sees of a VM's guest agent (`GET /v1/vms/{name}/agent`).

@@ -37,6 +37,7 @@ fn workload() -> Workload {
         disk_writes_per_s: 20,
         file_writes_per_s: 25,
         probe_reads_per_s: 0,
+        mem_incompressible: false,
     }
 }
 

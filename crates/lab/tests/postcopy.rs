@@ -111,6 +111,17 @@ async fn postcopy_runs_at_destination_before_the_disk_arrives_and_loses_nothing(
     );
     assert!(pc.demand_waits > 0 && pc.demand_fetch_max_ms > 0.0);
     assert!(pc.demand_bytes > 0);
+    // 8 MiB/s of stamped (nearly empty) pages: measured, found to compress far below
+    // the link rate, so RAM pre-copies with multifd+zstd and only the disk is post-copy.
+    let dirty = pc.ram_dirty_bytes_per_s.expect("dirty rate measured");
+    assert!(dirty > 0, "{pc:?}");
+    // (No sampled page may have changed: the ratio is then unknown.)
+    assert!(pc.ram_dirty_zstd_ratio.is_none_or(|r| r < 0.2), "{pc:?}");
+    assert!(
+        !pc.ram,
+        "RAM went post-copy for a guest pre-copy can carry: {pc:?}"
+    );
+    assert!(r.tuning["postcopy"] == false, "tuning {}", r.tuning);
     assert!(
         !phases.contains(&Phase::DiskIterate),
         "post-copy does no disk rounds before the switch: {phases:?}"
@@ -173,6 +184,7 @@ async fn postcopy_ram_takes_over_when_precopy_cannot_converge() {
     cfg.data_mib = 16;
     cfg.workload.mem_dirty_mib_s = 48;
     cfg.workload.mem_working_set_mib = 32;
+    cfg.workload.mem_incompressible = true;
     let lab = Lab::start(cfg).await.unwrap();
     lab.create_vm("office", "desk").await.unwrap();
     lab.start_workload("office", "desk").await.unwrap();
@@ -195,6 +207,10 @@ async fn postcopy_ram_takes_over_when_precopy_cannot_converge() {
     assert_eq!(r.outcome, Outcome::Completed, "{:?}", r.error);
     let pc = r.postcopy.clone().expect("post-copy figures in the result");
     assert!(pc.ram, "RAM post-copy was not used: {pc:?}");
+    assert!(
+        pc.ram_dirty_zstd_ratio.is_some_and(|r| r > 0.8),
+        "random pages measured as compressible: {pc:?}"
+    );
     assert!(pc.ram_precopy_passes >= 3, "{pc:?}");
     let started = pc.ram_started_ms.expect("when RAM post-copy started");
     let complete = pc.ram_complete_ms.expect("when RAM post-copy completed");
@@ -221,6 +237,7 @@ async fn postcopy_ram_link_cut_pauses_and_never_claims_success() {
     cfg.data_mib = 16;
     cfg.workload.mem_dirty_mib_s = 48;
     cfg.workload.mem_working_set_mib = 32;
+    cfg.workload.mem_incompressible = true;
     let (lab, r) = postcopy_cut_at_verify(cfg).await;
     let pc = r.postcopy.clone().expect("post-copy figures");
     assert!(pc.ram, "RAM post-copy was not used: {pc:?}");

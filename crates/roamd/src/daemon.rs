@@ -667,6 +667,7 @@ impl Host for Daemon {
                 disk_writes_per_s: w.disk_writes_per_s,
                 file_writes_per_s: w.file_writes_per_s,
                 probe_reads_per_s: w.probe_reads_per_s,
+                mem_incompressible: w.mem_incompressible,
             })
             .await
             .map_err(|e| ApiError::unavailable(format!("guest agent of '{name}': {e}")))?;

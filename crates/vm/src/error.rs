@@ -34,6 +34,13 @@ pub enum Error {
     #[error("QEMU exited during start-up ({status}): {stderr}")]
     EarlyExit { status: String, stderr: String },
 
+    /// A file QEMU wrote for roam (a RAM sample) could not be read.
+    #[error("read {path}: {source}")]
+    QemuFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
     /// QEMU did not open its QMP socket in time.
     #[error("QMP socket {path} did not come up within {timeout:?}")]
     QmpTimeout { path: PathBuf, timeout: Duration },

@@ -7,7 +7,8 @@
 //! link figures ([`choose_tuning`], pure), migrate / incoming / continue / cancel /
 //! post-copy, and QEMU's figures ([`MigrationStats`]).
 //!
-//! **Does not touch:** guest RAM or the migration stream (QEMU copies; roamd relays
+//! **Does not touch:** guest RAM (beyond reading a 4 MiB sample through QMP to
+//! estimate how it compresses, [`dirty`]) or the migration stream (QEMU copies; roamd relays
 //! QEMU's migration unix socket over its encrypted channel), the disk (roamd's NBD
 //! server owns it; QEMU is only its client), the NIC frames (roamd's switch), the
 //! guest agent protocol (roam-agent), or where/when to migrate (roam-migrate).
@@ -46,6 +47,7 @@
 
 pub mod accel;
 pub mod config;
+pub mod dirty;
 pub mod error;
 pub mod migration;
 pub mod qmp;
@@ -54,6 +56,7 @@ pub mod vm;
 
 pub use accel::{decide_accel, probe_accel, Accel, AccelFacts};
 pub use config::{DiskConfig, MacAddr, NicConfig, RunPaths, VmConfig, AGENT_PORT_NAME};
+pub use dirty::DirtyEstimate;
 pub use error::{Error, Result};
 pub use migration::{Compression, MigrationStats, MigrationStatus, MigrationTuning, RamStats};
 pub use qmp::VmEvent;

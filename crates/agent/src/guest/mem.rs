@@ -48,7 +48,16 @@ pub fn mem_loop(sh: Arc<Shared>) {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let at = cursor * PAGE;
-            set[at..at + 8].copy_from_slice(&stamp.to_le_bytes());
+            if cfg.mem_incompressible {
+                for w in set[at..at + PAGE].chunks_exact_mut(8) {
+                    stamp ^= stamp << 13;
+                    stamp ^= stamp >> 7;
+                    stamp ^= stamp << 17;
+                    w.copy_from_slice(&stamp.to_le_bytes());
+                }
+            } else {
+                set[at..at + 8].copy_from_slice(&stamp.to_le_bytes());
+            }
             cursor = (cursor + 1) % pages;
         }
     }

@@ -36,6 +36,8 @@ const POSTCOPY_PROBE: Duration = Duration::from_millis(1500);
 /// The connection's send window during that probe.
 const POSTCOPY_PROBE_WINDOW: u64 = 2 << 20;
 /// How long the destination may take to answer a step.
+/// How long the dirty rate is measured for (alongside the post-copy disk probe).
+const DIRTY_PERIOD: Duration = Duration::from_millis(1000);
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub async fn migrate(
@@ -106,6 +108,7 @@ pub async fn migrate(
         hip_forward: None,
         refused: false,
         demand_bytes: Default::default(),
+        ram_dirty: None,
     };
     info!(vm = %req.vm, to = %req.to, "migration starting");
     let outcome = m.run(addr, key, &rec).await;
@@ -126,6 +129,8 @@ struct Source {
     /// VM (the destination lacks pages, the source's state is being handed over), so
     /// nothing may cancel the migration or resume the guest here.
     ram_postcopy: bool,
+    /// Post-copy: the guest's RAM dirty rate measured before the memory phase.
+    ram_dirty: Option<roam_vm::DirtyEstimate>,
     /// `migrate-continue` was sent: from here the guest may already run at the destination.
     continued: bool,
     /// The VM's HIP associations, exported (and the endpoint stopped) at pre-switchover.
@@ -207,6 +212,20 @@ impl Source {
             .attach_disk(sender.counters.clone(), conn.clone());
         let postcopy = self.req.postcopy;
         let mut probe_sent = Vec::new();
+        // Post-copy: how fast the guest rewrites RAM, and how well that compresses,
+        // measured while the disk probe runs; it decides whether RAM follows the disk
+        // into post-copy or goes pre-copy with multifd+zstd.
+        let dirty_probe = postcopy.then(|| {
+            let rt = self.rt.clone();
+            postcopy::Task(tokio::spawn(async move {
+                let ram = u64::from(rt.config.memory_mib) << 20;
+                rt.vm()
+                    .await?
+                    .estimate_dirty(DIRTY_PERIOD, ram, &rt.config.run_dir, 1)
+                    .await
+                    .map_err(|e| Error::Vm(format!("estimate the dirty rate: {e}")))
+            }))
+        });
         let (rate, rtt_ms, demand) = if postcopy {
             self.postcopy_start(
                 &conn,
@@ -241,6 +260,25 @@ impl Source {
 
         // --- memory: QEMU pre-copies through our relay --------------------------------
         self.meter.phase(Phase::Memory);
+        let dirty = match dirty_probe {
+            Some(mut t) => match (&mut t.0).await {
+                Ok(Ok(d)) => {
+                    info!(vm = %self.req.vm, dirty_mb_s = d.dirty_bytes_per_s as f64 / 1e6,
+                        zstd_ratio = ?d.zstd_ratio, changed = d.changed_pages,
+                        sampled = d.sampled_pages, "guest RAM dirty rate");
+                    Some(d)
+                }
+                Ok(Err(e)) => {
+                    warn!(vm = %self.req.vm, "{e}; RAM may go post-copy if pre-copy stalls");
+                    None
+                }
+                Err(e) => {
+                    warn!(vm = %self.req.vm, "dirty rate task: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
         let tuning = roam_vm::choose_tuning(&LinkFigures {
             bandwidth_bytes_per_s: rate as u64,
             rtt_ms,
@@ -248,14 +286,19 @@ impl Source {
                 .map(|n| n.get() as u16)
                 .unwrap_or(1),
             accel: self.d.accel,
-            dirty_bytes_per_s: None,
+            dirty_bytes_per_s: dirty.map(|d| d.dirty_bytes_per_s),
+            dirty_zstd_ratio: dirty.and_then(|d| d.zstd_ratio),
         });
-        // `--postcopy`: RAM may follow the disk into post-copy should pre-copy stall.
-        let tuning = if postcopy {
+        // `--postcopy`: RAM follows the disk into post-copy (switched when pre-copy
+        // stalls) when a compressed pre-copy could not keep up, or when that is not
+        // known. Otherwise RAM pre-copies compressed: QEMU 10.0 cannot combine
+        // post-copy with multifd, and an uncompressed stream took 4× longer here.
+        let tuning = if postcopy && (dirty.is_none() || tuning.postcopy) {
             tuning.with_postcopy_ram()
         } else {
             tuning
         };
+        self.ram_dirty = dirty;
         let tuning_json = serde_json::to_value(&tuning).unwrap_or(serde_json::Value::Null);
         self.result.tuning = tuning_json.clone();
         send_ctl(
@@ -418,6 +461,8 @@ impl Source {
                 ram_started_ms: ram_switch.map(|r| r.0),
                 ram_precopy_passes: ram_switch.map_or(0, |r| r.1),
                 ram_remaining_at_switch: ram_switch.map_or(0, |r| r.2),
+                ram_dirty_bytes_per_s: self.ram_dirty.map(|d| d.dirty_bytes_per_s),
+                ram_dirty_zstd_ratio: self.ram_dirty.and_then(|d| d.zstd_ratio),
                 ..Default::default()
             });
             let gate = Arc::new(postcopy::DemandGate::default());

@@ -337,6 +337,20 @@ pub fn migration_summary(r: &MigrationResult) -> String {
                     .map_or_else(|| "(not completed)".to_string(), format_ms)
             ));
         }
+        if let Some(d) = p.ram_dirty_bytes_per_s {
+            s.push_str(&format!(
+                "  dirty   guest rewrote {:.1} MB/s of RAM{}: RAM went {}\n",
+                d as f64 / 1e6,
+                p.ram_dirty_zstd_ratio
+                    .map(|r| format!(", {:.1} MB/s compressed", d as f64 * r / 1e6))
+                    .unwrap_or_default(),
+                if p.ram {
+                    "post-copy"
+                } else {
+                    "pre-copy (multifd, zstd)"
+                }
+            ));
+        }
     }
     if !r.phases.is_empty() {
         let phases: Vec<String> = r
