@@ -528,7 +528,8 @@ impl Host for Daemon {
             // starts (its one vCPU reports every free page), which a peer's TCP stream
             // sees as a gap (HIP handover bench: 180–240 ms without, 550–880 ms with).
             // The device stays supported for VMs recorded with it (docs/vm.md).
-            balloon: false,
+            free_page_hint: false,
+            free_page_reporting: false,
         };
         self.store.put_vm(&rec).map_err(to_api)?;
         self.dedup.scan_disk(&disk);
