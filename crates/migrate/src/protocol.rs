@@ -23,9 +23,9 @@ use serde::{Deserialize, Serialize};
 /// since and marks its `Query` "unoffered = held" (frame.rs); a peer without the field
 /// reads it as `None` and every allocated chunk is offered, as before.
 /// Still 3: `VmManifest::free_page_hint` (`balloon`) and `free_page_reporting`. A
-/// destination without them starts QEMU without the balloon, and QEMU refuses the
-/// incoming stream for the device it does not have: the move fails and the VM keeps
-/// running at the source.
+/// destination without them starts QEMU without that balloon, and its QEMU refuses the
+/// incoming stream at the device state ("Unknown savevm section ... virtio-balloon"),
+/// so the move fails rather than run the guest on a different device set.
 pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Oldest version a destination still accepts ("current plus previous").
