@@ -22,6 +22,10 @@ use serde::{Deserialize, Serialize};
 /// the incoming disk). A source that knows that batch offers only the chunks written
 /// since and marks its `Query` "unoffered = held" (frame.rs); a peer without the field
 /// reads it as `None` and every allocated chunk is offered, as before.
+/// Still 3: `VmManifest::free_page_hint` (`balloon`) and `free_page_reporting`. A
+/// destination without them starts QEMU without that balloon, and its QEMU refuses the
+/// incoming stream at the device state ("Unknown savevm section ... virtio-balloon"),
+/// so the move fails rather than run the guest on a different device set.
 pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Oldest version a destination still accepts ("current plus previous").
@@ -68,10 +72,15 @@ pub struct VmManifest {
     /// (Boxed: it is large and most messages are small.)
     #[serde(default)]
     pub net: Option<Box<NetSpec>>,
-    /// The VM has a virtio-balloon device for free page hinting; the destination's
-    /// QEMU must have it too (absent from older sources: none).
+    /// The VM's virtio-balloon device does free page hinting; the destination's QEMU
+    /// must have the same device (absent from older sources: none). Sent as `balloon`,
+    /// its name from before the device could also report.
+    #[serde(default, rename = "balloon")]
+    pub free_page_hint: bool,
+    /// The VM's virtio-balloon device does free page reporting (absent from older
+    /// sources: no).
     #[serde(default)]
-    pub balloon: bool,
+    pub free_page_reporting: bool,
 }
 
 /// A VM's network identity: its HIP host identity and the LAN its guest sees. It is
@@ -306,6 +315,36 @@ mod tests {
             let back: Msg = serde_json::from_str(&s).unwrap();
             assert_eq!(back, m);
         }
+    }
+
+    #[test]
+    fn manifests_name_the_balloon_as_older_peers_do() {
+        let file = |p: &str| FileRef {
+            path: p.into(),
+            size: 1,
+            blake3: "ab".into(),
+        };
+        let m = VmManifest {
+            name: "desk".into(),
+            memory_mib: 256,
+            vcpus: 1,
+            kernel: file("k"),
+            initrd: file("i"),
+            cmdline: String::new(),
+            disk_bytes: 1 << 30,
+            disk_allocated_bytes: 0,
+            chunk_size: 65536,
+            generation: 1,
+            created_at: "1".into(),
+            net: None,
+            free_page_hint: true,
+            free_page_reporting: false,
+        };
+        let mut v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["balloon"], true);
+        // A source from before reporting sends no `free_page_reporting`.
+        v.as_object_mut().unwrap().remove("free_page_reporting");
+        assert_eq!(serde_json::from_value::<VmManifest>(v).unwrap(), m);
     }
 
     #[test]

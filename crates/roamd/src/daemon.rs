@@ -524,11 +524,13 @@ impl Host for Daemon {
             moved_to: None,
             created_at: now_secs(),
             net: Some(spec),
-            // Off: free page hinting stalls a TCG guest for 0.5–0.8 s when a migration
-            // starts (its one vCPU reports every free page), which a peer's TCP stream
-            // sees as a gap (HIP handover bench: 180–240 ms without, 550–880 ms with).
-            // The device stays supported for VMs recorded with it (docs/vm.md).
-            balloon: false,
+            // Hinting off: it stalls a TCG guest for 0.5–0.8 s when a migration starts
+            // (its one vCPU reports every free page), which a peer's TCP stream sees as
+            // a gap (HIP handover bench: 180–240 ms without, 550–880 ms with). Reporting
+            // keeps free memory off the wire too, but the guest does that work in the
+            // background, so nothing is left for the migration's start (docs/vm.md).
+            free_page_hint: false,
+            free_page_reporting: true,
         };
         self.store.put_vm(&rec).map_err(to_api)?;
         self.dedup.scan_disk(&disk);

@@ -122,7 +122,8 @@ impl RunningVm {
             reconnect_delay_s: 5,
         });
         config.agent = true;
-        config.free_page_hint = r.balloon;
+        config.free_page_hint = r.free_page_hint;
+        config.free_page_reporting = r.free_page_reporting;
         config.incoming = incoming;
         // A destination never runs the guest by itself: roamd does, once the disk is
         // proven equal (see migration/dest.rs).

@@ -76,11 +76,16 @@ pub struct VmRecord {
     /// roamd gave VMs a network have none.
     #[serde(default)]
     pub net: Option<roam_migrate::protocol::NetSpec>,
-    /// The VM has a virtio-balloon device for free page hinting (every VM created
-    /// since roamd added it; older records have none, and keep none, since the device
-    /// set must not change under a running guest or across a migration).
+    /// The VM's virtio-balloon device does free page hinting (`roam_vm::VmConfig`).
+    /// Stored as `balloon`, its name from before the device could also report. Set at
+    /// creation and never changed: the device set must not change under a running
+    /// guest or across a migration, so records from before the balloon keep none.
+    #[serde(default, rename = "balloon")]
+    pub free_page_hint: bool,
+    /// The VM's virtio-balloon device does free page reporting (every VM created since
+    /// roamd made it the default; older records have none).
     #[serde(default)]
-    pub balloon: bool,
+    pub free_page_reporting: bool,
 }
 
 /// A replica of another host's VM disk, kept here under `STATE/replicas/NAME/`. The
@@ -353,7 +358,8 @@ mod tests {
             moved_to: None,
             created_at: 1,
             net: None,
-            balloon: true,
+            free_page_hint: false,
+            free_page_reporting: true,
         }
     }
 
@@ -422,7 +428,8 @@ mod tests {
         let r: VmRecord = decode("desk", old).unwrap();
         // Nor a balloon: the device set of a VM created then must not change.
         let was = VmRecord {
-            balloon: false,
+            free_page_hint: false,
+            free_page_reporting: false,
             ..vm("desk")
         };
         assert_eq!(r, was);
@@ -430,6 +437,19 @@ mod tests {
         with.net = Some(crate::net::new_spec());
         let back: VmRecord = decode("desk", &encode(&with).unwrap()).unwrap();
         assert_eq!(back, with);
+    }
+
+    #[test]
+    fn records_with_a_hinting_balloon_keep_it() {
+        // A VmRecord as roamd wrote it when the balloon could only hint.
+        let old = br#"{"v":1,"name":"desk","memory_mib":512,"vcpus":1,"disk_bytes":1073741824,
+            "disk_path":"/x","kernel":"k","initrd":"i","cmdline":"c","status":"stopped",
+            "generation":1,"moved_to":null,"created_at":1,"net":null,"balloon":true}"#;
+        let r: VmRecord = decode("desk", old).unwrap();
+        assert!(r.free_page_hint && !r.free_page_reporting);
+        // And the hinting is still written under the name older roamds read.
+        let v: serde_json::Value = serde_json::from_slice(&encode(&r).unwrap()).unwrap();
+        assert_eq!(v["balloon"], true);
     }
 
     #[test]

@@ -90,14 +90,24 @@ pub struct VmConfig {
     pub nic: Option<NicConfig>,
     /// Give the guest a virtio-serial port for roam's agent (socket in the run dir).
     pub agent: bool,
-    /// A virtio-balloon device with free page hinting (QEMU's `free-page-hint`): when a
+    /// Free page hinting on a virtio-balloon device (QEMU's `free-page-hint`): when a
     /// migration starts, the guest's balloon driver names its free memory and QEMU
     /// skips those pages in the bulk copy. A long-running guest's free memory is full
     /// of stale data (freed page cache, exited programs), which would otherwise cross
-    /// the WAN. The balloon is never inflated. Part of the device set, so both ends of
-    /// a migration must agree: it is recorded with the VM (older VMs have none).
+    /// the WAN. The cost falls at migration start: the driver takes every free page
+    /// then, which stalls a TCG guest for most of a second.
+    ///
+    /// This and `free_page_reporting` shape one balloon device (never inflated), which
+    /// is part of the device set: both ends of a migration must agree, so it is
+    /// recorded with the VM (older VMs have none).
     #[serde(default)]
     pub free_page_hint: bool,
+    /// Free page reporting on the same device (QEMU's `free-page-reporting`): the guest
+    /// reports free 2 MiB blocks as they settle, in the background, and QEMU discards
+    /// them, so they read back as zero and migrate as zero pages. Same goal as hinting,
+    /// with the work spread over the guest's life instead of the migration's start.
+    #[serde(default)]
+    pub free_page_reporting: bool,
     /// Start as a migration destination (`-incoming defer`, then `migrate-incoming`).
     pub incoming: bool,
     /// Do not run the guest by itself (`-S`): for a destination, the guest stays paused
@@ -133,6 +143,7 @@ impl VmConfig {
             nic: None,
             agent: true,
             free_page_hint: false,
+            free_page_reporting: false,
             incoming: false,
             start_paused: false,
             keep_run_dir: false,
@@ -227,14 +238,17 @@ impl VmConfig {
             ]);
         }
 
-        if self.free_page_hint {
-            // QEMU requires an iothread for the hinting (it runs beside the migration).
-            push(&[
-                "-object",
-                "iothread,id=balloon-io",
-                "-device",
-                "virtio-balloon-pci,id=balloon0,free-page-hint=on,iothread=balloon-io",
-            ]);
+        if self.free_page_hint || self.free_page_reporting {
+            let mut dev = String::from("virtio-balloon-pci,id=balloon0");
+            if self.free_page_hint {
+                // QEMU requires an iothread for the hinting (it runs beside the migration).
+                push(&["-object", "iothread,id=balloon-io"]);
+                dev.push_str(",free-page-hint=on,iothread=balloon-io");
+            }
+            if self.free_page_reporting {
+                dev.push_str(",free-page-reporting=on");
+            }
+            push(&["-device", &dev]);
         }
 
         if self.start_paused {
@@ -440,6 +454,55 @@ mod tests {
         assert_eq!(values(&a, "-object"), ["iothread,id=balloon-io"]);
         assert_eq!(values(&a, "-incoming"), ["defer"]);
         assert_eq!(a.last().map(String::as_str), Some("defer"));
+    }
+
+    #[test]
+    fn balloon_with_reporting_hinting_or_both() {
+        let balloon = |hint: bool, report: bool| {
+            let mut c = base();
+            c.free_page_hint = hint;
+            c.free_page_reporting = report;
+            let a = c.argv().unwrap();
+            let dev: Vec<String> = values(&a, "-device")
+                .into_iter()
+                .filter(|d| d.starts_with("virtio-balloon-pci"))
+                .map(String::from)
+                .collect();
+            let obj: Vec<String> = values(&a, "-object")
+                .into_iter()
+                .map(String::from)
+                .collect();
+            (dev, obj)
+        };
+        assert_eq!(balloon(false, false), (vec![], vec![]));
+        // Reporting runs in the guest's own time: no iothread.
+        assert_eq!(
+            balloon(false, true),
+            (
+                vec!["virtio-balloon-pci,id=balloon0,free-page-reporting=on".to_string()],
+                vec![]
+            )
+        );
+        assert_eq!(
+            balloon(true, true),
+            (
+                vec![
+                    "virtio-balloon-pci,id=balloon0,free-page-hint=on,iothread=balloon-io,free-page-reporting=on"
+                        .to_string()
+                ],
+                vec!["iothread,id=balloon-io".to_string()]
+            )
+        );
+    }
+
+    #[test]
+    fn configs_without_free_page_reporting_still_load() {
+        let mut c = base();
+        c.free_page_hint = true;
+        let mut v = serde_json::to_value(&c).unwrap();
+        v.as_object_mut().unwrap().remove("free_page_reporting");
+        let back: VmConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(back, c);
     }
 
     #[test]

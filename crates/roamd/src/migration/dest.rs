@@ -632,7 +632,8 @@ impl Dest {
             moved_to: None,
             created_at: self.vm.created_at.parse().unwrap_or(0),
             net: self.vm.net.as_deref().cloned(),
-            balloon: self.vm.balloon,
+            free_page_hint: self.vm.free_page_hint,
+            free_page_reporting: self.vm.free_page_reporting,
         }
     }
 

@@ -1241,6 +1241,7 @@ fn manifest(rec: &crate::state::VmRecord, rt: &RunningVm) -> Result<VmManifest> 
         generation: rec.generation,
         created_at: rec.created_at.to_string(),
         net: rec.net.clone().map(Box::new),
-        balloon: rec.balloon,
+        free_page_hint: rec.free_page_hint,
+        free_page_reporting: rec.free_page_reporting,
     })
 }
