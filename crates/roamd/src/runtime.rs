@@ -44,6 +44,30 @@ pub struct RunningVm {
     pub workload: std::sync::Mutex<roam_control::api::Workload>,
     /// The guest's LAN and HIP endpoint, for VMs with a network.
     pub net: Option<Arc<crate::net::VmNet>>,
+    /// The disk's chunk hashes as they were when it arrived here, and what the guest
+    /// wrote since: an outgoing migration then hashes only those chunks for its seal,
+    /// not the whole disk (0.33 s per GiB of data on this machine, for a delta of a
+    /// few MB). Set by an incoming pre-copy migration; taken by the next outgoing one.
+    pub hash_cache: std::sync::Mutex<Option<HashCache>>,
+}
+
+/// Chunk hashes of a disk as of one moment, and a dirty subscription taken then.
+pub struct HashCache {
+    pub hashes: roam_migrate::ChunkHashes,
+    pub since: roam_nbd::DirtySubscription,
+}
+
+impl HashCache {
+    /// The hashes, with the chunks written since they were taken marked stale.
+    pub fn into_known(self) -> (roam_migrate::ChunkHashes, Vec<bool>) {
+        let mut stale = vec![false; self.hashes.len() as usize];
+        for c in self.since.take() {
+            if let Some(s) = stale.get_mut(c as usize) {
+                *s = true;
+            }
+        }
+        (self.hashes, stale)
+    }
 }
 
 impl RunningVm {
@@ -152,6 +176,7 @@ impl RunningVm {
             export,
             workload: Default::default(),
             net: net.map(|n| n.net),
+            hash_cache: Default::default(),
         });
         supervise(d.self_arc(), &rt, events);
         Ok(rt)

@@ -205,10 +205,26 @@ impl Dest {
         let (disk_tx, disk_rx) = oneshot::channel::<Result<SealOutcome>>();
         let dedup = d.dedup.clone();
         let vm_name = self.vm.name.clone();
+        // Pre-copy: at the seal the disk is exactly what the hashes say, and nothing
+        // writes it until the guest runs; the next move out starts from them. (In
+        // post-copy the guest writes before the seal, over chunks the hashes name.)
+        let cache_for = self.postcopy.is_none().then(|| rt.clone());
+        let (disk_bytes, chunk_size) = (self.vm.disk_bytes, self.vm.chunk_size);
         let mut receiver = DiskReceiver::new(file, self.vm.disk_bytes, self.vm.chunk_size)
             .with_base(base)
             .with_index(d.dedup.index())
-            .on_sealed(Box::new(move |rows| dedup.hold_received(&vm_name, rows)));
+            .on_sealed(Box::new(move |rows| {
+                if let Some(rt) = cache_for {
+                    let mut hashes = roam_migrate::ChunkHashes::new_zero(disk_bytes, chunk_size);
+                    for &(i, h) in &rows {
+                        hashes.set(i, h);
+                    }
+                    let since = rt.tracker.subscribe(roam_nbd::InitialState::Clean);
+                    *rt.hash_cache.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(crate::runtime::HashCache { hashes, since });
+                }
+                dedup.hold_received(&vm_name, rows)
+            }));
         if let Some(l) = &self.lent {
             receiver = receiver.with_undo(l.disk.clone());
         }

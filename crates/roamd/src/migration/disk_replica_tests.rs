@@ -72,6 +72,7 @@ fn whole(f: &File) -> Vec<u8> {
 struct Run {
     neg: Negotiated,
     offered: u64,
+    cached: u64,
     out: SealOutcome,
     sfile: Arc<File>,
     dfile: Arc<File>,
@@ -81,11 +82,23 @@ struct Run {
 /// The replica (chunks 1..=10) at the destination; the source's disk `now`; the source
 /// believes `changed` were written since the replica's batch.
 async fn run(now: &[(u64, u8)], changed: &[u64]) -> Run {
+    run_known(now, changed, None).await
+}
+
+/// As [`run`], the source knowing chunk hashes from a hash cache (`DiskSender::know`).
+async fn run_known(
+    now: &[(u64, u8)],
+    changed: &[u64],
+    known: Option<(ChunkHashes, Vec<bool>)>,
+) -> Run {
     let replica: Vec<(u64, u8)> = (1..=10).map(|i| (i, i as u8)).collect();
     let (d, dfile) = disk(&replica);
     let (s, sfile) = disk(now);
     let base = allocated_chunks(&dfile, N * CS as u64, CS as u32).unwrap();
     let mut sender = DiskSender::new(sfile.clone(), N * CS as u64, CS as u32, 3);
+    if let Some((h, stale)) = known {
+        sender.know(h, stale);
+    }
     let receiver = DiskReceiver::new(dfile.clone(), N * CS as u64, CS as u32).with_base(base);
     let (a, b) = tokio::io::duplex(1 << 16);
     let (mut ar, mut a) = tokio::io::split(a);
@@ -105,9 +118,11 @@ async fn run(now: &[(u64, u8)], changed: &[u64]) -> Run {
     sender.seal(&mut a).await.unwrap();
     let out = recv.await.unwrap().unwrap();
     let offered = sender.counters.offered_chunks.load(Ordering::Relaxed);
+    let cached = sender.counters.cached_hashes.load(Ordering::Relaxed);
     Run {
         neg,
         offered,
+        cached,
         out,
         sfile,
         dfile,
@@ -133,6 +148,43 @@ async fn only_chunks_changed_since_the_replica_are_offered() {
     assert!(r.out.ok, "{:?}", r.out);
     assert_eq!(r.out.frames_received, 3);
     assert!(whole(&r.sfile) == whole(&r.dfile), "disks differ");
+}
+
+/// Hashes of `chunks` (the rest zero), as a hash cache would hold them.
+fn hashes_of(chunks: &[(u64, u8)]) -> ChunkHashes {
+    let mut h = ChunkHashes::new_zero(N * CS as u64, CS as u32);
+    for (i, v) in chunks {
+        h.set(*i, *blake3::hash(&vec![*v; CS]).as_bytes());
+    }
+    h
+}
+
+#[tokio::test]
+async fn cached_hashes_spare_reading_unoffered_chunks_and_a_wrong_one_fails_the_seal() {
+    let mut now: Vec<(u64, u8)> = (1..=10).map(|i| (i, i as u8)).collect();
+    now[2].1 = 33;
+    // Right, nothing stale: the 9 unoffered chunks are not read.
+    let r = run_known(&now, &[3], Some((hashes_of(&now), vec![false; N as usize]))).await;
+    assert_eq!((r.offered, r.cached), (1, 9));
+    assert!(r.out.ok, "{:?}", r.out);
+    assert!(whole(&r.sfile) == whole(&r.dfile), "disks differ");
+    // Wrong for chunk 7 (a write the cache missed): the destination hashes what it
+    // holds, so the seal fails and the move aborts.
+    let mut wrong = now.clone();
+    wrong[6].1 = 77;
+    let r = run_known(
+        &now,
+        &[3],
+        Some((hashes_of(&wrong), vec![false; N as usize])),
+    )
+    .await;
+    assert!(!r.out.ok, "a wrong cached hash must abort: {:?}", r.out);
+    // The same wrong hash marked stale (the guest wrote chunk 7 since): read, not cached.
+    let mut stale = vec![false; N as usize];
+    stale[7] = true;
+    let r = run_known(&now, &[3], Some((hashes_of(&wrong), stale))).await;
+    assert_eq!(r.cached, 8);
+    assert!(r.out.ok, "{:?}", r.out);
 }
 
 #[tokio::test]

@@ -208,6 +208,17 @@ impl Source {
         // then either seen by the bulk read or marked for the next round (or both).
         let sub = self.rt.tracker.subscribe(InitialState::Clean);
         let mut sender = DiskSender::new(file.clone(), manifest.disk_bytes, CHUNK_SIZE, 3);
+        // Taken after `sub`: a write between the two is stale in the cache or in `sub`.
+        let cache = self
+            .rt
+            .hash_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(c) = cache {
+            let (hashes, stale) = c.into_known();
+            sender.know(hashes, stale);
+        }
         self.meter
             .attach_disk(sender.counters.clone(), conn.clone());
         let postcopy = self.req.postcopy;
@@ -739,7 +750,11 @@ impl Source {
                 .counters
                 .offered_chunks
                 .load(std::sync::atomic::Ordering::Relaxed);
-            info!(vm = %self.req.vm, allocated, offered, wanted = n.wanted.len(), held = n.held,
+            let cached = sender
+                .counters
+                .cached_hashes
+                .load(std::sync::atomic::Ordering::Relaxed);
+            info!(vm = %self.req.vm, allocated, offered, cached, wanted = n.wanted.len(), held = n.held,
                 deduped = n.deduped, copied = n.copied, base_chunks, indexed_chunks,
                 replica_delta = changed.is_some(), "destination already holds the rest");
             self.result.chunks_skipped = Some(allocated.saturating_sub(n.wanted.len()) as u64);
