@@ -22,14 +22,27 @@ use serde::{Deserialize, Serialize};
 /// the incoming disk). A source that knows that batch offers only the chunks written
 /// since and marks its `Query` "unoffered = held" (frame.rs); a peer without the field
 /// reads it as `None` and every allocated chunk is offered, as before.
-/// Still 3: `VmManifest::free_page_hint` (`balloon`) and `free_page_reporting`. A
-/// destination without them starts QEMU without that balloon, and its QEMU refuses the
-/// incoming stream at the device state ("Unknown savevm section ... virtio-balloon"),
-/// so the move fails rather than run the guest on a different device set.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Still 3: `VmManifest::free_page_hint` (`balloon`).
+///
+/// 4: `VmManifest::free_page_reporting`. A destination that does not know it would start
+/// QEMU without that balloon feature, and its QEMU would refuse the incoming stream only
+/// at the device state, after all of RAM crossed ("Unknown savevm section ...
+/// virtio-balloon"). So a source offers version 4 for a VM that has it
+/// ([`offer_version`]), and a version-3 destination refuses at once, naming the version.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Oldest version a destination still accepts ("current plus previous").
-pub const MIN_PROTOCOL_VERSION: u16 = 2;
+pub const MIN_PROTOCOL_VERSION: u16 = 3;
+
+/// The version a source offers for `vm`: the lowest that carries everything the VM
+/// needs, so that a destination one version behind still takes the VMs it can run.
+pub fn offer_version(vm: &VmManifest) -> u16 {
+    if vm.free_page_reporting {
+        4
+    } else {
+        3
+    }
+}
 
 /// A replica's committed batch: the primary's generation and the batch's sequence number
 /// (`roam_store::Version` on the wire).
@@ -345,6 +358,15 @@ mod tests {
         // A source from before reporting sends no `free_page_reporting`.
         v.as_object_mut().unwrap().remove("free_page_reporting");
         assert_eq!(serde_json::from_value::<VmManifest>(v).unwrap(), m);
+        // A VM with reporting needs version 4: a version-3 destination refuses the
+        // offer at once instead of failing at the device state.
+        assert_eq!(offer_version(&m), 3);
+        let r = VmManifest {
+            free_page_reporting: true,
+            ..m
+        };
+        assert_eq!(offer_version(&r), 4);
+        assert!(version_accepted(offer_version(&r)));
     }
 
     #[test]
@@ -355,6 +377,7 @@ mod tests {
     #[test]
     fn version_window() {
         assert!(version_accepted(PROTOCOL_VERSION));
+        assert!(version_accepted(3), "a source one version behind is taken");
         assert!(!version_accepted(PROTOCOL_VERSION + 1));
         assert!(!version_accepted(0));
     }

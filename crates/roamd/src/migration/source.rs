@@ -13,7 +13,7 @@ use roam_control::api::{
     PostcopyStats, Progress,
 };
 use roam_migrate::plan::{self, Decision, RoundStats};
-use roam_migrate::protocol::{Msg, VmManifest, PROTOCOL_VERSION};
+use roam_migrate::protocol::{Msg, VmManifest};
 use roam_nbd::{DirtySubscription, InitialState};
 use roam_vm::{LinkFigures, MigrationStatus};
 use tokio::sync::mpsc;
@@ -173,7 +173,7 @@ impl Source {
         send_ctl(
             &mut ctl_tx,
             &Msg::Offer {
-                version: PROTOCOL_VERSION,
+                version: roam_migrate::protocol::offer_version(&manifest),
                 source_host: self.d.cfg.name.clone(),
                 vm: manifest.clone(),
                 postcopy: self.req.postcopy,
