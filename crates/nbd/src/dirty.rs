@@ -45,7 +45,13 @@
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Longest a FLUSH reply is held by [`DirtyTracker::hold_flushes`]: a replication pass
+/// stuck on a dead link must not stall the guest's fsyncs for longer. The FLUSH then
+/// completes anyway, and the pass sees the epoch move and simply tries again.
+pub const MAX_FLUSH_HOLD: Duration = Duration::from_millis(500);
 
 use crate::backend::Backend;
 
@@ -128,6 +134,22 @@ pub struct DirtyTracker {
     disk_size: u64,
     subs: RwLock<Vec<Arc<Bitmap>>>,
     flush_epoch: AtomicU64,
+    /// Holders of [`FlushHold`]s; FLUSH replies wait while it is non-zero.
+    flush_holds: Mutex<u32>,
+    flush_released: Condvar,
+}
+
+/// While it lives, FLUSH replies wait (see [`DirtyTracker::hold_flushes`]).
+#[derive(Debug)]
+pub struct FlushHold(Arc<DirtyTracker>);
+
+impl Drop for FlushHold {
+    fn drop(&mut self) {
+        let mut n = self.0.lock_holds();
+        *n = n.saturating_sub(1);
+        drop(n);
+        self.0.flush_released.notify_all();
+    }
 }
 
 impl DirtyTracker {
@@ -147,6 +169,8 @@ impl DirtyTracker {
             disk_size,
             subs: RwLock::new(Vec::new()),
             flush_epoch: AtomicU64::new(0),
+            flush_holds: Mutex::new(0),
+            flush_released: Condvar::new(),
         }))
     }
 
@@ -202,6 +226,37 @@ impl DirtyTracker {
     /// Records a completed FLUSH; returns the new epoch.
     pub fn note_flush(&self) -> u64 {
         self.flush_epoch.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Holds FLUSH *replies* (the flushes themselves run) until the guard drops, for at
+    /// most [`MAX_FLUSH_HOLD`] each: a replication pass during which no FLUSH completes
+    /// is a crash-consistent cut (`roam_store::cut`, `PassEnd::Gate`). Without it a guest
+    /// that flushes during every pass would starve its replica. Delaying a reply is
+    /// always allowed; it costs that guest a little latency once per batch.
+    pub fn hold_flushes(self: &Arc<Self>) -> FlushHold {
+        *self.lock_holds() += 1;
+        FlushHold(self.clone())
+    }
+
+    /// Called by the write path between a FLUSH and its reply.
+    fn wait_for_flush_release(&self) {
+        let deadline = Instant::now() + MAX_FLUSH_HOLD;
+        let mut n = self.lock_holds();
+        while *n > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            n = self
+                .flush_released
+                .wait_timeout(n, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn lock_holds(&self) -> std::sync::MutexGuard<'_, u32> {
+        self.flush_holds.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Number of FLUSHes completed so far (monotonic).
@@ -335,6 +390,8 @@ impl Backend for TrackedBackend {
 
     fn flush(&self) -> io::Result<()> {
         self.inner.flush()?;
+        // Completed only once no replication pass holds replies (bounded wait).
+        self.tracker.wait_for_flush_release();
         self.tracker.note_flush();
         Ok(())
     }

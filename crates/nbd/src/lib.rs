@@ -38,7 +38,8 @@ pub mod server;
 
 pub use backend::{Backend, FileBackend};
 pub use dirty::{
-    DirtyError, DirtySubscription, DirtyTracker, InitialState, TrackedBackend, DEFAULT_CHUNK_SIZE,
+    DirtyError, DirtySubscription, DirtyTracker, FlushHold, InitialState, TrackedBackend,
+    DEFAULT_CHUNK_SIZE, MAX_FLUSH_HOLD,
 };
 pub use ondemand::{ChunkState, Fetcher, OnDemandBackend, OnDemandStats};
 pub use server::{ExportStats, NbdServer, ServerConfig, ServerError};

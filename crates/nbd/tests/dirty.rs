@@ -165,3 +165,49 @@ fn concurrent_consumer_never_misses_a_write() {
     assert!(seq.load(Ordering::Relaxed) >= 20_000);
     assert!(replica == file, "replica diverged from the file");
 }
+
+/// A held FLUSH runs but its reply waits for the hold to end, and the epoch moves only
+/// then; a hold that outlasts `MAX_FLUSH_HOLD` does not stall the FLUSH for longer.
+#[test]
+fn a_flush_hold_delays_the_reply_not_the_flush_and_is_bounded() {
+    use std::time::{Duration, Instant};
+    let f = tempfile::NamedTempFile::new().unwrap();
+    f.as_file().set_len(1 << 20).unwrap();
+    let tracker = DirtyTracker::new(1 << 20, 65536).unwrap();
+    let be = Arc::new(
+        TrackedBackend::new(
+            Arc::new(FileBackend::open(f.path(), false).unwrap()),
+            tracker.clone(),
+        )
+        .unwrap(),
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    let hold = tracker.hold_flushes();
+    let (b, d) = (be.clone(), done.clone());
+    let t = std::thread::spawn(move || {
+        b.flush().unwrap();
+        d.store(true, Ordering::SeqCst);
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the reply went out during the hold"
+    );
+    assert_eq!(
+        tracker.flush_epoch(),
+        0,
+        "a held FLUSH counted as completed"
+    );
+    drop(hold);
+    t.join().unwrap();
+    assert_eq!(tracker.flush_epoch(), 1);
+
+    // Held for good (a pass stuck on a dead link): the FLUSH completes after the bound.
+    let _stuck = tracker.hold_flushes();
+    let t0 = Instant::now();
+    be.flush().unwrap();
+    let waited = t0.elapsed();
+    assert!(waited >= roam_nbd::MAX_FLUSH_HOLD, "{waited:?}");
+    assert!(waited < roam_nbd::MAX_FLUSH_HOLD * 4, "{waited:?}");
+    assert_eq!(tracker.flush_epoch(), 2);
+}
