@@ -74,6 +74,7 @@ pub fn handover_config(keep: bool) -> LabConfig {
         home_state_limit_mib: None,
         keep,
         correspondent: true,
+        host_env: Vec::new(),
     }
 }
 

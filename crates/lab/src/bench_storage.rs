@@ -269,6 +269,7 @@ pub async fn run(link: LinkParams, sizes: StorageSizes) -> Result<StorageReport,
         home_state_limit_mib: None,
         keep: std::env::var_os("ROAM_LAB_KEEP").is_some(),
         correspondent: false,
+        host_env: Vec::new(),
     };
     let lab = Lab::start(cfg).await?;
     say(&format!(

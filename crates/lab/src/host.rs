@@ -39,6 +39,7 @@ impl Host {
         ip: &str,
         root: &Path,
         roamd: &Path,
+        env: &[(String, String)],
     ) -> Result<Host, LabError> {
         let state = root.join(name);
         let run = root.join(format!("{name}-run"));
@@ -70,7 +71,7 @@ impl Host {
             client: Client::new(&socket),
             child: None,
             roamd: roamd.to_path_buf(),
-            env: Vec::new(),
+            env: env.to_vec(),
         };
         h.spawn().await?;
         Ok(h)

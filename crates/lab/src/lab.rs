@@ -50,6 +50,10 @@ pub struct LabConfig {
     /// Add a third namespace, "correspondent" (198.18.3.2/24), on the WAN: a machine
     /// that runs roam's HIP endpoint (`roam-hip`) and talks to VMs by HIT or LSI.
     pub correspondent: bool,
+    /// Environment for both daemons from their first start (test hooks such as
+    /// `ROAM_TEST_CUT_LOG`): per lab, where `std::env::set_var` would leak into the other
+    /// tests of the same process.
+    pub host_env: Vec<(String, String)>,
 }
 
 impl Default for LabConfig {
@@ -73,6 +77,7 @@ impl Default for LabConfig {
             home_state_limit_mib: None,
             keep: std::env::var_os("ROAM_LAB_KEEP").is_some(),
             correspondent: false,
+            host_env: Vec::new(),
         }
     }
 }
@@ -161,7 +166,7 @@ impl Lab {
         }
         for (i, (name, ip)) in HOSTS.iter().enumerate() {
             let ns = lab.namespaces[i].name().to_string();
-            let h = Host::start(name, &ns, ip, &root, &roamd).await?;
+            let h = Host::start(name, &ns, ip, &root, &roamd, &cfg.host_env).await?;
             lab.hosts.push(h);
         }
         for i in 0..lab.hosts.len() {

@@ -144,6 +144,7 @@ fn lab_config(link: &LinkArgs, vm: &VmArgs, keep: bool) -> LabConfig {
         home_state_limit_mib: None,
         keep: keep || std::env::var_os("ROAM_LAB_KEEP").is_some(),
         correspondent: false,
+        host_env: Vec::new(),
     }
 }
 

@@ -56,6 +56,7 @@ fn config() -> LabConfig {
         home_state_limit_mib: None,
         keep: std::env::var_os("ROAM_LAB_KEEP").is_some(),
         correspondent: false,
+        host_env: Vec::new(),
     }
 }
 
@@ -320,11 +321,16 @@ async fn replica_is_always_a_flushed_state_with_a_clean_ext4_across_50_interrupt
     std::fs::create_dir_all(&scratch).unwrap();
     let _scratch = Scratch(scratch.clone(), keep);
     let cut_log = scratch.join("cuts.jsonl");
-    // Both roamds inherit these (only the primary proposes cuts).
-    std::env::set_var("ROAM_TEST_CUT_LOG", &cut_log);
-    std::env::set_var("ROAM_TEST_IDLE_TIMEOUT_MS", IDLE_TIMEOUT_MS.to_string());
-
-    let mut lab = Lab::start(config()).await.unwrap();
+    // Both roamds get these (only the primary proposes cuts).
+    let mut cfg = config();
+    cfg.host_env = vec![
+        ("ROAM_TEST_CUT_LOG".into(), cut_log.display().to_string()),
+        (
+            "ROAM_TEST_IDLE_TIMEOUT_MS".into(),
+            IDLE_TIMEOUT_MS.to_string(),
+        ),
+    ];
+    let mut lab = Lab::start(cfg).await.unwrap();
     lab.create_vm("office", "desk").await.unwrap();
     let office = lab.host("office").client.clone();
     office.replica_add("desk", "home").await.unwrap();

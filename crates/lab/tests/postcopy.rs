@@ -32,6 +32,7 @@ fn config() -> LabConfig {
         home_state_limit_mib: None,
         keep: std::env::var_os("ROAM_LAB_KEEP").is_some(),
         correspondent: false,
+        host_env: Vec::new(),
     }
 }
 

@@ -39,7 +39,21 @@ fn config() -> LabConfig {
         home_state_limit_mib: None,
         keep: std::env::var_os("ROAM_LAB_KEEP").is_some(),
         correspondent: false,
+        host_env: Vec::new(),
     }
+}
+
+/// A scratch directory of this test's own (the tests of this file run at once), its cut
+/// log, and the lab configuration whose daemons write to it: the primary logs the state
+/// each batch it proposes leaves (`ROAM_TEST_CUT_LOG`).
+fn with_cut_log(test: &str) -> (std::path::PathBuf, std::path::PathBuf, LabConfig) {
+    let scratch = std::env::temp_dir().join(format!("roam-repl-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let cut_log = scratch.join("cuts.jsonl");
+    let mut cfg = config();
+    cfg.host_env
+        .push(("ROAM_TEST_CUT_LOG".into(), cut_log.display().to_string()));
+    (scratch, cut_log, cfg)
 }
 
 async fn replica(c: &Client) -> ReplicaInfo {
@@ -101,12 +115,8 @@ async fn heartbeats_flow(lab: &Lab, host: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_follows_the_guest_survives_an_outage_and_seeds_the_move() {
-    let scratch = std::env::temp_dir().join(format!("roam-repl-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).unwrap();
-    let cut_log = scratch.join("cuts.jsonl");
-    // Both roamds inherit it; the primary logs the state each batch it proposes leaves.
-    std::env::set_var("ROAM_TEST_CUT_LOG", &cut_log);
-    let mut lab = Lab::start(config()).await.unwrap();
+    let (scratch, cut_log, cfg) = with_cut_log("follows");
+    let mut lab = Lab::start(cfg).await.unwrap();
     lab.create_vm("office", "desk").await.unwrap();
     let office = lab.host("office").client.clone();
     let office = &office;
@@ -443,11 +453,8 @@ fn seeds(log: &std::path::Path) -> Vec<(u64, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replication_resumes_after_either_roamd_restarts_without_resending() {
-    let scratch = std::env::temp_dir().join(format!("roam-repl-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).unwrap();
-    let cut_log = scratch.join("cuts.jsonl");
-    std::env::set_var("ROAM_TEST_CUT_LOG", &cut_log);
-    let mut lab = Lab::start(config()).await.unwrap();
+    let (scratch, cut_log, cfg) = with_cut_log("resumes");
+    let mut lab = Lab::start(cfg).await.unwrap();
     lab.create_vm("office", "desk").await.unwrap();
     lab.host("office")
         .client

@@ -38,6 +38,7 @@ fn config(data_mib: u64, mbit: f64) -> LabConfig {
         home_state_limit_mib: None,
         keep: std::env::var_os("ROAM_LAB_KEEP").is_some(),
         correspondent: false,
+        host_env: Vec::new(),
     }
 }
 
