@@ -140,9 +140,11 @@ async fn postcopy_runs_at_destination_before_the_disk_arrives_and_loses_nothing(
 
 /// The link dies after the guest resumed at the destination, with chunks still missing.
 /// Neither host may run the guest then: the destination pauses it (its writes stay in
-/// its disk file), the source keeps its own copy paused (it may be running elsewhere).
+/// its disk file), the source lets go and keeps its disk as of the switchover. When the
+/// link is back, the destination asks for the rest: the guest runs again, the move
+/// commits, and a move back finds every acknowledged write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postcopy_link_cut_after_the_switch_pauses_the_guest_everywhere() {
+async fn postcopy_link_cut_after_the_switch_pauses_then_resumes_when_the_link_returns() {
     let mut cfg = config();
     // Slower, so that plenty is still missing when the link goes.
     cfg.link.bandwidth_mbit = 50.0;
@@ -153,8 +155,9 @@ async fn postcopy_link_cut_after_the_switch_pauses_the_guest_everywhere() {
             .is_some_and(|p| p.chunks_pending_at_resume > 0),
         "{r:?}"
     );
-    // The destination noticed (idle timeout) and paused the guest; the source never
-    // resumed it.
+    let err = r.error.clone().unwrap_or_default();
+    assert!(err.contains("asks again"), "{err}");
+    // The destination noticed (idle timeout) and paused the guest; the source let go.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
         !heartbeats_flow(&lab, "home", "desk").await,
@@ -169,7 +172,36 @@ async fn postcopy_link_cut_after_the_switch_pauses_the_guest_everywhere() {
         1,
         "home keeps the paused VM"
     );
+    let office = lab.host("office").client.vm_show("desk").await.unwrap();
+    assert_eq!(office.state, VmState::Moved, "office did not let go");
+
+    // The link returns: home asks again, gets the rest, runs the guest, commits.
     lab.wan.as_ref().unwrap().set_outage(false);
+    let log = lab.host("home").log.clone();
+    let resumed = roam_lab::lab::wait_until(Duration::from_secs(90), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("post-copy resumed and committed")
+    })
+    .await;
+    assert!(
+        resumed,
+        "home never completed the disk:\n{}\n--- office ---\n{}",
+        lab.host("home").log_tail(30),
+        lab.host("office").log_tail(30)
+    );
+    assert!(
+        heartbeats_flow(&lab, "home", "desk").await,
+        "guest not running again at home"
+    );
+    no_debris(&lab, "office", &[]).await;
+    no_debris(&lab, "home", &["desk"]).await;
+    // Everything the guest was told is durable is there: a move back checks it all.
+    let back = lab.migrate("desk", "home", "office", |_| {}).await.unwrap();
+    assert_eq!(back.outcome, Outcome::Completed, "{back:?}");
+    assert!(back.acked_writes > 0);
+    assert_eq!(back.acked_writes_lost, 0, "{back:?}");
+    assert!(!back.guest_rebooted);
     lab.shutdown().await;
 }
 

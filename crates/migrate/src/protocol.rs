@@ -252,6 +252,18 @@ pub enum Msg {
         superseded: u64,
         detail: Option<String>,
     },
+    /// D → S, on a new connection (post-copy, after the link died with chunks still
+    /// missing at D): D owns and runs `vm` at `generation` and asks S to send the rest.
+    /// D then opens a `Disk` stream naming what it lacks (`Pending` frames, then
+    /// `Switch`) and a `DiskDemand` stream; S answers as after a post-copy switch
+    /// (`Pending`…`Switch`, chunk frames, `Seal`), D sends `DiskComplete`, S `Commit`.
+    ResumeDisk {
+        version: u16,
+        vm: String,
+        generation: u64,
+    },
+    /// S → D: S holds `vm`'s disk as of the switchover and will send what D lacks.
+    ResumeAccepted,
     /// Either way: stop now; the source keeps running the VM.
     Abort(AbortReason),
 }
@@ -280,6 +292,8 @@ impl Msg {
             Msg::Commit { .. } => "commit",
             Msg::Committed => "committed",
             Msg::DiskComplete { .. } => "disk_complete",
+            Msg::ResumeDisk { .. } => "resume_disk",
+            Msg::ResumeAccepted => "resume_accepted",
             Msg::Abort(_) => "abort",
         }
     }
@@ -322,6 +336,12 @@ mod tests {
             Msg::EndpointAt {
                 addr: "198.18.2.2:10500".into(),
             },
+            Msg::ResumeDisk {
+                version: PROTOCOL_VERSION,
+                vm: "desk".into(),
+                generation: 4,
+            },
+            Msg::ResumeAccepted,
         ];
         for m in msgs {
             let s = serde_json::to_string(&m).unwrap();

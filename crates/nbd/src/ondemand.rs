@@ -128,6 +128,13 @@ impl Presence {
         self.missing
     }
 
+    /// The chunks not present yet, ascending (a resumed copy asks for exactly these).
+    pub fn missing_chunks(&self) -> Vec<u64> {
+        (0..self.chunks())
+            .filter(|&c| !self.states[c as usize].present())
+            .collect()
+    }
+
     pub fn is_active(&self) -> bool {
         self.active
     }
@@ -478,6 +485,11 @@ impl OnDemandBackend {
 
     pub fn state(&self, idx: u64) -> Option<ChunkState> {
         self.lock().p.state(idx)
+    }
+
+    /// The chunks not present yet, ascending (after a lost link: what to ask for again).
+    pub fn missing_chunks(&self) -> Vec<u64> {
+        self.lock().p.missing_chunks()
     }
 
     pub fn stats(&self) -> OnDemandStats {

@@ -295,6 +295,30 @@ impl Daemon {
             .peer(name)?
             .ok_or_else(|| Error::not_found("peer", name))
     }
+
+    /// A channel connection to the pinned peer `name`, which must answer within 10 s.
+    pub async fn connect_peer(&self, name: &str) -> Result<roam_channel::Connection> {
+        let p = self.peer_record(name)?;
+        let key: PublicKey = p
+            .key
+            .parse()
+            .map_err(|e| Error::State(format!("key of peer '{name}': {e}")))?;
+        let addr: SocketAddr = p
+            .addr
+            .parse()
+            .map_err(|e| Error::State(format!("address of peer '{name}': {e}")))?;
+        let peer_err = |detail: String| Error::Peer {
+            peer: name.to_string(),
+            detail,
+        };
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            self.endpoint.connect(addr, key),
+        )
+        .await
+        .map_err(|_| peer_err(format!("no answer from {addr} within 10 s")))?
+        .map_err(|e| peer_err(e.to_string()))
+    }
 }
 
 pub fn api_accel(a: roam_vm::Accel) -> api::Accel {

@@ -3,7 +3,8 @@
 //! The channel has already refused every host whose key is not pinned here; what
 //! arrives is from a trusted peer. Each connection's first control stream opens one
 //! conversation: an incoming migration (a control stream whose first message is an
-//! `Offer`), or a replication session (a first stream of kind `Replication`).
+//! `Offer`), the rest of a post-copy disk after a lost link (`ResumeDisk`), or a
+//! replication session (a first stream of kind `Replication`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +75,14 @@ async fn handle(d: Arc<Daemon>, conn: Connection) {
         }) => {
             info!(vm = %vm.name, from = %source_host, postcopy, "incoming migration");
             dest::serve(d, conn, tx, rx, source_host, version, vm, postcopy).await;
+        }
+        Ok(Msg::ResumeDisk {
+            version,
+            vm,
+            generation,
+        }) if roam_migrate::protocol::version_accepted(version) => {
+            info!(vm = %vm, peer = %peer, generation, "asked to resume a post-copy disk copy");
+            crate::migration::resume::serve(d, conn, tx, rx, vm, generation).await;
         }
         Ok(other) => {
             let _ = send_ctl(

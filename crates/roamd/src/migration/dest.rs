@@ -54,6 +54,13 @@ pub async fn serve(
             return;
         }
     };
+    let resume = super::resume::DestCtx {
+        d: d.clone(),
+        source: peer.clone(),
+        vm: vm.name.clone(),
+        generation: vm.generation + 1,
+        disk_bytes: vm.disk_bytes,
+    };
     let mut job = Dest {
         d: d.clone(),
         conn: conn.clone(),
@@ -63,7 +70,11 @@ pub async fn serve(
         lent: None,
         owned: false,
         _guard: guard,
-        postcopy: postcopy.then(postcopy::DestPostcopy::new),
+        postcopy: postcopy.then(|| {
+            let mut p = postcopy::DestPostcopy::new();
+            p.set_resume(resume);
+            p
+        }),
     };
     let r = job.run(&mut ctl_tx, &mut ctl_rx).await;
     if let Err(e) = r {
@@ -474,6 +485,9 @@ impl Dest {
                     generation,
                     replicas,
                 }) => {
+                    if let Some(p) = &self.postcopy {
+                        p.committed();
+                    }
                     let mut r = d.vm_record(&self.vm.name)?;
                     r.generation = r.generation.max(generation);
                     d.store.put_vm(&r)?;

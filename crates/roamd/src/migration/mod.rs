@@ -6,6 +6,7 @@ pub mod dest;
 pub mod disk;
 pub mod postcopy;
 pub mod relay;
+pub mod resume;
 pub mod source;
 
 use std::collections::BTreeMap;

@@ -50,6 +50,9 @@ impl<T> Drop for Task<T> {
 /// zstd level for demanded chunks: a guest waits for them, so speed over ratio.
 const DEMAND_LEVEL: i32 = 1;
 
+/// The on-demand back end's requests, taken by one demand stream at a time.
+pub type SharedWants = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<u64>>>;
+
 /// Hands the on-demand back end's requests (NBD threads, must not block) to the
 /// demand stream's task.
 pub struct ChanFetcher(pub mpsc::UnboundedSender<u64>);
@@ -299,17 +302,15 @@ where
 /// install the answers at once (waking the waiting reads). They do not queue behind the
 /// background copy's writer: the background copy carries every pending chunk too, and
 /// its frames are the ones the seal's digest counts, so a demanded chunk needs no
-/// bookkeeping beyond its own hash check.
-pub async fn demand_client<W, R>(
-    mut tx: W,
-    mut rx: R,
-    mut wants: mpsc::UnboundedReceiver<u64>,
-    od: Arc<OnDemandBackend>,
-) where
+/// bookkeeping beyond its own hash check. The back end's requests are shared: after a
+/// lost link, the resumed copy's client takes over what the dead one left queued.
+pub async fn demand_client<W, R>(mut tx: W, mut rx: R, wants: SharedWants, od: Arc<OnDemandBackend>)
+where
     W: AsyncWrite + Unpin,
     R: AsyncRead + Unpin,
 {
     let ask = async move {
+        let mut wants = wants.lock_owned().await;
         while let Some(c) = wants.recv().await {
             let mut batch = vec![c];
             while let Ok(c) = wants.try_recv() {
@@ -383,29 +384,25 @@ pub async fn demand_client<W, R>(
 }
 
 /// Destination, once the guest may run here with chunks missing: if the link to the
-/// source dies before the disk is complete, pause the guest. Its reads of missing
-/// chunks could not complete anyway; paused, it keeps every write it made (in this
-/// host's disk file) and the source keeps the complete pre-switchover disk.
-pub fn pause_on_link_loss(conn: Connection, od: Arc<OnDemandBackend>, rt: Arc<RunningVm>) {
+/// source dies before the move committed, ask the source again for the rest (pausing the
+/// guest meanwhile when chunks are missing; `super::resume`).
+fn watch_link(
+    conn: Connection,
+    od: Arc<OnDemandBackend>,
+    rt: Arc<RunningVm>,
+    ctx: super::resume::DestCtx,
+    wants: SharedWants,
+    committed: Arc<AtomicBool>,
+) {
     tokio::spawn(async move {
         let why = conn.closed().await;
-        // Give a disk that is completing its last chunks a moment.
+        // Give a disk that is completing its last chunks, or a commit, a moment.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        if od.is_complete() {
+        if committed.load(Ordering::Acquire) {
             return;
         }
-        let missing = od.stats().missing;
-        warn!(vm = %rt.name, missing, "post-copy link to the source lost ({why}); pausing the VM here");
-        match rt.vm().await {
-            Ok(vm) => {
-                if let Err(e) = vm.stop().await {
-                    warn!(vm = %rt.name, "pause after post-copy link loss: {e}");
-                } else {
-                    info!(vm = %rt.name, "VM paused: {missing} chunks never arrived");
-                }
-            }
-            Err(e) => warn!(vm = %rt.name, "pause after post-copy link loss: {e}"),
-        }
+        warn!(vm = %rt.name, missing = od.stats().missing, "post-copy link to the source lost before the commit ({why})");
+        super::resume::after_link_loss(ctx, od, rt, wants);
     });
 }
 
@@ -417,11 +414,15 @@ pub struct DestPostcopy {
     /// Set when the VM's disk is served (the layer builds the back end).
     od: Arc<std::sync::Mutex<Option<Arc<OnDemandBackend>>>>,
     fetch_tx: mpsc::UnboundedSender<u64>,
-    wants: Option<mpsc::UnboundedReceiver<u64>>,
+    wants: SharedWants,
     switched: Option<oneshot::Receiver<u64>>,
     seal: Option<SealRx>,
     conn: Option<Connection>,
     rt: Option<Arc<RunningVm>>,
+    /// Who to ask for the rest should the link die (set by the destination).
+    resume: Option<super::resume::DestCtx>,
+    /// The source's `Commit` arrived: a closed link is the end, not a loss.
+    committed: Arc<AtomicBool>,
 }
 
 impl Default for DestPostcopy {
@@ -436,12 +437,24 @@ impl DestPostcopy {
         DestPostcopy {
             od: Default::default(),
             fetch_tx,
-            wants: Some(wants),
+            wants: Arc::new(tokio::sync::Mutex::new(wants)),
             switched: None,
             seal: None,
             conn: None,
             rt: None,
+            resume: None,
+            committed: Arc::default(),
         }
+    }
+
+    /// Where to ask for the rest of the disk if the link dies after the switch.
+    pub fn set_resume(&mut self, ctx: super::resume::DestCtx) {
+        self.resume = Some(ctx);
+    }
+
+    /// The move committed: the link's end is no loss any more.
+    pub fn committed(&self) {
+        self.committed.store(true, Ordering::Release);
     }
 
     fn od(&self) -> Option<Arc<OnDemandBackend>> {
@@ -470,17 +483,14 @@ impl DestPostcopy {
         receiver: DiskReceiver,
         conn: &Connection,
         rt: &Arc<RunningVm>,
-    ) -> Result<(
-        DiskReceiver,
-        (mpsc::UnboundedReceiver<u64>, Arc<OnDemandBackend>),
-    )> {
+    ) -> Result<(DiskReceiver, (SharedWants, Arc<OnDemandBackend>))> {
         let od = self.od().ok_or_else(|| {
             Error::Disk("post-copy: the on-demand back end is not serving".into())
         })?;
-        let wants = self
-            .wants
-            .take()
-            .ok_or_else(|| Error::Disk("post-copy: attached twice".into()))?;
+        if self.switched.is_some() || self.conn.is_some() {
+            return Err(Error::Disk("post-copy: attached twice".into()));
+        }
+        let wants = self.wants.clone();
         let (tx, rx) = oneshot::channel();
         self.switched = Some(rx);
         self.conn = Some(conn.clone());
@@ -516,8 +526,17 @@ impl DestPostcopy {
             pending,
             "post-copy: switch received; the guest may run with chunks missing"
         );
-        if let (Some(conn), Some(od), Some(rt)) = (&self.conn, self.od(), &self.rt) {
-            pause_on_link_loss(conn.clone(), od, rt.clone());
+        if let (Some(conn), Some(od), Some(rt), Some(ctx)) =
+            (&self.conn, self.od(), &self.rt, &self.resume)
+        {
+            watch_link(
+                conn.clone(),
+                od,
+                rt.clone(),
+                ctx.clone(),
+                self.wants.clone(),
+                self.committed.clone(),
+            );
         }
         Ok(())
     }
@@ -667,7 +686,12 @@ mod tests {
             Arc::default(),
             Arc::default(),
         ));
-        tokio::spawn(demand_client(d_dst_w, d_dst_r, wants, od.clone()));
+        tokio::spawn(demand_client(
+            d_dst_w,
+            d_dst_r,
+            Arc::new(tokio::sync::Mutex::new(wants)),
+            od.clone(),
+        ));
 
         // Before the switch chunk 3 was sent (final) and chunk 10 sent, then rewritten.
         let mut sender = DiskSender::new(sfile.clone(), size, cs, 3);

@@ -109,6 +109,8 @@ pub async fn migrate(
         refused: false,
         demand_bytes: Default::default(),
         ram_dirty: None,
+        running_there: false,
+        let_go: false,
     };
     info!(vm = %req.vm, to = %req.to, "migration starting");
     let outcome = m.run(addr, key, &rec).await;
@@ -145,6 +147,10 @@ struct Source {
     refused: bool,
     /// Post-copy: frame bytes of chunks sent on demand.
     demand_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// The destination said the guest runs there (`Running`): it owns the VM.
+    running_there: bool,
+    /// This host let go: QEMU quit, the VM recorded as moved (see `let_go`).
+    let_go: bool,
 }
 
 impl Source {
@@ -584,6 +590,7 @@ impl Source {
             }
             other => return Err(unexpected("running", &other)),
         };
+        self.running_there = true;
         if let Some(p) = self.result.postcopy.as_mut() {
             p.time_to_running_ms = self.meter.elapsed_ms();
         }
@@ -636,24 +643,11 @@ impl Source {
             self.finish_ram_postcopy().await?;
         }
         drop(sub);
-        self.d.vms.lock().await.remove(&self.req.vm);
-        if let Err(e) = self.rt.stop(&self.d.nbd).await {
-            warn!(vm = %self.req.vm, "stopping the source QEMU after switchover: {e}");
-        }
+        let r = self.let_go().await?;
         // The kept disk holds exactly what was sealed: index it from the sender's hashes.
         if let Some(h) = &kept_hashes {
             self.d.dedup.note_all(&self.rt.disk_path(), h);
         }
-        let mut r = self.d.vm_record(&self.req.vm)?;
-        r.status = VmStatus::Moved;
-        r.moved_to = Some(self.req.to.clone());
-        r.generation += 1;
-        self.d.store.put_vm(&r)?;
-        self.d.store.log(&serde_json::json!({
-            "event": "migrated_out", "vm": r.name, "to": self.req.to,
-            "generation": r.generation,
-            "unix_ms": now_ms(),
-        }))?;
         if let Some(bg) = background {
             self.postcopy_finish(bg, &mut ctl_rx).await?;
         }
@@ -803,6 +797,27 @@ impl Source {
         self.iterate_disk(sub, sender, disk_tx, disk_rx, rate)
             .await?;
         Ok((rate, rtt_ms))
+    }
+
+    /// The guest runs at the destination, which owns it: quit (never cont) this QEMU,
+    /// keep the disk, record the VM as moved at the next generation.
+    async fn let_go(&mut self) -> Result<crate::state::VmRecord> {
+        self.d.vms.lock().await.remove(&self.req.vm);
+        if let Err(e) = self.rt.stop(&self.d.nbd).await {
+            warn!(vm = %self.req.vm, "stopping the source QEMU after switchover: {e}");
+        }
+        let mut r = self.d.vm_record(&self.req.vm)?;
+        r.status = VmStatus::Moved;
+        r.moved_to = Some(self.req.to.clone());
+        r.generation += 1;
+        self.d.store.put_vm(&r)?;
+        self.let_go = true;
+        self.d.store.log(&serde_json::json!({
+            "event": "migrated_out", "vm": r.name, "to": self.req.to,
+            "generation": r.generation,
+            "unix_ms": now_ms(),
+        }))?;
+        Ok(r)
     }
 
     /// Post-copy: the guest runs at the destination (and this host's QEMU has quit);
@@ -1148,6 +1163,25 @@ impl Source {
         // The old port is needed back by the endpoint that restarts here.
         if let Some(f) = self.hip_forward.take() {
             f.stop().await;
+        }
+        // Post-copy storage, after the destination ran the guest: it owns the VM and
+        // will ask for the rest of the disk when the link is back (`resume`). This host
+        // lets go (if it had not yet) and keeps its disk as of the switchover.
+        if self.running_there && self.result.postcopy.is_some() && !self.ram_postcopy {
+            if !self.let_go {
+                if let Err(e) = self.let_go().await {
+                    warn!(vm = %self.req.vm, "letting go after the post-copy switch: {e}");
+                }
+            }
+            if let Some(e) = self.result.error.as_mut() {
+                e.push_str(&format!(
+                    " — the VM runs at '{}' (paused there while chunks are missing); this \
+                     host keeps its disk as of the switchover and sends the rest when '{}' \
+                     asks again",
+                    self.req.to, self.req.to
+                ));
+            }
+            return;
         }
         let mut hip_export = self.hip_export.take();
         let vm = match self.rt.vm().await {

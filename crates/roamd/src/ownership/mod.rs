@@ -30,7 +30,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use roam_channel::{Connection, PublicKey, RecvStream, SendStream, StreamKind};
+use roam_channel::{Connection, RecvStream, SendStream, StreamKind};
 use roam_control::api::{ApiError, VmConflict, VmInfo};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
@@ -235,25 +235,6 @@ fn apply(d: &Daemon, peer: &str, theirs: &Claim) -> Verdict {
     v
 }
 
-async fn connect(d: &Daemon, peer: &str) -> Result<Connection> {
-    let p = d.peer_record(peer)?;
-    let key: PublicKey = p
-        .key
-        .parse()
-        .map_err(|e| Error::State(format!("key of peer '{peer}': {e}")))?;
-    let addr: std::net::SocketAddr = p
-        .addr
-        .parse()
-        .map_err(|e| Error::State(format!("address of peer '{peer}': {e}")))?;
-    d.endpoint
-        .connect(addr, key)
-        .await
-        .map_err(|e| Error::Peer {
-            peer: peer.to_string(),
-            detail: e.to_string(),
-        })
-}
-
 fn chan_err(peer: &str) -> impl Fn(roam_channel::ChannelError) -> Error + '_ {
     move |e| Error::Peer {
         peer: peer.to_string(),
@@ -264,7 +245,7 @@ fn chan_err(peer: &str) -> impl Fn(roam_channel::ChannelError) -> Error + '_ {
 /// Tell `peer` what this host claims and judge what it claims; returns its claims.
 pub async fn exchange(d: &Daemon, peer: &str) -> Result<Vec<Claim>> {
     let r = tokio::time::timeout(EXCHANGE_TIMEOUT, async {
-        let conn = connect(d, peer).await?;
+        let conn = d.connect_peer(peer).await?;
         let (mut tx, mut rx) = conn
             .open_stream(StreamKind::Replication)
             .await

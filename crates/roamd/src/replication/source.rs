@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use roam_channel::{Connection, PublicKey, RecvStream, StreamKind};
+use roam_channel::{RecvStream, StreamKind};
 use roam_control::api::{ReplicaInfo, ReplicaState};
 use roam_nbd::{DirtySubscription, DirtyTracker, InitialState};
 use roam_store::{CutBuilder, PassEnd, Version};
@@ -39,8 +39,8 @@ use crate::state::VmStatus;
 /// Below migration streams (0), on-demand fetch (−1) and control (1): QUIC sends these
 /// bytes last.
 const REPLICATION_PRIORITY: i32 = -2;
-/// Ungated passes of one batch before the cut rule asks for a FLUSH gate (which the NBD
-/// server does not offer yet: we keep passing, see `docs/storage.md`).
+/// Ungated passes of one batch before the cut rule asks for the FLUSH gate
+/// (`DirtyTracker::hold_flushes`, see `docs/storage.md`).
 const MAX_PASSES: u32 = 8;
 const IDLE_POLL: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(8);
@@ -362,16 +362,6 @@ fn level_for(limit_bytes_per_s: f64, measured_bytes_per_s: u64, estimate: Option
     roam_store::level::choose_level(roam_store::level::LevelInput::link(rate * 8.0))
 }
 
-async fn connect(d: &Daemon, host: &str) -> Result<Connection, SessErr> {
-    let peer = d.peer_record(host)?;
-    let key: PublicKey = peer.key.parse()?;
-    let addr: std::net::SocketAddr = peer.addr.parse()?;
-    let conn = tokio::time::timeout(Duration::from_secs(10), d.endpoint.connect(addr, key))
-        .await
-        .map_err(|_| SessErr::Other(format!("no answer from '{host}' within 10 s")))??;
-    Ok(conn)
-}
-
 async fn recv(rx: &mut RecvStream, within: Duration) -> Result<ReplMsg, SessErr> {
     match tokio::time::timeout(within, rx.recv_msg::<ReplMsg>()).await {
         Err(_) => Err(SessErr::Other("the replica host did not answer".into())),
@@ -394,7 +384,7 @@ async fn session(
     tr: &mut Tracking,
     bucket: &Bucket,
 ) -> Result<(), SessErr> {
-    let conn = connect(d, &link.host).await?;
+    let conn = d.connect_peer(&link.host).await?;
     let (tx, mut rx) = conn.open_stream(StreamKind::Replication).await?;
     tx.set_priority(REPLICATION_PRIORITY)?;
     let rec = d.vm_record(&link.vm)?;
@@ -546,7 +536,7 @@ async fn session(
 /// Ask `host` to delete its replica of `vm`.
 pub async fn remove_remote(d: &Daemon, vm: &str, host: &str) -> Result<(), String> {
     let r: Result<(), SessErr> = async {
-        let conn = connect(d, host).await?;
+        let conn = d.connect_peer(host).await?;
         let (mut tx, mut rx) = conn.open_stream(StreamKind::Replication).await?;
         let generation = d.store.vm(vm)?.map_or(0, |r| r.generation);
         tx.send_msg(&ReplMsg::Remove {

@@ -1,0 +1,584 @@
+//! Post-copy after a lost link: the destination asks again, the source sends the rest.
+//!
+//! Once the guest ran at the destination, neither host may run it from an older state:
+//! the destination owns it (its disk file holds every write the guest made there), the
+//! source holds the only copy of the chunks that never crossed (its disk is final as of
+//! the switchover). When the link dies before the disk is complete, the destination
+//! pauses the guest and keeps asking the source, with backoff, on a new connection:
+//!
+//! ```text
+//!  destination (owner, guest paused)                     source (VM recorded `moved`)
+//!   Control:  ResumeDisk{vm, generation} ═══════════════▶ moved to this peer, same generation?
+//!             ◀═══════════════════════ ResumeAccepted ── (else Refuse{reason}: try again later)
+//!   Disk:     Pending{what is missing} … Switch ════════▶
+//!             ◀════ Pending … Switch, chunk frames … Seal ── (as after a post-copy switch)
+//!   guest runs again as soon as the answer's Switch is in; DiskDemand serves its reads
+//!   Control:  DiskComplete{ok, root} ═══════════════════▶ hand the replicas over
+//!             ◀═════════════════ Commit{generation, replicas}
+//!             Committed ════════════════════════════════▶
+//! ```
+//!
+//! The source answers only for a VM it recorded as moved to the asking peer at the
+//! asked generation (`Source::let_go`): what it sends is then that VM's disk as of the
+//! switchover. Chunks the guest rewrote at the destination in the meantime are never
+//! overwritten (`OnDemandBackend::install`), as during the first copy. A link that dies
+//! again pauses the guest again, and the destination asks again.
+//!
+//! Not covered: RAM post-copy (the source's QEMU holds pages the destination lacks;
+//! QEMU's `migrate-recover` would be needed), and a cut between the destination's
+//! `cont` and the source hearing `Running` (the source then keeps its paused QEMU and
+//! refuses, since it cannot know the guest ran elsewhere).
+
+use std::fs::File;
+use std::sync::Arc;
+use std::time::Duration;
+
+use roam_channel::{Connection, StreamKind};
+use roam_migrate::frame::{decode_pending, pending_frames, DiskFrame, Kind, HEADER_LEN};
+use roam_migrate::Msg;
+use roam_nbd::OnDemandBackend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::disk::{DiskReceiver, DiskSender};
+use super::postcopy::{background_copy, demand_client, serve_demands, DemandGate, SharedWants};
+use super::{recv_ctl, send_ctl, send_last};
+use crate::daemon::{now_ms, Daemon};
+use crate::error::{Error, Result};
+use crate::runtime::{RunningVm, CHUNK_SIZE};
+use crate::state::VmStatus;
+
+/// Longest wait between two requests to the source.
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
+/// zstd level of the resumed background copy (the link's speed is unknown again).
+const RESUME_LEVEL: i32 = 3;
+
+/// What the destination needs to ask for the rest of a post-copy disk.
+#[derive(Clone)]
+pub struct DestCtx {
+    pub d: Arc<Daemon>,
+    /// The source host, as pinned here.
+    pub source: String,
+    pub vm: String,
+    /// The generation this host owns the VM at.
+    pub generation: u64,
+    pub disk_bytes: u64,
+}
+
+/// Destination: the link to the source died. Unless the disk is complete, pause the
+/// guest (its reads of missing chunks could not complete), then ask the source for the
+/// rest until it is here and the move is committed.
+pub fn after_link_loss(
+    ctx: DestCtx,
+    od: Arc<OnDemandBackend>,
+    rt: Arc<RunningVm>,
+    wants: SharedWants,
+) {
+    tokio::spawn(async move {
+        let mut paused = (!od.is_complete()).then(|| pause(rt.clone(), od.stats().missing));
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            if !owned(&ctx, &rt).await {
+                info!(vm = %ctx.vm, "post-copy resume: the VM is no longer owned here; giving up");
+                return;
+            }
+            match attempt(&ctx, &od, &rt, &wants, &mut paused).await {
+                Ok(Attempt::Done) => return,
+                Ok(Attempt::LostAgain) => {
+                    warn!(vm = %ctx.vm, "post-copy resume: the link died again");
+                    if !od.is_complete() && paused.is_none() {
+                        paused = Some(pause(rt.clone(), od.stats().missing));
+                    }
+                    backoff = Duration::from_secs(1);
+                }
+                Err(e) => {
+                    info!(vm = %ctx.vm, source = %ctx.source, "post-copy resume: {e}; asking again in {} s", backoff.as_secs())
+                }
+            }
+        }
+    });
+}
+
+enum Attempt {
+    Done,
+    LostAgain,
+}
+
+type Paused = tokio::task::JoinHandle<bool>;
+
+/// Pause the guest. QEMU drains the guest's requests first, so this completes only
+/// once those waiting for missing chunks got them (from the resumed copy).
+fn pause(rt: Arc<RunningVm>, missing: u64) -> Paused {
+    tokio::spawn(async move {
+        warn!(vm = %rt.name, missing, "post-copy link to the source lost; pausing the VM here");
+        let vm = match rt.vm().await {
+            Ok(vm) => vm,
+            Err(e) => {
+                warn!(vm = %rt.name, "pause after post-copy link loss: {e}");
+                return false;
+            }
+        };
+        match vm.stop().await {
+            Ok(()) => {
+                info!(vm = %rt.name, "VM paused: {missing} chunks missing");
+                true
+            }
+            Err(e) => {
+                warn!(vm = %rt.name, "pause after post-copy link loss: {e}");
+                false
+            }
+        }
+    })
+}
+
+async fn owned(ctx: &DestCtx, rt: &Arc<RunningVm>) -> bool {
+    ctx.d
+        .running(&ctx.vm)
+        .await
+        .is_some_and(|r| Arc::ptr_eq(&r, rt))
+}
+
+async fn attempt(
+    ctx: &DestCtx,
+    od: &Arc<OnDemandBackend>,
+    rt: &Arc<RunningVm>,
+    wants: &SharedWants,
+    paused: &mut Option<Paused>,
+) -> Result<Attempt> {
+    let conn = ctx.d.connect_peer(&ctx.source).await?;
+    let chan = |e: roam_channel::ChannelError| Error::Migration(e.to_string());
+    let (mut ctl_tx, mut ctl_rx) = conn.open_stream(StreamKind::Control).await.map_err(chan)?;
+    send_ctl(
+        &mut ctl_tx,
+        &Msg::ResumeDisk {
+            version: roam_migrate::PROTOCOL_VERSION,
+            vm: ctx.vm.clone(),
+            generation: ctx.generation,
+        },
+    )
+    .await?;
+    match recv_ctl(&mut ctl_rx, Duration::from_secs(30)).await? {
+        Msg::ResumeAccepted => {}
+        Msg::Refuse { reason } => {
+            return Err(Error::Migration(format!(
+                "'{}' refused: {reason}",
+                ctx.source
+            )))
+        }
+        other => {
+            return Err(Error::Migration(format!(
+                "expected resume_accepted, got {}",
+                other.name()
+            )))
+        }
+    }
+    let missing = od.missing_chunks();
+    info!(vm = %ctx.vm, source = %ctx.source, missing = missing.len(), "post-copy resume accepted");
+    let (mut disk_tx, disk_rx) = conn.open_stream(StreamKind::Disk).await.map_err(chan)?;
+    write_list(&mut disk_tx, &missing).await?;
+    let (dem_tx, dem_rx) = conn
+        .open_stream(StreamKind::DiskDemand)
+        .await
+        .map_err(chan)?;
+    let file = Arc::new(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(rt.disk_path())
+            .map_err(|e| Error::io("open the VM's disk", e))?,
+    );
+    let (sw_tx, sw_rx) = oneshot::channel();
+    let receiver =
+        DiskReceiver::new(file, ctx.disk_bytes, CHUNK_SIZE).with_ondemand(od.clone(), sw_tx);
+    let mut seal = tokio::spawn(async move {
+        let mut rx = disk_rx;
+        receiver.run(&mut rx, disk_tx).await
+    });
+    let demand = tokio::spawn(demand_client(dem_tx, dem_rx, wants.clone(), od.clone()));
+    let _demand = super::postcopy::Task(demand);
+
+    // The source named what it sends: the guest may run again (once our pause landed:
+    // it completes when the requests it drained got their chunks).
+    tokio::select! {
+        s = sw_rx => { s.map_err(|_| Error::Migration("the resumed copy ended before its switch".into()))?; }
+        _ = conn.closed() => return Ok(Attempt::LostAgain),
+    }
+    if let Some(p) = paused.take() {
+        if p.await.unwrap_or(false) {
+            let vm = rt.vm().await?;
+            if vm.query_status().await.ok() == Some(roam_vm::RunState::Paused) {
+                vm.cont()
+                    .await
+                    .map_err(|e| Error::Vm(format!("cont after the resumed switch: {e}")))?;
+                info!(vm = %ctx.vm, "the guest runs again; the rest of its disk follows");
+            }
+        }
+    }
+    let outcome = tokio::select! {
+        s = &mut seal => s.map_err(|e| Error::Migration(format!("resumed copy: {e}")))??,
+        _ = conn.closed() => return Ok(Attempt::LostAgain),
+    };
+    let st = od.stats();
+    let ok = outcome.ok && od.is_complete();
+    send_ctl(
+        &mut ctl_tx,
+        &Msg::DiskComplete {
+            ok,
+            root: outcome.dest_root.clone(),
+            demand_fetches: st.demand_fetches,
+            waits: st.waits,
+            wait_p50_ms: st.wait_p50_ms,
+            wait_max_ms: st.wait_max_ms,
+            fetch_p50_ms: st.fetch_p50_ms,
+            fetch_max_ms: st.fetch_max_ms,
+            single_reads: st.single_reads,
+            single_read_p50_ms: st.single_read_p50_ms,
+            single_read_max_ms: st.single_read_max_ms,
+            superseded: st.superseded,
+            detail: (!ok).then(|| format!("{} chunks still missing", st.missing)),
+        },
+    )
+    .await?;
+    if !ok {
+        return Err(Error::Migration(format!(
+            "the resumed copy did not complete the disk ({} chunks missing, digest {})",
+            st.missing,
+            if outcome.ok { "equal" } else { "different" }
+        )));
+    }
+    match recv_ctl(&mut ctl_rx, Duration::from_secs(60)).await? {
+        Msg::Commit {
+            generation,
+            replicas,
+        } => {
+            let d = &ctx.d;
+            let mut r = d.vm_record(&ctx.vm)?;
+            r.generation = r.generation.max(generation);
+            d.store.put_vm(&r)?;
+            d.store.log(&serde_json::json!({
+                "event": "postcopy_resumed", "vm": ctx.vm, "from": ctx.source,
+                "generation": r.generation, "unix_ms": now_ms(),
+            }))?;
+            let _ = send_ctl(&mut ctl_tx, &Msg::Committed).await;
+            crate::replication::adopt(d, &ctx.vm, &replicas).await;
+            info!(vm = %ctx.vm, generation, "post-copy resumed and committed: the whole disk is here");
+            conn.close(0, "done");
+            Ok(Attempt::Done)
+        }
+        other => Err(Error::Migration(format!(
+            "expected commit, got {}",
+            other.name()
+        ))),
+    }
+}
+
+/// `chunks` as `Pending` frames, then `Switch` (the end of the list).
+async fn write_list<W: AsyncWrite + Unpin>(w: &mut W, chunks: &[u64]) -> Result<()> {
+    let io = |e| Error::io("send the list of missing chunks", e);
+    for (f, body) in pending_frames(chunks) {
+        w.write_all(&f.encode_header()).await.map_err(io)?;
+        w.write_all(&body).await.map_err(io)?;
+    }
+    w.write_all(&DiskFrame::control(Kind::Switch, 0).encode_header())
+        .await
+        .map_err(io)?;
+    w.flush().await.map_err(io)
+}
+
+/// Reads what [`write_list`] wrote; every chunk must be below `chunks`.
+async fn read_list<R: AsyncRead + Unpin>(r: &mut R, chunks: u64) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    loop {
+        let mut h = [0u8; HEADER_LEN];
+        r.read_exact(&mut h)
+            .await
+            .map_err(|e| Error::io("read the list of missing chunks", e))?;
+        let f = DiskFrame::decode_header(&h).map_err(|e| Error::Disk(e.to_string()))?;
+        match f.kind {
+            Kind::Switch => return Ok(out),
+            Kind::Pending => {
+                // Bounded by the header check before this allocation.
+                let mut body = vec![0u8; f.body_len as usize];
+                r.read_exact(&mut body)
+                    .await
+                    .map_err(|e| Error::io("read the list of missing chunks", e))?;
+                for (first, n) in
+                    decode_pending(&body, chunks).map_err(|e| Error::Disk(e.to_string()))?
+                {
+                    out.extend(first..first + n);
+                }
+                if out.len() as u64 > chunks {
+                    return Err(Error::Disk("the missing list names a chunk twice".into()));
+                }
+            }
+            other => {
+                return Err(Error::Disk(format!(
+                    "missing list: unexpected {other:?} frame"
+                )))
+            }
+        }
+    }
+}
+
+/// Source: a destination asks for the rest of a post-copy disk (`ResumeDisk`, just read
+/// from `ctl_rx`).
+pub async fn serve(
+    d: Arc<Daemon>,
+    conn: Connection,
+    mut ctl_tx: roam_channel::SendStream,
+    mut ctl_rx: roam_channel::RecvStream,
+    vm: String,
+    generation: u64,
+) {
+    let peer = conn.peer_name().unwrap_or("?").to_string();
+    match serve_inner(&d, &conn, &mut ctl_tx, &mut ctl_rx, &peer, &vm, generation).await {
+        Ok(()) => conn.close(0, "done"),
+        Err(Refusal::Before(reason)) => {
+            info!(vm = %vm, peer = %peer, "refused to resume a post-copy disk: {reason}");
+            send_last(&mut ctl_tx, &Msg::Refuse { reason }).await;
+            conn.close(2, "refused");
+        }
+        Err(Refusal::During(e)) => {
+            warn!(vm = %vm, peer = %peer, "resumed post-copy disk copy failed: {e}");
+            send_last(&mut ctl_tx, &Msg::abort(e.to_string())).await;
+            conn.close(2, "failed");
+        }
+    }
+}
+
+enum Refusal {
+    /// Nothing was sent: the destination should ask again later (or never).
+    Before(String),
+    During(Error),
+}
+
+impl From<Error> for Refusal {
+    fn from(e: Error) -> Self {
+        Refusal::During(e)
+    }
+}
+
+async fn serve_inner(
+    d: &Arc<Daemon>,
+    conn: &Connection,
+    ctl_tx: &mut roam_channel::SendStream,
+    ctl_rx: &mut roam_channel::RecvStream,
+    peer: &str,
+    vm: &str,
+    generation: u64,
+) -> std::result::Result<(), Refusal> {
+    let before = |s: String| Refusal::Before(s);
+    let _guard = d.claim(vm).map_err(|e| before(e.to_string()))?;
+    let r = d.vm_record(vm).map_err(|e| before(e.to_string()))?;
+    if r.status != VmStatus::Moved || r.moved_to.as_deref() != Some(peer) {
+        return Err(before(format!(
+            "VM '{vm}' is not recorded here as moved to '{peer}' (status {:?}, moved to {:?})",
+            r.status, r.moved_to
+        )));
+    }
+    if r.generation != generation {
+        return Err(before(format!(
+            "VM '{vm}' moved to '{peer}' at generation {}, not {generation}",
+            r.generation
+        )));
+    }
+    let file = File::open(&r.disk_path)
+        .map_err(|e| before(format!("the disk kept at {}: {e}", r.disk_path)))?;
+    let len = file
+        .metadata()
+        .map_err(|e| before(format!("the disk kept at {}: {e}", r.disk_path)))?
+        .len();
+    if len != r.disk_bytes {
+        return Err(before(format!(
+            "the disk kept at {} is {len} bytes, the VM's is {}",
+            r.disk_path, r.disk_bytes
+        )));
+    }
+    send_ctl(ctl_tx, &Msg::ResumeAccepted).await?;
+    info!(vm, peer, "resuming a post-copy disk copy");
+
+    let (mut disk, mut demand) = (None, None);
+    while disk.is_none() || demand.is_none() {
+        let s = tokio::time::timeout(Duration::from_secs(30), conn.accept_stream())
+            .await
+            .map_err(|_| Error::Migration("the destination opened no disk streams".into()))?
+            .map_err(|e| Error::Migration(e.to_string()))?;
+        match s.0 {
+            StreamKind::Disk => disk = Some((s.1, s.2)),
+            StreamKind::DiskDemand => demand = Some((s.1, s.2)),
+            other => warn!(vm, ?other, "resume: unexpected stream; ignored"),
+        }
+    }
+    let (Some((mut disk_tx, mut disk_rx)), Some((dem_tx, dem_rx))) = (disk, demand) else {
+        return Err(Error::Migration("resume: no disk streams".into()).into());
+    };
+    let chunks = roam_migrate::digest::chunk_count(r.disk_bytes, CHUNK_SIZE);
+    let missing = read_list(&mut disk_rx, chunks).await?;
+    let file = Arc::new(file);
+    let gate = Arc::new(DemandGate::default());
+    let _server = super::postcopy::Task(tokio::spawn(serve_demands(
+        file.clone(),
+        r.disk_bytes,
+        CHUNK_SIZE,
+        dem_tx,
+        dem_rx,
+        Arc::default(),
+        gate.clone(),
+    )));
+    // The answer opens like a post-copy switch: the chunks that follow, then `Switch`,
+    // which re-activates the destination's back end with exactly that list.
+    write_list(&mut disk_tx, &missing).await?;
+    let mut sender = DiskSender::new(file, r.disk_bytes, CHUNK_SIZE, RESUME_LEVEL);
+    sender.yield_to(gate);
+    let n = missing.len();
+    let root = background_copy(sender, disk_tx, missing).await?;
+    match recv_ctl(ctl_rx, Duration::from_secs(24 * 3600)).await? {
+        Msg::DiskComplete {
+            ok: true,
+            root: theirs,
+            ..
+        } if theirs == root => {}
+        Msg::DiskComplete {
+            root: theirs,
+            detail,
+            ..
+        } => {
+            return Err(Error::Migration(format!(
+                "the destination's resumed disk does not match (ours {root}, theirs {theirs}{})",
+                detail.map(|d| format!(": {d}")).unwrap_or_default()
+            ))
+            .into())
+        }
+        other => {
+            return Err(
+                Error::Migration(format!("expected disk_complete, got {}", other.name())).into(),
+            )
+        }
+    }
+    // As at the end of a move: this host's links stop, the owner takes them over, and
+    // the disk kept here becomes one of its replicas.
+    let mut replicas = crate::replication::hand_over(d, vm).await;
+    replicas.retain(|h| h != peer);
+    replicas.push(d.cfg.name.clone());
+    send_ctl(
+        ctl_tx,
+        &Msg::Commit {
+            generation,
+            replicas,
+        },
+    )
+    .await?;
+    match recv_ctl(ctl_rx, Duration::from_secs(60)).await {
+        Ok(Msg::Committed) => {}
+        Ok(other) => warn!(vm, "after the resumed commit: unexpected {}", other.name()),
+        Err(e) => warn!(vm, "after the resumed commit: {e}"),
+    }
+    d.store.log(&serde_json::json!({
+        "event": "postcopy_resumed_out", "vm": vm, "to": peer, "chunks": n,
+        "generation": generation, "unix_ms": now_ms(),
+    }))?;
+    info!(vm, peer, chunks = n, "resumed post-copy disk copy complete");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use roam_nbd::{Backend, ChunkState, FileBackend};
+    use std::os::unix::fs::FileExt;
+
+    /// The wire of a resumed copy without sockets: a back end already switched once
+    /// (the guest ran, wrote one pending chunk, then the link died) gets exactly the
+    /// chunks it still lacks, never over the guest's write, and the digests agree.
+    #[tokio::test]
+    async fn a_resumed_copy_completes_the_disk_and_keeps_the_guests_writes() {
+        let cs = CHUNK_SIZE;
+        let n = 16u64;
+        let size = n * cs as u64;
+        let src = tempfile::NamedTempFile::new().unwrap();
+        src.as_file().set_len(size).unwrap();
+        for c in 0..n {
+            src.as_file()
+                .write_all_at(&vec![c as u8 + 1; cs as usize], c * cs as u64)
+                .unwrap();
+        }
+        let sfile = Arc::new(src.reopen().unwrap());
+        let dst = tempfile::NamedTempFile::new().unwrap();
+        dst.as_file().set_len(size).unwrap();
+        let inner: Arc<dyn Backend> = Arc::new(FileBackend::open(dst.path(), false).unwrap());
+        let (fetch_tx, _wants) = tokio::sync::mpsc::unbounded_channel();
+        let od = Arc::new(OnDemandBackend::new(
+            inner,
+            cs as u64,
+            Box::new(super::super::postcopy::ChanFetcher(fetch_tx)),
+        ));
+        // The first copy delivered everything but 3, 5, 6 and 9 before the link died;
+        // the guest then rewrote chunk 5 entirely.
+        od.activate([3u64, 5, 6, 9]);
+        od.write_at(&vec![0xAA; cs as usize], 5 * cs as u64, false)
+            .unwrap();
+        let missing = od.missing_chunks();
+        assert_eq!(missing, vec![3, 6, 9]);
+
+        // Destination → source: the list; source → destination: the answer.
+        let (mut list_w, mut list_r) = tokio::io::duplex(1 << 16);
+        write_list(&mut list_w, &missing).await.unwrap();
+        let asked = read_list(&mut list_r, n).await.unwrap();
+        // A stale list (5 was written since) must not matter either.
+        let mut sent = asked.clone();
+        sent.push(5);
+        sent.sort_unstable();
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (_ar, mut aw) = tokio::io::split(a);
+        let (mut br, bw) = tokio::io::split(b);
+        let (sw_tx, sw_rx) = oneshot::channel();
+        let dfile = Arc::new(dst.reopen().unwrap());
+        let receiver = DiskReceiver::new(dfile.clone(), size, cs).with_ondemand(od.clone(), sw_tx);
+        let recv = tokio::spawn(async move { receiver.run(&mut br, bw).await });
+        write_list(&mut aw, &sent).await.unwrap();
+        assert_eq!(sw_rx.await.unwrap(), 4);
+        let sender = DiskSender::new(sfile, size, cs, RESUME_LEVEL);
+        let root = background_copy(sender, aw, sent).await.unwrap();
+        let out = recv.await.unwrap().unwrap();
+        assert!(out.ok, "{out:?}");
+        assert_eq!(out.source_root, root);
+        assert!(od.is_complete());
+        assert_eq!(od.state(5), Some(ChunkState::Written));
+        let mut buf = vec![0u8; cs as usize];
+        for c in 0..n {
+            dfile.read_exact_at(&mut buf, c * cs as u64).unwrap();
+            let want = if c == 5 {
+                0xAA
+            } else if [3, 6, 9].contains(&c) {
+                c as u8 + 1
+            } else {
+                0
+            };
+            assert!(buf.iter().all(|&x| x == want), "chunk {c}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_list_round_trips_and_bad_ones_are_refused() {
+        let chunks = vec![0u64, 1, 2, 7, 9, 10, 11, 4095];
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        write_list(&mut a, &chunks).await.unwrap();
+        assert_eq!(read_list(&mut b, 4096).await.unwrap(), chunks);
+        // Beyond the disk.
+        write_list(&mut a, &[4096]).await.unwrap();
+        assert!(read_list(&mut b, 4096).await.is_err());
+        // An empty list is a list.
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        write_list(&mut a, &[]).await.unwrap();
+        assert!(read_list(&mut b, 16).await.unwrap().is_empty());
+        // Not a list.
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        a.write_all(&DiskFrame::seal(0, [0; 32]).encode_header())
+            .await
+            .unwrap();
+        assert!(read_list(&mut b, 16).await.is_err());
+    }
+}
