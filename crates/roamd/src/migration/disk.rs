@@ -584,6 +584,24 @@ async fn read_reply<R: AsyncRead + Unpin>(r: &mut R) -> Result<DiskFrame> {
     DiskFrame::decode_header(&h).map_err(|e| Error::Disk(e.to_string()))
 }
 
+/// One disk frame and its body (`what` names the stream in errors). The body's length
+/// is bounded by the header check before it is allocated.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    what: &str,
+) -> Result<(DiskFrame, Vec<u8>)> {
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h)
+        .await
+        .map_err(|e| Error::io(format!("receive {what}"), e))?;
+    let frame = DiskFrame::decode_header(&h).map_err(|e| Error::Disk(e.to_string()))?;
+    let mut body = vec![0u8; frame.body_len as usize];
+    r.read_exact(&mut body)
+        .await
+        .map_err(|e| Error::io(format!("receive {what} body"), e))?;
+    Ok((frame, body))
+}
+
 async fn write_item<W: AsyncWrite + Unpin>(w: &mut W, item: &Item) -> std::io::Result<()> {
     w.write_all(&item.header).await?;
     if !item.body.is_empty() {
@@ -1010,15 +1028,7 @@ impl DiskReceiver {
         });
         let read_result: Result<()> = async {
             loop {
-                let mut h = [0u8; HEADER_LEN];
-                r.read_exact(&mut h)
-                    .await
-                    .map_err(|e| Error::io("receive disk frame", e))?;
-                let frame = DiskFrame::decode_header(&h).map_err(|e| Error::Disk(e.to_string()))?;
-                let mut body = vec![0u8; frame.body_len as usize];
-                r.read_exact(&mut body)
-                    .await
-                    .map_err(|e| Error::io("receive disk frame body", e))?;
+                let (frame, body) = read_frame(r, "disk frame").await?;
                 counters
                     .stream_bytes
                     .fetch_add((HEADER_LEN + body.len()) as u64, Ordering::Relaxed);

@@ -560,28 +560,15 @@ impl DestPostcopy {
             superseded = st.superseded,
             "post-copy: disk complete"
         );
+        let detail = (!seal.ok).then(|| {
+            format!(
+                "{} of {} frames received, {} chunks missing",
+                seal.frames_received, seal.frames_expected, st.missing
+            )
+        });
         super::send_ctl(
             ctl_tx,
-            &Msg::DiskComplete {
-                ok: seal.ok,
-                root: seal.dest_root.clone(),
-                demand_fetches: st.demand_fetches,
-                waits: st.waits,
-                wait_p50_ms: st.wait_p50_ms,
-                wait_max_ms: st.wait_max_ms,
-                fetch_p50_ms: st.fetch_p50_ms,
-                fetch_max_ms: st.fetch_max_ms,
-                single_reads: st.single_reads,
-                single_read_p50_ms: st.single_read_p50_ms,
-                single_read_max_ms: st.single_read_max_ms,
-                superseded: st.superseded,
-                detail: (!seal.ok).then(|| {
-                    format!(
-                        "{} of {} frames received, {} chunks missing",
-                        seal.frames_received, seal.frames_expected, st.missing
-                    )
-                }),
-            },
+            &disk_complete(seal.ok, &seal.dest_root, &st, detail),
         )
         .await
     }
@@ -591,6 +578,30 @@ impl DestPostcopy {
         if let Some(od) = self.od() {
             od.abandon();
         }
+    }
+}
+
+/// `DiskComplete` with the on-demand back end's figures.
+pub fn disk_complete(
+    ok: bool,
+    root: &str,
+    st: &roam_nbd::OnDemandStats,
+    detail: Option<String>,
+) -> Msg {
+    Msg::DiskComplete {
+        ok,
+        root: root.to_string(),
+        demand_fetches: st.demand_fetches,
+        waits: st.waits,
+        wait_p50_ms: st.wait_p50_ms,
+        wait_max_ms: st.wait_max_ms,
+        fetch_p50_ms: st.fetch_p50_ms,
+        fetch_max_ms: st.fetch_max_ms,
+        single_reads: st.single_reads,
+        single_read_p50_ms: st.single_read_p50_ms,
+        single_read_max_ms: st.single_read_max_ms,
+        superseded: st.superseded,
+        detail,
     }
 }
 
@@ -627,6 +638,35 @@ pub(crate) async fn await_ram_postcopy_run(rt: &RunningVm) -> Result<roam_vm::Mi
     }
 }
 
+/// Fixtures shared by the post-copy tests of this module and of `resume`.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+    use std::sync::Arc;
+
+    /// A source disk of `n` chunks where each chunk `c` of `filled` holds the byte
+    /// `c + 1` (the rest zero), and an empty destination disk of the same size.
+    pub fn disks(
+        cs: u32,
+        n: u64,
+        filled: impl IntoIterator<Item = u64>,
+    ) -> (tempfile::NamedTempFile, Arc<File>, tempfile::NamedTempFile) {
+        let size = n * cs as u64;
+        let src = tempfile::NamedTempFile::new().unwrap();
+        src.as_file().set_len(size).unwrap();
+        for c in filled {
+            src.as_file()
+                .write_all_at(&vec![c as u8 + 1; cs as usize], c * cs as u64)
+                .unwrap();
+        }
+        let sfile = Arc::new(src.reopen().unwrap());
+        let dst = tempfile::NamedTempFile::new().unwrap();
+        dst.as_file().set_len(size).unwrap();
+        (src, sfile, dst)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -647,16 +687,7 @@ mod tests {
         let cs = 65536u32;
         let n = 32u64;
         let size = n * cs as u64;
-        let src = tempfile::NamedTempFile::new().unwrap();
-        src.as_file().set_len(size).unwrap();
-        for c in [1u64, 2, 3, 10, 20, 31] {
-            src.as_file()
-                .write_all_at(&vec![c as u8 + 1; cs as usize], c * cs as u64)
-                .unwrap();
-        }
-        let sfile = Arc::new(src.reopen().unwrap());
-        let dst = tempfile::NamedTempFile::new().unwrap();
-        dst.as_file().set_len(size).unwrap();
+        let (_src, sfile, dst) = super::test_support::disks(cs, n, [1u64, 2, 3, 10, 20, 31]);
         let dfile = Arc::new(dst.reopen().unwrap());
 
         let (fetch_tx, wants) = mpsc::unbounded_channel();

@@ -34,10 +34,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use roam_channel::{Connection, StreamKind};
-use roam_migrate::frame::{decode_pending, pending_frames, DiskFrame, Kind, HEADER_LEN};
+use roam_migrate::frame::{decode_pending, pending_frames, DiskFrame, Kind};
 use roam_migrate::Msg;
 use roam_nbd::OnDemandBackend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
@@ -223,23 +223,10 @@ async fn attempt(
     };
     let st = od.stats();
     let ok = outcome.ok && od.is_complete();
+    let detail = (!ok).then(|| format!("{} chunks still missing", st.missing));
     send_ctl(
         &mut ctl_tx,
-        &Msg::DiskComplete {
-            ok,
-            root: outcome.dest_root.clone(),
-            demand_fetches: st.demand_fetches,
-            waits: st.waits,
-            wait_p50_ms: st.wait_p50_ms,
-            wait_max_ms: st.wait_max_ms,
-            fetch_p50_ms: st.fetch_p50_ms,
-            fetch_max_ms: st.fetch_max_ms,
-            single_reads: st.single_reads,
-            single_read_p50_ms: st.single_read_p50_ms,
-            single_read_max_ms: st.single_read_max_ms,
-            superseded: st.superseded,
-            detail: (!ok).then(|| format!("{} chunks still missing", st.missing)),
-        },
+        &super::postcopy::disk_complete(ok, &outcome.dest_root, &st, detail),
     )
     .await?;
     if !ok {
@@ -292,26 +279,19 @@ async fn write_list<W: AsyncWrite + Unpin>(w: &mut W, chunks: &[u64]) -> Result<
 async fn read_list<R: AsyncRead + Unpin>(r: &mut R, chunks: u64) -> Result<Vec<u64>> {
     let mut out = Vec::new();
     loop {
-        let mut h = [0u8; HEADER_LEN];
-        r.read_exact(&mut h)
-            .await
-            .map_err(|e| Error::io("read the list of missing chunks", e))?;
-        let f = DiskFrame::decode_header(&h).map_err(|e| Error::Disk(e.to_string()))?;
+        let (f, body) = super::disk::read_frame(r, "the list of missing chunks").await?;
         match f.kind {
             Kind::Switch => return Ok(out),
             Kind::Pending => {
-                // Bounded by the header check before this allocation.
-                let mut body = vec![0u8; f.body_len as usize];
-                r.read_exact(&mut body)
-                    .await
-                    .map_err(|e| Error::io("read the list of missing chunks", e))?;
                 for (first, n) in
                     decode_pending(&body, chunks).map_err(|e| Error::Disk(e.to_string()))?
                 {
                     out.extend(first..first + n);
                 }
                 if out.len() as u64 > chunks {
-                    return Err(Error::Disk("the missing list names a chunk twice".into()));
+                    return Err(Error::Disk(
+                        "the missing list is longer than the disk".into(),
+                    ));
                 }
             }
             other => {
@@ -498,16 +478,7 @@ mod tests {
         let cs = CHUNK_SIZE;
         let n = 16u64;
         let size = n * cs as u64;
-        let src = tempfile::NamedTempFile::new().unwrap();
-        src.as_file().set_len(size).unwrap();
-        for c in 0..n {
-            src.as_file()
-                .write_all_at(&vec![c as u8 + 1; cs as usize], c * cs as u64)
-                .unwrap();
-        }
-        let sfile = Arc::new(src.reopen().unwrap());
-        let dst = tempfile::NamedTempFile::new().unwrap();
-        dst.as_file().set_len(size).unwrap();
+        let (_src, sfile, dst) = super::super::postcopy::test_support::disks(cs, n, 0..n);
         let inner: Arc<dyn Backend> = Arc::new(FileBackend::open(dst.path(), false).unwrap());
         let (fetch_tx, _wants) = tokio::sync::mpsc::unbounded_channel();
         let od = Arc::new(OnDemandBackend::new(
@@ -515,7 +486,8 @@ mod tests {
             cs as u64,
             Box::new(super::super::postcopy::ChanFetcher(fetch_tx)),
         ));
-        // The first copy delivered everything but 3, 5, 6 and 9 before the link died;
+        // The first copy delivered everything but 3, 5, 6 and 9 before the link died
+        // (this file never saw it: those chunks stay zero here, and must stay so);
         // the guest then rewrote chunk 5 entirely.
         od.activate([3u64, 5, 6, 9]);
         od.write_at(&vec![0xAA; cs as usize], 5 * cs as u64, false)
