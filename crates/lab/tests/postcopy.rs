@@ -205,6 +205,70 @@ async fn postcopy_link_cut_after_the_switch_pauses_then_resumes_when_the_link_re
     lab.shutdown().await;
 }
 
+/// The link dies right after the destination let the guest run, before the source heard
+/// `Running` (fault `lose-link-after-cont` at home): the source cannot know the guest
+/// runs elsewhere and keeps it paused. Home's request for the rest of the disk settles
+/// it: office lets go, sends the rest, and the move commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_link_lost_before_running_is_settled_by_the_destinations_request() {
+    let mut lab = Lab::start(config()).await.unwrap();
+    let home = lab.host_mut("home");
+    home.env
+        .push(("ROAM_FAULTS".into(), "lose-link-after-cont".into()));
+    home.spawn().await.unwrap();
+    lab.create_vm("office", "desk").await.unwrap();
+    lab.start_workload("office", "desk").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let req = MigrateRequest {
+        vm: "desk".into(),
+        to: "home".into(),
+        postcopy: true,
+        bandwidth_limit_mbit: None,
+    };
+    let r = lab
+        .host("office")
+        .client
+        .migrate(&req, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Aborted, "{r:?}");
+    let err = r.error.clone().unwrap_or_default();
+    assert!(err.contains("lets go then"), "{err}");
+    let log = lab.host("home").log.clone();
+    let resumed = roam_lab::lab::wait_until(Duration::from_secs(90), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("post-copy resumed and committed")
+    })
+    .await;
+    assert!(
+        resumed,
+        "home never completed the disk:\n{}\n--- office ---\n{}",
+        lab.host("home").log_tail(30),
+        lab.host("office").log_tail(30)
+    );
+    let office = std::fs::read_to_string(&lab.host("office").log).unwrap();
+    assert!(
+        office.contains("the destination owns the VM"),
+        "office did not settle the handover on home's request"
+    );
+    assert_eq!(
+        lab.host("office").client.vm_show("desk").await.unwrap().state,
+        VmState::Moved
+    );
+    assert!(
+        heartbeats_flow(&lab, "home", "desk").await,
+        "guest not running at home"
+    );
+    no_debris(&lab, "office", &[]).await;
+    no_debris(&lab, "home", &["desk"]).await;
+    let back = lab.migrate("desk", "home", "office", |_| {}).await.unwrap();
+    assert_eq!(back.outcome, Outcome::Completed, "{back:?}");
+    assert!(back.acked_writes > 0);
+    assert_eq!(back.acked_writes_lost, 0, "{back:?}");
+    lab.shutdown().await;
+}
+
 /// RAM post-copy joins post-copy storage: the guest rewrites its memory faster than the
 /// link carries it, so pre-copy cannot converge; roamd sees the passes stop shrinking,
 /// issues `migrate-start-postcopy`, and the guest runs at home while both its RAM pages

@@ -45,6 +45,10 @@ pub struct Daemon {
     pub dedup: Arc<crate::dedup::Dedup>,
     /// The link rate last measured to each peer (see linkrate.rs).
     pub link_rates: crate::linkrate::LinkRates,
+    /// Post-copy moves out whose destination may run the guest (QEMU completed, no
+    /// `Running` heard): the VM stays paused here until that destination asks for the
+    /// rest of the disk (`migration::resume`), which proves it owns the VM.
+    pub unknown_handovers: Mutex<HashMap<String, crate::migration::resume::Handover>>,
     /// Lets `&self` trait methods hand an owning handle to long-lived tasks.
     me: std::sync::Weak<Daemon>,
 }
@@ -169,6 +173,7 @@ pub async fn run(state: PathBuf, socket: Option<PathBuf>) -> anyhow::Result<()> 
         replication: Default::default(),
         dedup: Default::default(),
         link_rates: Default::default(),
+        unknown_handovers: Default::default(),
         me: me.clone(),
     });
     daemon.dedup.start(

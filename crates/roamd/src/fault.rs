@@ -6,6 +6,9 @@
 //! - `refuse-handover`: the destination reports the disks unequal at the seal,
 //!   after it took over the VM's HIP associations and announced its locator —
 //!   the latest point at which a handover can still be called off.
+//! - `lose-link-after-cont`: a post-copy destination closes the connection right after
+//!   it let the guest run, before it says `Running`: the source cannot know the move
+//!   happened.
 
 use std::sync::OnceLock;
 

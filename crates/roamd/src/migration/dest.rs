@@ -438,6 +438,10 @@ impl Dest {
             cont_ms = t_cont.elapsed().as_millis() as u64,
             "the guest runs here"
         );
+        if self.postcopy.is_some() && crate::fault::active("lose-link-after-cont") {
+            self.conn.close(9, "fault: lose-link-after-cont");
+            return Ok(());
+        }
         let hb = rt
             .agent
             .wait_heartbeat_after(0, Duration::from_secs(30))

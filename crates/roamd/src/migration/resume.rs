@@ -24,10 +24,12 @@
 //! overwritten (`OnDemandBackend::install`), as during the first copy. A link that dies
 //! again pauses the guest again, and the destination asks again.
 //!
+//! A cut between the destination's `cont` and the source hearing `Running` leaves the
+//! source unsure: it keeps its QEMU paused and notes the move (`unknown_handovers`); the
+//! destination's request settles it, and the source lets go then.
+//!
 //! Not covered: RAM post-copy (the source's QEMU holds pages the destination lacks;
-//! QEMU's `migrate-recover` would be needed), and a cut between the destination's
-//! `cont` and the source hearing `Running` (the source then keeps its paused QEMU and
-//! refuses, since it cannot know the guest ran elsewhere).
+//! QEMU's `migrate-recover`, out of band, would be needed).
 
 use std::fs::File;
 use std::sync::Arc;
@@ -53,6 +55,15 @@ use crate::state::VmStatus;
 const MAX_BACKOFF: Duration = Duration::from_secs(8);
 /// zstd level of the resumed background copy (the link's speed is unknown again).
 const RESUME_LEVEL: i32 = 3;
+
+/// A post-copy move out whose outcome the source does not know (see
+/// `Daemon::unknown_handovers`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Handover {
+    pub to: String,
+    /// The generation the destination owns the VM at, should it run it.
+    pub generation: u64,
+}
 
 /// What the destination needs to ask for the rest of a post-copy disk.
 #[derive(Clone)]
@@ -262,6 +273,63 @@ async fn attempt(
     }
 }
 
+/// The link died between this host's switch and the destination's `Running`: the VM
+/// is paused here, its QEMU done (`postmigrate`). A destination that asks for the rest
+/// of the disk at the generation it would own the VM at took the VM over (it asks only
+/// once it recorded itself as the owner), so this host lets go now.
+async fn settle_unknown_handover(
+    d: &Arc<Daemon>,
+    peer: &str,
+    vm: &str,
+    generation: u64,
+) -> std::result::Result<crate::state::VmRecord, String> {
+    let want = Handover {
+        to: peer.to_string(),
+        generation,
+    };
+    let known = d
+        .unknown_handovers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(vm)
+        .cloned();
+    if known.as_ref() != Some(&want) {
+        return Err(format!(
+            "VM '{vm}' runs here; no move of it to '{peer}' at generation {generation} is pending"
+        ));
+    }
+    let rt = d
+        .running(vm)
+        .await
+        .ok_or_else(|| format!("VM '{vm}' has no QEMU here"))?;
+    let state = rt
+        .vm()
+        .await
+        .map_err(|e| e.to_string())?
+        .query_status()
+        .await
+        .map_err(|e| format!("query-status: {e}"))?;
+    if state != roam_vm::RunState::Postmigrate {
+        return Err(format!(
+            "VM '{vm}' is {state:?} here, not done migrating; not letting go"
+        ));
+    }
+    info!(
+        vm,
+        peer,
+        generation,
+        "the destination owns the VM (it asks for the rest of the disk): letting go"
+    );
+    let r = super::source::let_go(d, &rt, vm, peer)
+        .await
+        .map_err(|e| e.to_string())?;
+    d.unknown_handovers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(vm);
+    Ok(r)
+}
+
 /// `chunks` as `Pending` frames, then `Switch` (the end of the list).
 async fn write_list<W: AsyncWrite + Unpin>(w: &mut W, chunks: &[u64]) -> Result<()> {
     let io = |e| Error::io("send the list of missing chunks", e);
@@ -352,7 +420,12 @@ async fn serve_inner(
 ) -> std::result::Result<(), Refusal> {
     let before = |s: String| Refusal::Before(s);
     let _guard = d.claim(vm).map_err(|e| before(e.to_string()))?;
-    let r = d.vm_record(vm).map_err(|e| before(e.to_string()))?;
+    let mut r = d.vm_record(vm).map_err(|e| before(e.to_string()))?;
+    if r.status == VmStatus::Running {
+        r = settle_unknown_handover(d, peer, vm, generation)
+            .await
+            .map_err(before)?;
+    }
     if r.status != VmStatus::Moved || r.moved_to.as_deref() != Some(peer) {
         return Err(before(format!(
             "VM '{vm}' is not recorded here as moved to '{peer}' (status {:?}, moved to {:?})",

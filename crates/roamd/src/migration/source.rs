@@ -799,24 +799,9 @@ impl Source {
         Ok((rate, rtt_ms))
     }
 
-    /// The guest runs at the destination, which owns it: quit (never cont) this QEMU,
-    /// keep the disk, record the VM as moved at the next generation.
     async fn let_go(&mut self) -> Result<crate::state::VmRecord> {
-        self.d.vms.lock().await.remove(&self.req.vm);
-        if let Err(e) = self.rt.stop(&self.d.nbd).await {
-            warn!(vm = %self.req.vm, "stopping the source QEMU after switchover: {e}");
-        }
-        let mut r = self.d.vm_record(&self.req.vm)?;
-        r.status = VmStatus::Moved;
-        r.moved_to = Some(self.req.to.clone());
-        r.generation += 1;
-        self.d.store.put_vm(&r)?;
+        let r = let_go(&self.d, &self.rt, &self.req.vm, &self.req.to).await?;
         self.let_go = true;
-        self.d.store.log(&serde_json::json!({
-            "event": "migrated_out", "vm": r.name, "to": self.req.to,
-            "generation": r.generation,
-            "unix_ms": now_ms(),
-        }))?;
         Ok(r)
     }
 
@@ -1244,6 +1229,30 @@ impl Source {
                     " — the VM is paused on the source because the destination may be running it",
                 );
             }
+            // Post-copy storage: a destination that runs the guest will ask for the rest
+            // of the disk; that request settles it (`resume`).
+            if self.result.postcopy.is_some() && !self.ram_postcopy {
+                if let Ok(r) = self.d.vm_record(&self.req.vm) {
+                    self.d
+                        .unknown_handovers
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(
+                            self.req.vm.clone(),
+                            super::resume::Handover {
+                                to: self.req.to.clone(),
+                                generation: r.generation + 1,
+                            },
+                        );
+                    if let Some(e) = self.result.error.as_mut() {
+                        e.push_str(&format!(
+                            "; if '{}' runs it, it will ask for the rest of the disk and \
+                             this host lets go then",
+                            self.req.to
+                        ));
+                    }
+                }
+            }
             return;
         }
         self.restart_hip(hip_export.take()).await;
@@ -1265,6 +1274,31 @@ struct Accepted {
     indexed_chunks: u64,
     rate_hint: u64,
     base_replica: Option<roam_migrate::protocol::ReplicaBatch>,
+}
+
+/// The guest runs at destination `to`, which owns it: quit (never cont) this QEMU, keep
+/// the disk, record the VM as moved there at the next generation.
+pub async fn let_go(
+    d: &Arc<Daemon>,
+    rt: &Arc<RunningVm>,
+    vm: &str,
+    to: &str,
+) -> Result<crate::state::VmRecord> {
+    d.vms.lock().await.remove(vm);
+    if let Err(e) = rt.stop(&d.nbd).await {
+        warn!(vm, "stopping the source QEMU after switchover: {e}");
+    }
+    let mut r = d.vm_record(vm)?;
+    r.status = VmStatus::Moved;
+    r.moved_to = Some(to.to_string());
+    r.generation += 1;
+    d.store.put_vm(&r)?;
+    d.store.log(&serde_json::json!({
+        "event": "migrated_out", "vm": r.name, "to": to,
+        "generation": r.generation,
+        "unix_ms": now_ms(),
+    }))?;
+    Ok(r)
 }
 
 fn unexpected(wanted: &str, got: &Msg) -> Error {
