@@ -253,7 +253,12 @@ async fn postcopy_link_lost_before_running_is_settled_by_the_destinations_reques
         "office did not settle the handover on home's request"
     );
     assert_eq!(
-        lab.host("office").client.vm_show("desk").await.unwrap().state,
+        lab.host("office")
+            .client
+            .vm_show("desk")
+            .await
+            .unwrap()
+            .state,
         VmState::Moved
     );
     assert!(
