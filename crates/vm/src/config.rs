@@ -189,6 +189,15 @@ impl VmConfig {
             ),
             "-mon",
             "chardev=qmp0,mode=control",
+            // Out-of-band commands only (`crate::oob`): `migrate-recover` must get
+            // through while the main loop waits for a missing post-copy page.
+            "-chardev",
+            &format!(
+                "socket,id=qmp1,path={},server=on,wait=off",
+                opt_path(&p.qmp_oob)?
+            ),
+            "-mon",
+            "chardev=qmp1,mode=control",
         ]);
         // A file chardev, not a socket: the log must fill even when nobody is attached,
         // and a socket chardev with `wait=off` drops output while unconnected.
@@ -286,7 +295,7 @@ impl VmConfig {
             return bad("kernel cmdline contains a newline or NUL".into());
         }
         let p = self.paths();
-        let mut sockets = vec![p.qmp.clone()];
+        let mut sockets = vec![p.qmp.clone(), p.qmp_oob.clone()];
         if self.agent {
             sockets.push(p.agent.clone());
         }
@@ -313,6 +322,8 @@ pub struct RunPaths {
     pub dir: PathBuf,
     /// QMP control socket (QEMU listens).
     pub qmp: PathBuf,
+    /// A second QMP monitor, for out-of-band commands (`crate::oob`).
+    pub qmp_oob: PathBuf,
     /// Serial console output (ttyS0).
     pub serial_log: PathBuf,
     /// Guest agent channel (QEMU listens, roamd connects).
@@ -327,6 +338,7 @@ impl RunPaths {
         RunPaths {
             dir: dir.to_path_buf(),
             qmp: dir.join("qmp.sock"),
+            qmp_oob: dir.join("qmp-oob.sock"),
             serial_log: dir.join("serial.log"),
             agent: dir.join("agent.sock"),
             qemu_log: dir.join("qemu.log"),
@@ -396,13 +408,17 @@ mod tests {
         assert_eq!(values(&a, "-kernel"), ["/g/vmlinuz"]);
         assert_eq!(values(&a, "-initrd"), ["/g/initramfs.img"]);
         assert_eq!(values(&a, "-append"), ["console=ttyS0 quiet panic=-1"]);
-        assert_eq!(values(&a, "-mon"), ["chardev=qmp0,mode=control"]);
+        assert_eq!(
+            values(&a, "-mon"),
+            ["chardev=qmp0,mode=control", "chardev=qmp1,mode=control"]
+        );
         assert_eq!(values(&a, "-serial"), ["chardev:serial0"]);
         let chardevs = values(&a, "-chardev");
         assert_eq!(
             chardevs,
             [
                 "socket,id=qmp0,path=/run/roam/vm/desk/qmp.sock,server=on,wait=off",
+                "socket,id=qmp1,path=/run/roam/vm/desk/qmp-oob.sock,server=on,wait=off",
                 "file,id=serial0,path=/run/roam/vm/desk/serial.log",
                 "socket,id=agent0,path=/run/roam/vm/desk/agent.sock,server=on,wait=off",
             ]

@@ -50,6 +50,7 @@ pub mod config;
 pub mod dirty;
 pub mod error;
 pub mod migration;
+pub mod oob;
 pub mod qmp;
 pub mod tuning;
 pub mod vm;

@@ -352,6 +352,32 @@ impl Vm {
         Ok(())
     }
 
+    /// Resumes a paused post-copy towards a destination that listens on `uri` again
+    /// (after [`Vm::migrate_recover`] there).
+    pub async fn migrate_resume(&self, uri: &str) -> Result<()> {
+        self.qmp()
+            .execute(qmp::migrate {
+                uri: Some(uri.to_string()),
+                channels: None,
+                detach: None,
+                resume: Some(true),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Destination of a paused post-copy: listen for the source's resumed stream on
+    /// `uri`. Out of band (`crate::oob`): the main loop may be blocked on a missing page.
+    pub async fn migrate_recover(&self, uri: &str) -> Result<()> {
+        crate::oob::exec_oob(
+            &self.paths().qmp_oob,
+            "migrate-recover",
+            serde_json::json!({ "uri": uri }),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Makes a `-incoming defer` QEMU listen on `uri`.
     pub async fn migrate_incoming(&self, uri: &str) -> Result<()> {
         self.qmp()

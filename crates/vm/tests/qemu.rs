@@ -57,6 +57,15 @@ async fn boot_query_status_and_quit_cleanly() {
     assert!(run_dir.join("qmp.sock").exists());
     assert!(run_dir.join("agent.sock").exists());
     assert_eq!(vm.query_status().await.unwrap(), RunState::Running);
+    // The out-of-band monitor negotiates OOB and runs `migrate-recover` there; QEMU
+    // refuses it on a VM that is not in a paused post-copy, and says so.
+    match vm.migrate_recover("unix:/nonexistent").await {
+        Err(Error::Qmp { command, desc, .. }) => {
+            assert_eq!(command, "migrate-recover");
+            assert!(desc.contains("postcopy"), "{desc}");
+        }
+        other => panic!("migrate-recover out of band: {other:?}"),
+    }
     if guest().own {
         // The NBD-backed virtio disk reached the guest.
         vm.wait_serial(OWN_DISK, Duration::from_secs(5))
