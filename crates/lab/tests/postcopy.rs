@@ -332,9 +332,10 @@ async fn postcopy_ram_takes_over_when_precopy_cannot_converge() {
 
 /// The link dies while RAM pages are still at the source. Neither host holds the whole
 /// VM then: the migration must not claim success, the source must neither resume nor
-/// quit its QEMU (it holds the missing pages), and the guest runs nowhere.
+/// quit its QEMU (it holds the missing pages), and the guest runs nowhere. When the link
+/// is back, QEMU's post-copy recovery, driven by both roamds, finishes the move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postcopy_ram_link_cut_pauses_and_never_claims_success() {
+async fn postcopy_ram_link_cut_pauses_never_claims_success_and_recovers() {
     let mut cfg = config();
     cfg.data_mib = 16;
     cfg.workload.mem_dirty_mib_s = 48;
@@ -368,7 +369,53 @@ async fn postcopy_ram_link_cut_pauses_and_never_claims_success() {
         1,
         "home keeps the paused VM"
     );
+    // The link returns: home makes its QEMU listen again (out of band), office resumes
+    // its RAM stream, sends the disk's rest, lets go; the move commits.
     lab.wan.as_ref().unwrap().set_outage(false);
+    let log = lab.host("home").log.clone();
+    let resumed = roam_lab::lab::wait_until(Duration::from_secs(120), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("post-copy resumed and committed")
+    })
+    .await;
+    assert!(
+        resumed,
+        "home never recovered:\n{}\n--- office ---\n{}",
+        lab.host("home").log_tail(30),
+        lab.host("office").log_tail(30)
+    );
+    assert!(
+        heartbeats_flow(&lab, "home", "desk").await,
+        "guest not running at home after the recovery"
+    );
+    assert_eq!(
+        lab.host("office")
+            .client
+            .vm_show("desk")
+            .await
+            .unwrap()
+            .state,
+        VmState::Moved
+    );
+    no_debris(&lab, "office", &[]).await;
+    no_debris(&lab, "home", &["desk"]).await;
+    // A pre-copy move back checks every acknowledged write; it converges only once
+    // the guest stops rewriting its memory faster than the link carries it.
+    let calmer = Workload {
+        mem_dirty_mib_s: 4,
+        mem_working_set_mib: 16,
+        mem_incompressible: false,
+        ..lab.cfg.workload
+    };
+    lab.host("home")
+        .client
+        .vm_workload("desk", &calmer)
+        .await
+        .unwrap();
+    let back = lab.migrate("desk", "home", "office", |_| {}).await.unwrap();
+    assert_eq!(back.outcome, Outcome::Completed, "{back:?}");
+    assert_eq!(back.acked_writes_lost, 0, "{back:?}");
     lab.shutdown().await;
 }
 

@@ -261,6 +261,11 @@ pub enum Msg {
         version: u16,
         vm: String,
         generation: u64,
+        /// RAM post-copy was under way too: D's QEMU listens again (`migrate-recover`)
+        /// and S resumes its paused RAM stream (`migrate … resume=true`) over this
+        /// connection before it lets go.
+        #[serde(default)]
+        ram: bool,
     },
     /// S → D: S holds `vm`'s disk as of the switchover and will send what D lacks.
     ResumeAccepted,
@@ -340,6 +345,7 @@ mod tests {
                 version: PROTOCOL_VERSION,
                 vm: "desk".into(),
                 generation: 4,
+                ram: true,
             },
             Msg::ResumeAccepted,
         ];

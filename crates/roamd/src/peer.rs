@@ -80,9 +80,10 @@ async fn handle(d: Arc<Daemon>, conn: Connection) {
             version,
             vm,
             generation,
+            ram,
         }) if roam_migrate::protocol::version_accepted(version) => {
-            info!(vm = %vm, peer = %peer, generation, "asked to resume a post-copy disk copy");
-            crate::migration::resume::serve(d, conn, tx, rx, vm, generation).await;
+            info!(vm = %vm, peer = %peer, generation, ram, "asked to resume a post-copy");
+            crate::migration::resume::serve(d, conn, tx, rx, vm, generation, ram).await;
         }
         Ok(other) => {
             let _ = send_ctl(

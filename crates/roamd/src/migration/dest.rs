@@ -60,6 +60,7 @@ pub async fn serve(
         vm: vm.name.clone(),
         generation: vm.generation + 1,
         disk_bytes: vm.disk_bytes,
+        ram: Default::default(),
     };
     let mut job = Dest {
         d: d.clone(),
@@ -395,6 +396,9 @@ impl Dest {
             .await
             .map_err(|e| Error::Vm(format!("incoming migration: {e}")))?;
         let st = if st.status == MigrationStatus::PostcopyActive {
+            if let Some(p) = &self.postcopy {
+                p.note_ram_postcopy();
+            }
             postcopy::await_ram_postcopy_run(&rt).await?
         } else {
             st

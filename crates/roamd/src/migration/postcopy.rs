@@ -452,6 +452,13 @@ impl DestPostcopy {
         self.resume = Some(ctx);
     }
 
+    /// RAM post-copy is under way too: a resume must recover QEMU's stream as well.
+    pub fn note_ram_postcopy(&self) {
+        if let Some(r) = &self.resume {
+            r.ram.store(true, Ordering::Release);
+        }
+    }
+
     /// The move committed: the link's end is no loss any more.
     pub fn committed(&self) {
         self.committed.store(true, Ordering::Release);

@@ -28,10 +28,13 @@
 //! source unsure: it keeps its QEMU paused and notes the move (`unknown_handovers`); the
 //! destination's request settles it, and the source lets go then.
 //!
-//! Not covered: RAM post-copy (the source's QEMU holds pages the destination lacks;
-//! QEMU's `migrate-recover`, out of band, would be needed).
+//! With RAM post-copy (`ram: true`) the source's QEMU, `postcopy-paused`, still holds
+//! pages the destination lacks: the destination's QEMU listens again (`migrate-recover`,
+//! out of band, `roam_vm::oob`), the source resumes its stream over the new connection
+//! (`migrate … resume=true`), and lets go only once QEMU reports every page sent.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,6 +66,9 @@ pub struct Handover {
     pub to: String,
     /// The generation the destination owns the VM at, should it run it.
     pub generation: u64,
+    /// RAM post-copy was under way: this host's QEMU holds pages the destination
+    /// lacks and waits, `postcopy-paused`, to resume its stream.
+    pub ram: bool,
 }
 
 /// What the destination needs to ask for the rest of a post-copy disk.
@@ -75,6 +81,8 @@ pub struct DestCtx {
     /// The generation this host owns the VM at.
     pub generation: u64,
     pub disk_bytes: u64,
+    /// RAM post-copy is under way too (set when the destination sees it).
+    pub ram: Arc<AtomicBool>,
 }
 
 /// Destination: the link to the source died. Unless the disk is complete, pause the
@@ -87,7 +95,11 @@ pub fn after_link_loss(
     wants: SharedWants,
 ) {
     tokio::spawn(async move {
-        let mut paused = (!od.is_complete()).then(|| pause(rt.clone(), od.stats().missing));
+        // With RAM post-copy the guest is not paused: `stop` would wait for vCPUs that
+        // wait for pages, and hold the main loop meanwhile. QEMU's own pause
+        // (`postcopy-paused`) blocks just the vCPUs that fault.
+        let ram = ctx.ram.load(Ordering::Acquire);
+        let mut paused = (!ram && !od.is_complete()).then(|| pause(rt.clone(), od.stats().missing));
         let mut backoff = Duration::from_secs(1);
         loop {
             tokio::time::sleep(backoff).await;
@@ -100,7 +112,7 @@ pub fn after_link_loss(
                 Ok(Attempt::Done) => return,
                 Ok(Attempt::LostAgain) => {
                     warn!(vm = %ctx.vm, "post-copy resume: the link died again");
-                    if !od.is_complete() && paused.is_none() {
+                    if !ram && !od.is_complete() && paused.is_none() {
                         paused = Some(pause(rt.clone(), od.stats().missing));
                     }
                     backoff = Duration::from_secs(1);
@@ -161,6 +173,12 @@ async fn attempt(
 ) -> Result<Attempt> {
     let conn = ctx.d.connect_peer(&ctx.source).await?;
     let chan = |e: roam_channel::ChannelError| Error::Migration(e.to_string());
+    let ram = ctx.ram.load(Ordering::Acquire);
+    let _ram_in = if ram {
+        Some(listen_for_ram(rt, &conn).await?)
+    } else {
+        None
+    };
     let (mut ctl_tx, mut ctl_rx) = conn.open_stream(StreamKind::Control).await.map_err(chan)?;
     send_ctl(
         &mut ctl_tx,
@@ -168,6 +186,7 @@ async fn attempt(
             version: roam_migrate::PROTOCOL_VERSION,
             vm: ctx.vm.clone(),
             generation: ctx.generation,
+            ram,
         },
     )
     .await?;
@@ -273,19 +292,35 @@ async fn attempt(
     }
 }
 
-/// The link died between this host's switch and the destination's `Running`: the VM
-/// is paused here, its QEMU done (`postmigrate`). A destination that asks for the rest
-/// of the disk at the generation it would own the VM at took the VM over (it asks only
-/// once it recorded itself as the owner), so this host lets go now.
+/// What settling an unconfirmed move found.
+enum Settled {
+    /// Post-copy storage only: this host let go; the VM's record as it is now.
+    LetGo(Box<crate::state::VmRecord>),
+    /// RAM post-copy: this QEMU waits, `postcopy-paused`, to resume its stream.
+    RamPaused(Arc<RunningVm>),
+}
+
+/// The VM runs here on paper but its move to the asking destination was not confirmed
+/// (`unknown_handovers`): the link died between this host's switch and the
+/// destination's `Running`, or during a RAM post-copy. A destination that asks for the
+/// rest at the generation it would own the VM at took the VM over (it asks only once it
+/// recorded itself as the owner). With storage post-copy alone this QEMU is done
+/// (`postmigrate`) and this host lets go now; with RAM post-copy it must first send the
+/// pages it still holds.
 async fn settle_unknown_handover(
     d: &Arc<Daemon>,
-    peer: &str,
-    vm: &str,
-    generation: u64,
-) -> std::result::Result<crate::state::VmRecord, String> {
+    asked: Asked<'_>,
+) -> std::result::Result<Settled, String> {
+    let Asked {
+        peer,
+        vm,
+        generation,
+        ram,
+    } = asked;
     let want = Handover {
         to: peer.to_string(),
         generation,
+        ram,
     };
     let known = d
         .unknown_handovers
@@ -295,20 +330,38 @@ async fn settle_unknown_handover(
         .cloned();
     if known.as_ref() != Some(&want) {
         return Err(format!(
-            "VM '{vm}' runs here; no move of it to '{peer}' at generation {generation} is pending"
+            "VM '{vm}' runs here; no move of it to '{peer}' at generation {generation} \
+             (RAM post-copy: {ram}) is pending"
         ));
     }
     let rt = d
         .running(vm)
         .await
         .ok_or_else(|| format!("VM '{vm}' has no QEMU here"))?;
-    let state = rt
-        .vm()
-        .await
-        .map_err(|e| e.to_string())?
+    let qemu = rt.vm().await.map_err(|e| e.to_string())?;
+    if ram {
+        let st = qemu
+            .query_migrate()
+            .await
+            .map_err(|e| format!("query-migrate: {e}"))?;
+        if st.status != roam_vm::MigrationStatus::PostcopyPaused {
+            return Err(format!(
+                "VM '{vm}': its RAM post-copy is {:?} here, not paused",
+                st.status
+            ));
+        }
+        drop(qemu);
+        info!(
+            vm,
+            peer, generation, "the destination asks for the rest of a RAM post-copy"
+        );
+        return Ok(Settled::RamPaused(rt));
+    }
+    let state = qemu
         .query_status()
         .await
         .map_err(|e| format!("query-status: {e}"))?;
+    drop(qemu);
     if state != roam_vm::RunState::Postmigrate {
         return Err(format!(
             "VM '{vm}' is {state:?} here, not done migrating; not letting go"
@@ -327,7 +380,80 @@ async fn settle_unknown_handover(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(vm);
-    Ok(r)
+    Ok(Settled::LetGo(Box::new(r)))
+}
+
+/// Destination, RAM post-copy: QEMU listens for the source's resumed stream again
+/// (`migrate-recover`, out of band) and each migration stream the source opens on
+/// `conn` is joined to it, as in the first copy (`relay`).
+async fn listen_for_ram(
+    rt: &Arc<RunningVm>,
+    conn: &Connection,
+) -> Result<super::postcopy::Task<()>> {
+    let sock = rt.config.run_dir.join("migrate-recover.sock");
+    let _ = std::fs::remove_file(&sock);
+    rt.vm()
+        .await?
+        .migrate_recover(&format!("unix:{}", sock.display()))
+        .await
+        .map_err(|e| Error::Vm(format!("migrate-recover: {e}")))?;
+    let conn = conn.clone();
+    Ok(super::postcopy::Task(tokio::spawn(async move {
+        while let Ok((kind, tx, rx)) = conn.accept_stream().await {
+            if kind != StreamKind::MigrationStream {
+                continue;
+            }
+            let sock = sock.clone();
+            tokio::spawn(async move {
+                if let Err(e) = super::relay::deliver(&sock, (tx, rx)).await {
+                    warn!("resumed RAM stream: {e}");
+                }
+            });
+        }
+    })))
+}
+
+/// Source, RAM post-copy: resume QEMU's paused stream towards the destination over
+/// `conn` and wait until every page went out.
+async fn resume_ram(rt: Arc<RunningVm>, conn: Connection) -> Result<()> {
+    use roam_vm::MigrationStatus as S;
+    let sock = rt.config.run_dir.join("migrate-resume.sock");
+    let _relay = super::relay::Relay::listen(sock.clone(), conn)?;
+    let vm = rt.vm().await?;
+    vm.migrate_resume(&format!("unix:{}", sock.display()))
+        .await
+        .map_err(|e| Error::Vm(format!("migrate resume: {e}")))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
+    let mut moving = false;
+    loop {
+        let st = vm
+            .query_migrate()
+            .await
+            .map_err(|e| Error::Vm(format!("query-migrate: {e}")))?;
+        match st.status {
+            S::Completed => return Ok(()),
+            S::PostcopyActive | S::PostcopyRecover | S::PostcopyRecoverSetup => moving = true,
+            S::PostcopyPaused if moving => {
+                return Err(Error::Migration(
+                    "the resumed RAM stream broke again".into(),
+                ))
+            }
+            S::Failed | S::Cancelled => {
+                return Err(Error::Migration(format!(
+                    "the resumed RAM stream ended {:?}: {}",
+                    st.status,
+                    st.error_desc.unwrap_or_default()
+                )))
+            }
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Migration(
+                "the resumed RAM stream did not complete within an hour".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// `chunks` as `Pending` frames, then `Switch` (the end of the list).
@@ -380,9 +506,16 @@ pub async fn serve(
     mut ctl_rx: roam_channel::RecvStream,
     vm: String,
     generation: u64,
+    ram: bool,
 ) {
     let peer = conn.peer_name().unwrap_or("?").to_string();
-    match serve_inner(&d, &conn, &mut ctl_tx, &mut ctl_rx, &peer, &vm, generation).await {
+    let asked = Asked {
+        peer: &peer,
+        vm: &vm,
+        generation,
+        ram,
+    };
+    match serve_inner(&d, &conn, &mut ctl_tx, &mut ctl_rx, asked).await {
         Ok(()) => conn.close(0, "done"),
         Err(Refusal::Before(reason)) => {
             info!(vm = %vm, peer = %peer, "refused to resume a post-copy disk: {reason}");
@@ -409,34 +542,57 @@ impl From<Error> for Refusal {
     }
 }
 
+/// What a destination asked for.
+#[derive(Clone, Copy)]
+struct Asked<'a> {
+    peer: &'a str,
+    vm: &'a str,
+    generation: u64,
+    ram: bool,
+}
+
 async fn serve_inner(
     d: &Arc<Daemon>,
     conn: &Connection,
     ctl_tx: &mut roam_channel::SendStream,
     ctl_rx: &mut roam_channel::RecvStream,
-    peer: &str,
-    vm: &str,
-    generation: u64,
+    asked: Asked<'_>,
 ) -> std::result::Result<(), Refusal> {
+    let Asked {
+        peer,
+        vm,
+        generation,
+        ..
+    } = asked;
     let before = |s: String| Refusal::Before(s);
     let _guard = d.claim(vm).map_err(|e| before(e.to_string()))?;
     let mut r = d.vm_record(vm).map_err(|e| before(e.to_string()))?;
+    // RAM post-copy: this QEMU, paused, still holds pages; it lets go once they went.
+    let mut ram_from = None;
     if r.status == VmStatus::Running {
-        r = settle_unknown_handover(d, peer, vm, generation)
-            .await
-            .map_err(before)?;
-    }
-    if r.status != VmStatus::Moved || r.moved_to.as_deref() != Some(peer) {
+        match settle_unknown_handover(d, asked).await.map_err(before)? {
+            Settled::LetGo(rec) => r = *rec,
+            Settled::RamPaused(rt) => ram_from = Some(rt),
+        }
+    } else if asked.ram {
         return Err(before(format!(
-            "VM '{vm}' is not recorded here as moved to '{peer}' (status {:?}, moved to {:?})",
-            r.status, r.moved_to
+            "VM '{vm}' has no paused RAM post-copy here (status {:?})",
+            r.status
         )));
     }
-    if r.generation != generation {
-        return Err(before(format!(
-            "VM '{vm}' moved to '{peer}' at generation {}, not {generation}",
-            r.generation
-        )));
+    if ram_from.is_none() {
+        if r.status != VmStatus::Moved || r.moved_to.as_deref() != Some(peer) {
+            return Err(before(format!(
+                "VM '{vm}' is not recorded here as moved to '{peer}' (status {:?}, moved to {:?})",
+                r.status, r.moved_to
+            )));
+        }
+        if r.generation != generation {
+            return Err(before(format!(
+                "VM '{vm}' moved to '{peer}' at generation {}, not {generation}",
+                r.generation
+            )));
+        }
     }
     let file = File::open(&r.disk_path)
         .map_err(|e| before(format!("the disk kept at {}: {e}", r.disk_path)))?;
@@ -451,7 +607,10 @@ async fn serve_inner(
         )));
     }
     send_ctl(ctl_tx, &Msg::ResumeAccepted).await?;
-    info!(vm, peer, "resuming a post-copy disk copy");
+    info!(vm, peer, ram = ram_from.is_some(), "resuming a post-copy");
+    let ram_done = ram_from
+        .clone()
+        .map(|rt| super::postcopy::Task(tokio::spawn(resume_ram(rt, conn.clone()))));
 
     let (mut disk, mut demand) = (None, None);
     while disk.is_none() || demand.is_none() {
@@ -509,6 +668,23 @@ async fn serve_inner(
             return Err(
                 Error::Migration(format!("expected disk_complete, got {}", other.name())).into(),
             )
+        }
+    }
+    if let (Some(mut t), Some(rt)) = (ram_done, ram_from) {
+        (&mut t.0)
+            .await
+            .map_err(|e| Error::Migration(format!("resumed RAM stream: {e}")))??;
+        info!(vm, peer, "resumed RAM post-copy complete: letting go");
+        let rec = super::source::let_go(d, &rt, vm, peer).await?;
+        d.unknown_handovers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(vm);
+        if rec.generation != generation {
+            warn!(
+                vm,
+                "moved at generation {}, the destination owns {generation}", rec.generation
+            );
         }
     }
     // As at the end of a move: this host's links stop, the owner takes them over, and

@@ -1189,6 +1189,29 @@ impl Source {
                      the source QEMU is kept paused for a post-copy recovery",
                 );
             }
+            // The destination asks for it when the link is back (`resume`).
+            if self.running_there && self.result.postcopy.is_some() {
+                if let Ok(r) = self.d.vm_record(&self.req.vm) {
+                    self.d
+                        .unknown_handovers
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(
+                            self.req.vm.clone(),
+                            super::resume::Handover {
+                                to: self.req.to.clone(),
+                                generation: r.generation + 1,
+                                ram: true,
+                            },
+                        );
+                    if let Some(e) = self.result.error.as_mut() {
+                        e.push_str(&format!(
+                            ", which '{}' asks for when the link is back",
+                            self.req.to
+                        ));
+                    }
+                }
+            }
             return;
         }
         if self.qemu_migrating {
@@ -1242,6 +1265,7 @@ impl Source {
                             super::resume::Handover {
                                 to: self.req.to.clone(),
                                 generation: r.generation + 1,
+                                ram: false,
                             },
                         );
                     if let Some(e) = self.result.error.as_mut() {
