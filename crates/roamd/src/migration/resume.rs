@@ -98,8 +98,13 @@ pub fn after_link_loss(
         // With RAM post-copy the guest is not paused: `stop` would wait for vCPUs that
         // wait for pages, and hold the main loop meanwhile. QEMU's own pause
         // (`postcopy-paused`) blocks just the vCPUs that fault.
-        let ram = ctx.ram.load(Ordering::Acquire);
-        let mut paused = (!ram && !od.is_complete()).then(|| pause(rt.clone(), od.stats().missing));
+        let must_pause = |paused: &Option<Paused>| {
+            !ctx.ram.load(Ordering::Acquire) && !od.is_complete() && paused.is_none()
+        };
+        let mut paused = None;
+        if must_pause(&paused) {
+            paused = Some(pause(rt.clone(), od.stats().missing));
+        }
         let mut backoff = Duration::from_secs(1);
         loop {
             tokio::time::sleep(backoff).await;
@@ -112,14 +117,15 @@ pub fn after_link_loss(
                 Ok(Attempt::Done) => return,
                 Ok(Attempt::LostAgain) => {
                     warn!(vm = %ctx.vm, "post-copy resume: the link died again");
-                    if !ram && !od.is_complete() && paused.is_none() {
-                        paused = Some(pause(rt.clone(), od.stats().missing));
-                    }
                     backoff = Duration::from_secs(1);
                 }
                 Err(e) => {
                     info!(vm = %ctx.vm, source = %ctx.source, "post-copy resume: {e}; asking again in {} s", backoff.as_secs())
                 }
+            }
+            // The guest may have run again during the attempt.
+            if must_pause(&paused) {
+                paused = Some(pause(rt.clone(), od.stats().missing));
             }
         }
     });
@@ -173,12 +179,20 @@ async fn attempt(
 ) -> Result<Attempt> {
     let conn = ctx.d.connect_peer(&ctx.source).await?;
     let chan = |e: roam_channel::ChannelError| Error::Migration(e.to_string());
-    let ram = ctx.ram.load(Ordering::Acquire);
-    let _ram_in = if ram {
-        Some(listen_for_ram(rt, &conn).await?)
-    } else {
-        None
-    };
+    let mut ram = ctx.ram.load(Ordering::Acquire);
+    let mut _ram_in = None;
+    if ram {
+        match listen_for_ram(rt, &conn).await {
+            Ok(t) => _ram_in = Some(t),
+            // An earlier attempt recovered RAM but not the disk: the rest is disk only.
+            Err(e) if ram_complete(rt).await => {
+                info!(vm = %ctx.vm, "RAM post-copy already complete ({e})");
+                ctx.ram.store(false, Ordering::Release);
+                ram = false;
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let (mut ctl_tx, mut ctl_rx) = conn.open_stream(StreamKind::Control).await.map_err(chan)?;
     send_ctl(
         &mut ctl_tx,
@@ -266,7 +280,9 @@ async fn attempt(
             if outcome.ok { "equal" } else { "different" }
         )));
     }
-    match recv_ctl(&mut ctl_rx, Duration::from_secs(60)).await? {
+    // With RAM post-copy the source commits only once QEMU sent every page; a lost
+    // link ends the wait sooner (the stream breaks).
+    match recv_ctl(&mut ctl_rx, Duration::from_secs(24 * 3600)).await? {
         Msg::Commit {
             generation,
             replicas,
@@ -317,45 +333,51 @@ async fn settle_unknown_handover(
         generation,
         ram,
     } = asked;
-    let want = Handover {
-        to: peer.to_string(),
-        generation,
-        ram,
-    };
     let known = d
         .unknown_handovers
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .get(vm)
         .cloned();
-    if known.as_ref() != Some(&want) {
+    let Some(known) = known.filter(|k| k.to == peer && k.generation == generation) else {
         return Err(format!(
-            "VM '{vm}' runs here; no move of it to '{peer}' at generation {generation} \
-             (RAM post-copy: {ram}) is pending"
+            "VM '{vm}' runs here; no move of it to '{peer}' at generation {generation} is pending"
         ));
-    }
+    };
     let rt = d
         .running(vm)
         .await
         .ok_or_else(|| format!("VM '{vm}' has no QEMU here"))?;
     let qemu = rt.vm().await.map_err(|e| e.to_string())?;
-    if ram {
+    if known.ram {
+        // QEMU's state decides: still paused (resume it), or complete after an earlier
+        // request whose disk part failed (then only the disk's rest is left).
         let st = qemu
             .query_migrate()
             .await
             .map_err(|e| format!("query-migrate: {e}"))?;
-        if st.status != roam_vm::MigrationStatus::PostcopyPaused {
-            return Err(format!(
-                "VM '{vm}': its RAM post-copy is {:?} here, not paused",
-                st.status
-            ));
+        match st.status {
+            roam_vm::MigrationStatus::PostcopyPaused if ram => {
+                drop(qemu);
+                info!(
+                    vm,
+                    peer, generation, "the destination asks for the rest of a RAM post-copy"
+                );
+                return Ok(Settled::RamPaused(rt));
+            }
+            roam_vm::MigrationStatus::PostcopyPaused => {
+                return Err(format!(
+                    "VM '{vm}': its RAM post-copy is paused here, and '{peer}' does not \
+                     listen for it"
+                ))
+            }
+            roam_vm::MigrationStatus::Completed => {}
+            other => {
+                return Err(format!(
+                    "VM '{vm}': its RAM post-copy is {other:?} here, neither paused nor complete"
+                ))
+            }
         }
-        drop(qemu);
-        info!(
-            vm,
-            peer, generation, "the destination asks for the rest of a RAM post-copy"
-        );
-        return Ok(Settled::RamPaused(rt));
     }
     let state = qemu
         .query_status()
@@ -411,6 +433,19 @@ async fn listen_for_ram(
             });
         }
     })))
+}
+
+/// Whether this QEMU's incoming RAM post-copy completed (asked with a short timeout:
+/// with pages missing the main loop may not answer).
+async fn ram_complete(rt: &Arc<RunningVm>) -> bool {
+    let q = async {
+        let vm = rt.vm().await.ok()?;
+        vm.query_migrate().await.ok()
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), q).await,
+        Ok(Some(st)) if st.status == roam_vm::MigrationStatus::Completed
+    )
 }
 
 /// Source, RAM post-copy: resume QEMU's paused stream towards the destination over
@@ -569,16 +604,13 @@ async fn serve_inner(
     let mut r = d.vm_record(vm).map_err(|e| before(e.to_string()))?;
     // RAM post-copy: this QEMU, paused, still holds pages; it lets go once they went.
     let mut ram_from = None;
+    // (A VM recorded as moved sent all its RAM before this host let go: a `ram` in the
+    // request then only means the destination listens in vain.)
     if r.status == VmStatus::Running {
         match settle_unknown_handover(d, asked).await.map_err(before)? {
             Settled::LetGo(rec) => r = *rec,
             Settled::RamPaused(rt) => ram_from = Some(rt),
         }
-    } else if asked.ram {
-        return Err(before(format!(
-            "VM '{vm}' has no paused RAM post-copy here (status {:?})",
-            r.status
-        )));
     }
     if ram_from.is_none() {
         if r.status != VmStatus::Moved || r.moved_to.as_deref() != Some(peer) {
