@@ -425,8 +425,8 @@ fn disk_root(path: &Path) -> String {
     )
 }
 
-/// `(offered, sent)` of every "replica seeded" line in a roamd log.
-fn seeds(log: &std::path::Path) -> Vec<(u64, u64)> {
+/// The lines of a roamd log holding `what`, without terminal colours.
+fn log_lines(log: &std::path::Path, what: &str) -> Vec<String> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let mut plain = String::with_capacity(text.len());
     let mut in_escape = false;
@@ -438,15 +438,30 @@ fn seeds(log: &std::path::Path) -> Vec<(u64, u64)> {
             (false, c) => plain.push(c),
         }
     }
-    let field = |line: &str, key: &str| -> u64 {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(u64::MAX)
-    };
     plain
         .lines()
-        .filter(|l| l.contains("replica seeded"))
+        .filter(|l| l.contains(what))
+        .map(String::from)
+        .collect()
+}
+
+/// The number after `key` in a log line (`u64::MAX` if there is none).
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// The field `key` of every line holding `what` in a roamd log.
+fn log_field(log: &std::path::Path, what: &str, key: &str) -> Vec<u64> {
+    log_lines(log, what).iter().map(|l| field(l, key)).collect()
+}
+
+/// `(offered, sent)` of every "replica seeded" line in a roamd log.
+fn seeds(log: &std::path::Path) -> Vec<(u64, u64)> {
+    log_lines(log, "replica seeded")
+        .iter()
         .map(|l| (field(l, "offered="), field(l, "sent=")))
         .collect()
 }
@@ -501,20 +516,20 @@ async fn replication_resumes_after_either_roamd_restarts_without_resending() {
     )
     .await;
 
-    let seeds = seeds(&lab.host("office").log);
-    eprintln!("seeds (offered, sent): {seeds:?}");
+    let seen = seeds(&lab.host("office").log);
+    eprintln!("seeds (offered, sent): {seen:?}");
     assert!(
-        seeds.len() >= 2,
-        "no hash comparison after the restart: {seeds:?}"
+        seen.len() >= 2,
+        "no hash comparison after the restart: {seen:?}"
     );
     assert!(
-        seeds[0].1 >= 500,
-        "the first seed did not carry the data: {seeds:?}"
+        seen[0].1 >= 500,
+        "the first seed did not carry the data: {seen:?}"
     );
-    for &(offered, sent) in &seeds[1..] {
+    for &(offered, sent) in &seen[1..] {
         assert!(
             sent < 100 && sent * 10 < offered,
-            "a resumed seed resent what the replica held: {seeds:?}"
+            "a resumed seed resent what the replica held: {seen:?}"
         );
     }
 
@@ -568,6 +583,94 @@ async fn replication_resumes_after_either_roamd_restarts_without_resending() {
     .await;
     let (after, _) = committed_state(&home_dir, &scratch_of(&cut_log));
     assert!(after > seq, "no batch committed after the interrupted move");
+
+    // Orderly stops keep what the replica lacks: the VM stopped and started again, then
+    // the primary's roamd stopped (VMs first) and started again. Each time the link goes
+    // on from where it was: no hash comparison of the whole disk.
+    let office_log = lab.host("office").log.clone();
+    let seeds_before = seeds(&office_log).len();
+    let c = &lab.host("office").client;
+    c.vm_stop("desk").await.unwrap();
+    c.vm_start("desk").await.unwrap();
+    lab.start_workload("office", "desk").await.unwrap();
+    let t = now_ms();
+    wait_for(
+        &lab,
+        Duration::from_secs(60),
+        "caught up after the VM restarted",
+        |r| caught_up(r, t),
+    )
+    .await;
+    // A disk written behind roamd's back while the VM is stopped (here: its last chunk,
+    // free space to the guest) voids that state: the next start compares by hash, and the
+    // foreign write travels.
+    let c = &lab.host("office").client;
+    let info = c.vm_stop("desk").await.unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&info.disk_path)
+            .unwrap();
+        f.write_all_at(b"written while the VM was stopped", info.disk_bytes - 65536)
+            .unwrap();
+        f.sync_all().unwrap();
+    }
+    c.vm_start("desk").await.unwrap();
+    lab.start_workload("office", "desk").await.unwrap();
+    let t = now_ms();
+    wait_for(
+        &lab,
+        Duration::from_secs(60),
+        "caught up after a foreign write",
+        |r| caught_up(r, t),
+    )
+    .await;
+    let refused = log_lines(&office_log, "replication state of the last stop not used");
+    assert!(
+        refused.len() == 1 && refused[0].contains("the disk file changed"),
+        "a foreign write did not void the stop's state: {refused:?}"
+    );
+    let after_foreign = seeds(&office_log);
+    assert_eq!(after_foreign.len(), seeds_before + 1, "{after_foreign:?}");
+    let (_, sent) = after_foreign[seeds_before];
+    assert!(
+        (1..100).contains(&sent),
+        "the hash comparison after a foreign write sent {sent} chunks"
+    );
+    lab.host_mut("office").stop().await;
+    lab.host_mut("office").spawn().await.unwrap();
+    lab.host("office").client.vm_start("desk").await.unwrap();
+    lab.start_workload("office", "desk").await.unwrap();
+    let t = now_ms();
+    wait_for(
+        &lab,
+        Duration::from_secs(60),
+        "caught up after an orderly restart of office",
+        |r| caught_up(r, t),
+    )
+    .await;
+    let carried = log_field(
+        &office_log,
+        "replication goes on from where it was",
+        "pending=",
+    );
+    eprintln!("carried over (pending chunks): {carried:?}");
+    assert_eq!(carried.len(), 2, "a stop's replication state was not used");
+    assert!(
+        carried.iter().all(|&n| n < 600),
+        "the carried pending set is not just what the guest wrote: {carried:?}"
+    );
+    assert_eq!(
+        seeds(&office_log).len(),
+        seeds_before + 1,
+        "an orderly stop was followed by a hash comparison of the whole disk"
+    );
+    // The replica the carried state kept fresh is the disk: a move to it completes (its
+    // seal proves every chunk at the destination).
+    let r = lab.migrate("desk", "office", "home", |_| {}).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Completed, "{r:?}");
+    assert!(heartbeats_flow(&lab, "home").await, "guest stalled at home");
     lab.shutdown().await;
     let _ = std::fs::remove_dir_all(&scratch);
 }

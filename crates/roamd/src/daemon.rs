@@ -195,8 +195,10 @@ pub async fn run(state: PathBuf, socket: Option<PathBuf>) -> anyhow::Result<()> 
     let served = roam_control::serve(&sock, host, shutdown.clone()).await;
     shutdown.cancel();
     peers.abort();
-    crate::replication::stop_all(&daemon).await;
+    // VMs first: once their exports are gone, each replication link knows exactly what
+    // its replica lacks, and keeps it for the next start (replication/carry.rs).
     daemon.stop_all().await;
+    crate::replication::stop_all(&daemon).await;
     daemon.endpoint.close();
     served.map_err(|e| anyhow::anyhow!("control API on {}: {e}", sock.display()))
 }

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use roam_agent::host::AgentMonitor;
-use roam_nbd::{Backend, DirtyTracker, FileBackend, NbdServer, TrackedBackend};
+use roam_nbd::{
+    Backend, DirtySubscription, DirtyTracker, FileBackend, InitialState, NbdServer, TrackedBackend,
+};
 use roam_vm::VmEvent;
 use roam_vm::{DiskConfig, Vm, VmConfig};
 use tokio::sync::{broadcast, RwLock, RwLockReadGuard};
@@ -20,6 +22,7 @@ use tracing::{info, warn};
 
 use crate::daemon::Daemon;
 use crate::error::{Error, Result};
+use crate::replication::carry::FileIdentity;
 use crate::state::{VmRecord, VmStatus};
 
 /// Chunk size of dirty tracking and of the disk copy (one BLAKE3 hash per chunk).
@@ -49,6 +52,15 @@ pub struct RunningVm {
     /// not the whole disk (0.33 s per GiB of data on this machine, for a delta of a
     /// few MB). Set by an incoming pre-copy migration; taken by the next outgoing one.
     pub hash_cache: std::sync::Mutex<Option<HashCache>>,
+    /// The disk file as it was before this QEMU could write it (`None` for an arriving
+    /// VM, whose disk the migration writes): a replication carry must match it.
+    pub started_on: Option<FileIdentity>,
+    /// Every chunk this QEMU wrote, from before its export existed: a replication link
+    /// that subscribes later adds these to what it carried over.
+    pub since_start: DirtySubscription,
+    /// The disk file once the export was gone and QEMU could write no more (set by
+    /// `stop`): a replication link's state then describes the file exactly.
+    pub quiesced: std::sync::OnceLock<FileIdentity>,
 }
 
 /// Chunk hashes of a disk as of one moment, and a dirty subscription taken then.
@@ -100,6 +112,12 @@ impl RunningVm {
             .map_err(|e| Error::io(format!("open disk {}", disk_path.display()), e))?;
         let tracker = DirtyTracker::new(file.size(), CHUNK_SIZE as u64)
             .map_err(|e| Error::Disk(e.to_string()))?;
+        let since_start = tracker.subscribe(InitialState::Clean);
+        let started_on = if incoming {
+            None
+        } else {
+            FileIdentity::of(&disk_path).ok()
+        };
         let file: Arc<dyn Backend> = Arc::new(file);
         let file = match layer {
             Some(wrap) => wrap(file),
@@ -177,6 +195,9 @@ impl RunningVm {
             workload: Default::default(),
             net: net.map(|n| n.net),
             hash_cache: Default::default(),
+            started_on,
+            since_start,
+            quiesced: Default::default(),
         });
         supervise(d.self_arc(), &rt, events);
         Ok(rt)
@@ -228,6 +249,12 @@ impl RunningVm {
             n.stop().await;
         }
         remove_export(nbd, &self.export).await?;
+        // One tick of the kernel's coarse file clock, so that a later write to the file
+        // cannot carry the same ctime as QEMU's last one (see replication/carry.rs).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Ok(id) = FileIdentity::of(&self.disk_path()) {
+            let _ = self.quiesced.set(id);
+        }
         quit.map_err(|e| Error::Vm(format!("quit QEMU of '{}': {e}", self.name)))
     }
 }

@@ -21,12 +21,13 @@ use std::time::{Duration, Instant};
 
 use roam_channel::{RecvStream, StreamKind};
 use roam_control::api::{ReplicaInfo, ReplicaState};
-use roam_nbd::{DirtySubscription, DirtyTracker, InitialState};
+use roam_nbd::{DirtySubscription, InitialState};
 use roam_store::{CutBuilder, PassEnd, Version};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::carry::Carry;
 use super::now_ms;
 use super::protocol::{needs_seed, next_seq, ReplMsg, REPL_VERSION};
 use super::testhooks;
@@ -66,6 +67,8 @@ pub struct Link {
     /// What this task knows the replica holds, for a migration to the replica host
     /// (`changed_since`). Taking dirty bits and recording them happen under this lock.
     known: Mutex<Option<Known>>,
+    /// What this link knew when its VM stopped, for the VM's next start (`carry`).
+    carry: Mutex<Option<Carry>>,
 }
 
 /// The replica's committed batch and what was written here since it.
@@ -102,7 +105,7 @@ impl<E: std::fmt::Display> From<E> for SessErr {
 
 /// What the dirty tracking of one running VM has seen, across sessions.
 struct Tracking {
-    tracker: Arc<DirtyTracker>,
+    rt: Arc<RunningVm>,
     sub: Arc<DirtySubscription>,
     /// Taken from the subscription but not yet committed at the replica.
     pending: BTreeSet<u64>,
@@ -111,7 +114,13 @@ struct Tracking {
 }
 
 impl Link {
-    pub fn start(d: Arc<Daemon>, vm: &str, host: &str, bucket: Arc<Bucket>) -> Arc<Link> {
+    pub fn start(
+        d: Arc<Daemon>,
+        vm: &str,
+        host: &str,
+        bucket: Arc<Bucket>,
+        carried: Option<Carry>,
+    ) -> Arc<Link> {
         let link = Arc::new(Link {
             vm: vm.to_string(),
             host: host.to_string(),
@@ -126,6 +135,7 @@ impl Link {
             stop: d.shutdown.child_token(),
             task: Mutex::new(None),
             known: Mutex::new(None),
+            carry: Mutex::new(carried),
         });
         let h = tokio::spawn(run(link.clone(), d, bucket));
         *link.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
@@ -160,6 +170,71 @@ impl Link {
         k.as_ref()
             .and_then(|k| k.synced_to)
             .is_some_and(|v| v.generation == batch.generation && v.seq < batch.seq)
+    }
+
+    /// What this link knew when its VM stopped, if the VM has not started again since.
+    pub fn carried(&self) -> Option<Carry> {
+        self.carry.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The VM stopped (its export is gone): keep what the replica lacks for its next
+    /// start. Nothing is kept for a VM still running or a replica never synced.
+    fn keep_carry(&self, d: &Daemon, tr: &Tracking) -> bool {
+        let (Some(&disk), Some(synced_to)) = (tr.rt.quiesced.get(), tr.synced_to) else {
+            return false;
+        };
+        let Ok(Some(rec)) = d.store.vm(&self.vm) else {
+            return false;
+        };
+        let mut pending = tr.pending.clone();
+        pending.extend(tr.sub.take());
+        *self.known.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.carry.lock().unwrap_or_else(|p| p.into_inner()) = Some(Carry {
+            generation: rec.generation,
+            synced_to,
+            pending,
+            disk,
+        });
+        true
+    }
+
+    /// A (re)started VM: track its writes from now on, and go on from the carry if it
+    /// describes this very disk; otherwise the first batch compares by hash.
+    fn adopt(&self, d: &Daemon, rt: &Arc<RunningVm>) -> Tracking {
+        let sub = Arc::new(rt.tracker.subscribe(InitialState::Clean));
+        let mut tr = Tracking {
+            rt: rt.clone(),
+            sub: sub.clone(),
+            pending: BTreeSet::new(),
+            synced_to: None,
+        };
+        let carried = self.carry.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let generation = d.store.vm(&self.vm).ok().flatten().map(|r| r.generation);
+        if let (Some(c), Some(g)) = (carried, generation) {
+            let chunks = rt.tracker.chunk_count();
+            match c.check(g, rt.started_on, chunks) {
+                Ok(()) => {
+                    tr.pending = c.pending;
+                    // Written by this QEMU before `sub` existed (`sub` came first, so
+                    // nothing falls between the two).
+                    tr.pending
+                        .extend((0..chunks).filter(|&c| rt.since_start.is_dirty(c)));
+                    tr.synced_to = Some(c.synced_to);
+                    info!(vm = %self.vm, host = %self.host, pending = tr.pending.len(),
+                        batch = c.synced_to.seq,
+                        "replication goes on from where it was when the VM stopped");
+                }
+                Err(why) => info!(vm = %self.vm, host = %self.host,
+                    "replication state of the last stop not used ({why}); comparing by hash"),
+            }
+        }
+        // Writes before `sub` are known only through a carry; without one assume nothing.
+        *self.known.lock().unwrap_or_else(|p| p.into_inner()) = tr.synced_to.map(|v| Known {
+            sub,
+            pending: tr.pending.clone(),
+            synced_to: Some(v),
+        });
+        tr
     }
 
     /// Take the dirty bits into `pending`, atomically for `changed_since`.
@@ -287,24 +362,20 @@ async fn run(link: Arc<Link>, d: Arc<Daemon>, bucket: Arc<Bucket>) {
         let rt = match ready(&d, &link.vm).await {
             Ok(rt) => rt,
             Err(why) => {
+                if tr.as_ref().is_some_and(|t| link.keep_carry(&d, t)) {
+                    tr = None;
+                }
                 link.pause(why);
                 sleep_or_stop(&link.stop, Duration::from_secs(1)).await;
                 continue;
             }
         };
         // A new QEMU/export (the VM restarted): its dirty bits start over, so must we.
-        if !tr
-            .as_ref()
-            .is_some_and(|t| Arc::ptr_eq(&t.tracker, &rt.tracker))
-        {
-            tr = Some(Tracking {
-                tracker: rt.tracker.clone(),
-                sub: Arc::new(rt.tracker.subscribe(InitialState::Clean)),
-                pending: BTreeSet::new(),
-                synced_to: None,
-            });
-            // Writes before this subscription are unknown: assume nothing.
-            *link.known.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if !tr.as_ref().is_some_and(|t| Arc::ptr_eq(&t.rt, &rt)) {
+            if let Some(old) = tr.take() {
+                link.keep_carry(&d, &old);
+            }
+            tr = Some(link.adopt(&d, &rt));
         }
         let Some(t) = tr.as_mut() else { continue };
         let synced_before = link.last_sync();
@@ -340,7 +411,11 @@ async fn run(link: Arc<Link>, d: Arc<Daemon>, bucket: Arc<Bucket>) {
             }
         }
     }
-    // The task is over: its subscription must not outlive it in `known`.
+    // The task is over: its subscription must not outlive it in `known`. A VM stopped
+    // before (roamd's orderly stop stops VMs first) leaves its carry for `stop_all`.
+    if let Some(t) = tr.take() {
+        link.keep_carry(&d, &t);
+    }
     *link.known.lock().unwrap_or_else(|p| p.into_inner()) = None;
 }
 
@@ -562,6 +637,7 @@ pub async fn remove_remote(d: &Daemon, vm: &str, host: &str) -> Result<(), Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use roam_nbd::DirtyTracker;
 
     const MBIT: f64 = 1e6 / 8.0;
 
