@@ -3,8 +3,8 @@
 //! A third column serves the file as roamd serves a running VM's disk: behind a
 //! `TrackedBackend` (64 KiB chunks) with three live dirty subscriptions, as when a
 //! migration and a replica follow the disk (the third: roamd's record of everything the
-//! VM wrote since it started, for replication after a stop). Its ratio to plain roam is the hot-path
-//! cost of change tracking (`tracked_ratio`, promised ≥ 0.90).
+//! VM wrote since it started, for replication after a stop). Its ratio to plain roam is
+//! the hot-path cost of change tracking (`tracked_ratio`, promised ≥ 0.90).
 //!
 //! ```text
 //! roam-nbd-bench [--json] [--size-mib 512] [--rounds 5] [--write-count 50000]
