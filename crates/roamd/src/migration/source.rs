@@ -153,6 +153,32 @@ struct Source {
     let_go: bool,
 }
 
+/// The move may have happened (the destination may run the guest): note it, so that the
+/// destination's resume request settles it (`resume`), and tell the user how.
+fn note_unknown_handover(
+    d: &Daemon,
+    req: &MigrateRequest,
+    error: &mut Option<String>,
+    ram: bool,
+    how: String,
+) {
+    let Ok(r) = d.vm_record(&req.vm) else { return };
+    d.unknown_handovers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            req.vm.clone(),
+            super::resume::Handover {
+                to: req.to.clone(),
+                generation: r.generation + 1,
+                ram,
+            },
+        );
+    if let Some(e) = error.as_mut() {
+        e.push_str(&how);
+    }
+}
+
 impl Source {
     async fn run(
         &mut self,
@@ -1191,26 +1217,8 @@ impl Source {
             }
             // The destination asks for it when the link is back (`resume`).
             if self.running_there && self.result.postcopy.is_some() {
-                if let Ok(r) = self.d.vm_record(&self.req.vm) {
-                    self.d
-                        .unknown_handovers
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(
-                            self.req.vm.clone(),
-                            super::resume::Handover {
-                                to: self.req.to.clone(),
-                                generation: r.generation + 1,
-                                ram: true,
-                            },
-                        );
-                    if let Some(e) = self.result.error.as_mut() {
-                        e.push_str(&format!(
-                            ", which '{}' asks for when the link is back",
-                            self.req.to
-                        ));
-                    }
-                }
+                let how = format!(", which '{}' asks for when the link is back", self.req.to);
+                note_unknown_handover(&self.d, &self.req, &mut self.result.error, true, how);
             }
             return;
         }
@@ -1255,27 +1263,12 @@ impl Source {
             // Post-copy storage: a destination that runs the guest will ask for the rest
             // of the disk; that request settles it (`resume`).
             if self.result.postcopy.is_some() && !self.ram_postcopy {
-                if let Ok(r) = self.d.vm_record(&self.req.vm) {
-                    self.d
-                        .unknown_handovers
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(
-                            self.req.vm.clone(),
-                            super::resume::Handover {
-                                to: self.req.to.clone(),
-                                generation: r.generation + 1,
-                                ram: false,
-                            },
-                        );
-                    if let Some(e) = self.result.error.as_mut() {
-                        e.push_str(&format!(
-                            "; if '{}' runs it, it will ask for the rest of the disk and \
-                             this host lets go then",
-                            self.req.to
-                        ));
-                    }
-                }
+                let how = format!(
+                    "; if '{}' runs it, it will ask for the rest of the disk and this host \
+                     lets go then",
+                    self.req.to
+                );
+                note_unknown_handover(&self.d, &self.req, &mut self.result.error, false, how);
             }
             return;
         }
