@@ -326,7 +326,7 @@ pub async fn stop_all(d: &Daemon) {
     let all: Vec<Arc<Link>> = d.replication.links().values().cloned().collect();
     for l in all {
         l.stop().await;
-        if let Some(c) = l.carried() {
+        if let Some(c) = l.carried(d) {
             let p = carry::path(&d.paths.state, &l.vm, &l.host);
             match c.save(&p) {
                 Ok(()) => info!(vm = %l.vm, host = %l.host, pending = c.pending.len(),

@@ -69,6 +69,9 @@ pub struct Link {
     known: Mutex<Option<Known>>,
     /// What this link knew when its VM stopped, for the VM's next start (`carry`).
     carry: Mutex<Option<Carry>>,
+    /// The tracking of a task that ended while its VM still ran (roamd's stop cancels
+    /// the links first): `carried` turns it into a carry once the VM has stopped.
+    parked: Mutex<Option<Tracking>>,
 }
 
 /// The replica's committed batch and what was written here since it.
@@ -136,6 +139,7 @@ impl Link {
             task: Mutex::new(None),
             known: Mutex::new(None),
             carry: Mutex::new(carried),
+            parked: Mutex::new(None),
         });
         let h = tokio::spawn(run(link.clone(), d, bucket));
         *link.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
@@ -173,7 +177,12 @@ impl Link {
     }
 
     /// What this link knew when its VM stopped, if the VM has not started again since.
-    pub fn carried(&self) -> Option<Carry> {
+    /// Call after the task ended and the VM stopped (roamd's orderly stop).
+    pub fn carried(&self, d: &Daemon) -> Option<Carry> {
+        let parked = self.parked.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = parked {
+            self.keep_carry(d, &t);
+        }
         self.carry.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -411,10 +420,12 @@ async fn run(link: Arc<Link>, d: Arc<Daemon>, bucket: Arc<Bucket>) {
             }
         }
     }
-    // The task is over: its subscription must not outlive it in `known`. A VM stopped
-    // before (roamd's orderly stop stops VMs first) leaves its carry for `stop_all`.
+    // The task is over: its subscription must not outlive it in `known`. Its tracking
+    // becomes a carry now if the VM has stopped, else when `stop_all` asks, after it has.
     if let Some(t) = tr.take() {
-        link.keep_carry(&d, &t);
+        if !link.keep_carry(&d, &t) {
+            *link.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(t);
+        }
     }
     *link.known.lock().unwrap_or_else(|p| p.into_inner()) = None;
 }
