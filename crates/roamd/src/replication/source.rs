@@ -507,7 +507,12 @@ async fn session(
         loop {
             // Wait for something to send (or a reason to end the session).
             loop {
-                if link.stop.is_cancelled() || ready(d, &link.vm).await.is_err() {
+                // Another QEMU (the VM stopped and started between two looks) has
+                // another tracker: `run` must adopt it before anything more is sent.
+                let same = ready(d, &link.vm)
+                    .await
+                    .is_ok_and(|now| Arc::ptr_eq(&now, rt));
+                if link.stop.is_cancelled() || !same {
                     return Ok(());
                 }
                 if let Some(e) = conn.close_reason() {
