@@ -650,6 +650,16 @@ async fn replication_resumes_after_either_roamd_restarts_without_resending() {
         |r| caught_up(r, t),
     )
     .await;
+    // Each stop re-hashed what the VM wrote into the dedup index.
+    let rehashed = log_field(
+        &office_log,
+        "chunks the stopped VM wrote re-hashed",
+        "chunks=",
+    );
+    assert!(
+        rehashed.len() >= 2 && rehashed.iter().all(|&n| n > 0 && n != u64::MAX),
+        "the dedup index was not refreshed at the VM's stops: {rehashed:?}"
+    );
     let carried = log_field(
         &office_log,
         "replication goes on from where it was",

@@ -288,6 +288,7 @@ impl Daemon {
             if let Err(e) = vm.stop(&self.nbd).await {
                 warn!(vm = %name, "stop: {e}");
             }
+            self.dedup.note_written(&vm);
             if let Ok(Some(mut r)) = self.store.vm(&name) {
                 if r.status == VmStatus::Running {
                     r.status = VmStatus::Stopped;
@@ -659,6 +660,7 @@ impl Host for Daemon {
         let rt = self.vms.lock().await.remove(name);
         if let Some(rt) = rt {
             rt.stop(&self.nbd).await.map_err(to_api)?;
+            self.dedup.note_written(&rt);
         }
         if r.status == VmStatus::Running {
             r.status = VmStatus::Stopped;

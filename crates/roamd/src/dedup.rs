@@ -8,13 +8,14 @@
 //!  migration sent     ──the sender's hashes (= the kept disk)──▶ note_disk(kept path)
 //!  VM created         ──▶ scan_disk (hash the file once, in the background)
 //!  replica committed  ──▶ note_chunks(replica disk, the chunks it staged)
+//!  VM stopped         ──▶ note_written: the chunks it wrote while it ran, re-hashed
 //!  DiskReceiver  ◀── index() ── Hash frame: read_verified(hash) → copy locally, or Want
 //! ```
 //!
 //! The write path of a running VM never touches the index: NBD writes stay as fast as a
 //! plain file. A running disk's rows therefore go stale as the guest writes, which costs
 //! only misses, because a hit is used only after the bytes read hash right
-//! (`ChunkIndex::read_verified`); a migration or a commit refreshes the rows it knows.
+//! (`ChunkIndex::read_verified`); a migration, a commit or the VM's stop refreshes them.
 //! Index errors are logged and read as "not here": the chunk is then sent, always safe.
 
 use std::collections::HashMap;
@@ -131,6 +132,40 @@ impl Dedup {
             });
             if let Err(e) = r {
                 warn!(path = %path.display(), "dedup index: {e}");
+            }
+        });
+    }
+
+    /// A VM stopped here: re-hash the chunks it wrote while it ran (its export is gone, so
+    /// they hold their final bytes), in the background. A running disk's rows go stale as
+    /// the guest writes; this refreshes them without touching the write path.
+    pub fn note_written(&self, rt: &crate::runtime::RunningVm) {
+        let Some(ix) = self.index() else { return };
+        if rt.quiesced.get().is_none() {
+            return;
+        }
+        let chunks: Vec<u64> = (0..rt.since_start.chunk_count())
+            .filter(|&c| rt.since_start.is_dirty(c))
+            .collect();
+        if chunks.is_empty() {
+            return;
+        }
+        let path = rt.disk_path();
+        tokio::task::spawn_blocking(move || {
+            let id = file_id(&path);
+            let tracked = ix
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .track_file(id, path.clone());
+            let r = tracked.and_then(|()| {
+                ix.read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .index_chunks(id, &chunks)
+            });
+            match r {
+                Ok(s) => info!(path = %path.display(), chunks = s.chunks,
+                    "dedup index: chunks the stopped VM wrote re-hashed"),
+                Err(e) => warn!(path = %path.display(), "dedup index: {e}"),
             }
         });
     }

@@ -291,6 +291,7 @@ fn supervise(d: Arc<Daemon>, rt: &Arc<RunningVm>, mut events: broadcast::Receive
         if let Err(e) = rt.stop(&d.nbd).await {
             warn!(vm = %rt.name, "after QEMU exited: {e}");
         }
+        d.dedup.note_written(&rt);
         if let Ok(Some(mut r)) = d.store.vm(&rt.name) {
             if r.status == VmStatus::Running {
                 r.status = VmStatus::Stopped;

@@ -376,45 +376,80 @@ impl ChunkIndex {
 
     /// Re-hash every chunk of one file and replace its rows.
     pub fn index_file(&self, id: FileId) -> Result<ScanStats> {
+        let Some((file, len)) = self.open_indexed(id)? else {
+            self.drop_rows_from(id, 0)?;
+            return Ok(ScanStats::default());
+        };
+        let chunks = len.div_ceil(u64::from(self.chunk_size));
+        let stats = self.hash_chunks(id, &file, len, 0..chunks)?;
+        self.drop_rows_from(id, chunks)?;
+        Ok(stats)
+    }
+
+    /// Re-hash only `chunks` of one file (those a running VM wrote) and replace their
+    /// rows; chunks past the file's end are left alone.
+    pub fn index_chunks(&self, id: FileId, chunks: &[u64]) -> Result<ScanStats> {
+        let Some((file, len)) = self.open_indexed(id)? else {
+            self.drop_rows_from(id, 0)?;
+            return Ok(ScanStats::default());
+        };
+        let end = len.div_ceil(u64::from(self.chunk_size));
+        self.hash_chunks(id, &file, len, chunks.iter().copied().filter(|&c| c < end))
+    }
+
+    /// The tracked file `id`, open, and its length; `None` if it is gone (a disk the
+    /// caller names but that is gone holds nothing: its rows go, the index stays).
+    fn open_indexed(&self, id: FileId) -> Result<Option<(File, u64)>> {
         let path = self
             .files
             .get(&id)
             .ok_or_else(|| StoreError::Index(format!("unknown file {}", id.0)))?;
         let file = match File::open(path) {
             Ok(f) => f,
-            // A disk the caller names but that is gone holds nothing: drop its rows
-            // rather than fail the whole index.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.drop_rows_from(id, 0)?;
-                return Ok(ScanStats::default());
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StoreError::io("open disk", path, e)),
         };
         let len = file
             .metadata()
             .map_err(|e| StoreError::io("stat disk", path, e))?
             .len();
+        Ok(Some((file, len)))
+    }
+
+    /// Hash `chunks` (each inside `len`) of `file` and record them, in batches.
+    fn hash_chunks(
+        &self,
+        id: FileId,
+        file: &File,
+        len: u64,
+        chunks: impl Iterator<Item = u64>,
+    ) -> Result<ScanStats> {
+        let path = self.files.get(&id).cloned().unwrap_or_default();
         let cs = u64::from(self.chunk_size);
-        let chunks = len.div_ceil(cs);
         let mut stats = ScanStats::default();
         let mut buf = vec![0u8; self.chunk_size as usize];
-        let mut start = 0;
-        while start < chunks {
-            let end = (start + SCAN_BATCH).min(chunks);
-            let mut batch = Vec::with_capacity((end - start) as usize);
-            for c in start..end {
-                let n = (len - c * cs).min(cs) as usize;
-                read_full_at(&file, &mut buf[..n], c * cs)
-                    .map_err(|e| StoreError::io("read disk", path, e))?;
-                let s = ChunkState::of(&buf[..n]);
-                stats.data_chunks += u64::from(matches!(s, ChunkState::Data(_)));
-                batch.push((Location { file: id, chunk: c }, s));
+        let mut batch = Vec::with_capacity(SCAN_BATCH as usize);
+        let flush = |batch: &mut Vec<(Location, ChunkState)>, stats: &mut ScanStats| {
+            if batch.is_empty() {
+                return Ok(());
             }
-            self.record_many(&batch)?;
-            stats.chunks += end - start;
-            start = end;
+            stats.chunks += batch.len() as u64;
+            let r = self.record_many(batch);
+            batch.clear();
+            r
+        };
+        for c in chunks {
+            let n = (len - c * cs).min(cs) as usize;
+            read_full_at(file, &mut buf[..n], c * cs)
+                .map_err(|e| StoreError::io("read disk", &path, e))?;
+            let s = ChunkState::of(&buf[..n]);
+            stats.data_chunks += u64::from(matches!(s, ChunkState::Data(_)));
+            batch.push((Location { file: id, chunk: c }, s));
+            if batch.len() as u64 == SCAN_BATCH {
+                flush(&mut batch, &mut stats)?;
+            }
         }
-        self.drop_rows_from(id, chunks)?;
+        flush(&mut batch, &mut stats)?;
         Ok(stats)
     }
 

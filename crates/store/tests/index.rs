@@ -327,3 +327,25 @@ fn files_tracked_and_forgotten_at_run_time() {
     assert_eq!(idx.lookup(&hash(1)).unwrap().len(), 1, "file 1's rows stay");
     assert_eq!(idx.files().len(), 1);
 }
+
+#[test]
+fn index_chunks_refreshes_only_the_chunks_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = disk(tmp.path(), "a", &[1, 2, 3, 0]);
+    let files = [(FileId(1), a.clone())];
+    let (idx, _) = ChunkIndex::open(&tmp.path().join("idx"), CS, &files, CACHE).unwrap();
+    // A running VM rewrote chunks 0 and 3 (and, unnamed, 1).
+    overwrite(&a, 0, 5);
+    overwrite(&a, 1, 6);
+    overwrite(&a, 3, 7);
+    let s = idx.index_chunks(FileId(1), &[0, 3, 99]).unwrap();
+    assert_eq!((s.chunks, s.data_chunks), (2, 2), "past the end is skipped");
+    let at = |h| idx.lookup(&hash(h)).unwrap();
+    assert_eq!(at(5).len(), 1);
+    assert_eq!(at(7).len(), 1);
+    assert!(at(1).is_empty(), "chunk 0's old row is replaced");
+    // Not named: its row is stale (2) and the new content unknown (6) until a scan.
+    assert_eq!(at(2).len(), 1);
+    assert!(at(6).is_empty());
+    assert_eq!(at(3).len(), 1);
+}
