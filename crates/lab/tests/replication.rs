@@ -584,9 +584,9 @@ async fn replication_resumes_after_either_roamd_restarts_without_resending() {
     let (after, _) = committed_state(&home_dir, &scratch_of(&cut_log));
     assert!(after > seq, "no batch committed after the interrupted move");
 
-    // Orderly stops keep what the replica lacks: the VM stopped and started again, then
-    // the primary's roamd stopped (VMs first) and started again. Each time the link goes
-    // on from where it was: no hash comparison of the whole disk.
+    // Stops keep what the replica lacks: the VM stopped and started again, the primary's
+    // roamd stopped (VMs first) and started again, the VM stopped and roamd crashed. Each
+    // time the link goes on from where it was: no hash comparison of the whole disk.
     let office_log = lab.host("office").log.clone();
     let seeds_before = seeds(&office_log).len();
     let c = &lab.host("office").client;
@@ -650,6 +650,20 @@ async fn replication_resumes_after_either_roamd_restarts_without_resending() {
         |r| caught_up(r, t),
     )
     .await;
+    // The VM stopped, then roamd crashed: the state written at the VM's stop is used.
+    lab.host("office").client.vm_stop("desk").await.unwrap();
+    lab.host_mut("office").kill();
+    lab.host_mut("office").spawn().await.unwrap();
+    lab.host("office").client.vm_start("desk").await.unwrap();
+    lab.start_workload("office", "desk").await.unwrap();
+    let t = now_ms();
+    wait_for(
+        &lab,
+        Duration::from_secs(60),
+        "caught up after office crashed with the VM stopped",
+        |r| caught_up(r, t),
+    )
+    .await;
     // Each stop re-hashed what the VM wrote into the dedup index.
     let rehashed = log_field(
         &office_log,
@@ -666,7 +680,7 @@ async fn replication_resumes_after_either_roamd_restarts_without_resending() {
         "pending=",
     );
     eprintln!("carried over (pending chunks): {carried:?}");
-    assert_eq!(carried.len(), 2, "a stop's replication state was not used");
+    assert_eq!(carried.len(), 3, "a stop's replication state was not used");
     assert!(
         carried.iter().all(|&n| n < 600),
         "the carried pending set is not just what the guest wrote: {carried:?}"
@@ -674,7 +688,7 @@ async fn replication_resumes_after_either_roamd_restarts_without_resending() {
     assert_eq!(
         seeds(&office_log).len(),
         seeds_before + 1,
-        "an orderly stop was followed by a hash comparison of the whole disk"
+        "a stop was followed by a hash comparison of the whole disk"
     );
     // The replica the carried state kept fresh is the disk: a move to it completes (its
     // seal proves every chunk at the destination).

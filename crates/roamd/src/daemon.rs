@@ -289,6 +289,7 @@ impl Daemon {
                 warn!(vm = %name, "stop: {e}");
             }
             self.dedup.note_written(&vm);
+            crate::replication::vm_stopped(self, &vm);
             if let Ok(Some(mut r)) = self.store.vm(&name) {
                 if r.status == VmStatus::Running {
                     r.status = VmStatus::Stopped;
@@ -661,6 +662,7 @@ impl Host for Daemon {
         if let Some(rt) = rt {
             rt.stop(&self.nbd).await.map_err(to_api)?;
             self.dedup.note_written(&rt);
+            crate::replication::vm_stopped(self, &rt);
         }
         if r.status == VmStatus::Running {
             r.status = VmStatus::Stopped;

@@ -292,6 +292,7 @@ fn supervise(d: Arc<Daemon>, rt: &Arc<RunningVm>, mut events: broadcast::Receive
             warn!(vm = %rt.name, "after QEMU exited: {e}");
         }
         d.dedup.note_written(&rt);
+        crate::replication::vm_stopped(&d, &rt);
         if let Ok(Some(mut r)) = d.store.vm(&rt.name) {
             if r.status == VmStatus::Running {
                 r.status = VmStatus::Stopped;

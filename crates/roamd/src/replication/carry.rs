@@ -5,7 +5,8 @@
 //! ```text
 //!  VM stops: QEMU quits, NBD export removed ─▶ disk quiet: stat it (FileIdentity)
 //!    link: Carry{replica committed (g, s), pending ∪ dirty, generation, identity}
-//!    roamd stops: carry file written (sealed, atomic)   roamd starts: read and deleted
+//!    carry file written (sealed, atomic), again at roamd's orderly stop
+//!    roamd starts: read; the link adopts it (the VM runs again): deleted
 //!  VM starts: stat the disk before its export exists (RunningVm::started_on)
 //!    same identity, same generation, replica still at (g, s)?  ─ yes ─▶ send pending
 //!                                                              └─ no ──▶ hash comparison
@@ -16,9 +17,10 @@
 //! dirty`. Nothing else may have written the file in between: any write or metadata
 //! change moves its ctime, which nobody can set back, and a replaced file has another
 //! inode. A carry that does not match is dropped (costing one hash comparison, never a
-//! chunk). The file is deleted when read, before the VM can write again, so a crash
-//! later can never revive it. A crash of roamd writes no carry at all: the next start
-//! compares by hash, as before.
+//! chunk). The file is written when the VM stops, so a crash of roamd while the VM is
+//! stopped keeps it; it is deleted when the VM runs again, and should one survive
+//! anyway, the VM's writes since changed the identity it names. A crash of roamd
+//! while the VM runs leaves no carry: the next start compares by hash, as before.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
@@ -153,25 +155,35 @@ impl Carry {
         envelope::write_atomic(path, &self.encode()).map_err(|e| e.to_string())
     }
 
-    /// Read and delete (durably, before the VM can write again). `Ok(None)` when there
-    /// is none; a file that is unreadable is deleted too, and reported.
-    pub fn take(path: &Path) -> Result<Option<Carry>, String> {
+    /// Read (roamd's start). `Ok(None)` when there is none; a file that does not decode
+    /// is deleted, and reported. A good one stays until the link adopts it (`remove`), so
+    /// that a crash before the VM starts keeps it.
+    pub fn load(path: &Path) -> Result<Option<Carry>, String> {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        std::fs::remove_file(path).map_err(|e| format!("remove {}: {e}", path.display()))?;
-        envelope::sync_dir(path).map_err(|e| e.to_string())?;
-        Carry::decode(&bytes)
-            .map(Some)
-            .map_err(|e| format!("{}: {e}", path.display()))
+        Carry::decode(&bytes).map(Some).map_err(|e| {
+            let _ = std::fs::remove_file(path);
+            let _ = envelope::sync_dir(path);
+            format!("{}: {e}", path.display())
+        })
     }
 }
 
 /// Where the carry of `vm`'s link to `host` waits while roamd is down.
 pub fn path(state: &Path, vm: &str, host: &str) -> PathBuf {
     state.join("replication").join(format!("{vm}@{host}.carry"))
+}
+
+/// Delete the carry file of `vm`'s link to `host`, if any (durably: a stale one must not
+/// come back after a crash).
+pub fn remove(state: &Path, vm: &str, host: &str) {
+    let p = path(state, vm, host);
+    if std::fs::remove_file(&p).is_ok() {
+        let _ = envelope::sync_dir(&p);
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -218,15 +230,17 @@ mod tests {
     }
 
     #[test]
-    fn a_carry_survives_its_file_and_the_file_is_gone_once_taken() {
+    fn a_carry_survives_its_file_until_removed() {
         let dir = tempfile::tempdir().unwrap();
         let p = path(dir.path(), "desk", "home");
         let c = carry();
         assert_eq!(ranges(&c.pending), vec![(0, 3), (7, 8), (40, 42)]);
         c.save(&p).unwrap();
-        assert_eq!(Carry::take(&p).unwrap(), Some(c));
+        assert_eq!(Carry::load(&p).unwrap(), Some(c.clone()));
+        assert_eq!(Carry::load(&p).unwrap(), Some(c), "reading keeps it");
+        remove(dir.path(), "desk", "home");
         assert!(!p.exists());
-        assert_eq!(Carry::take(&p).unwrap(), None);
+        assert_eq!(Carry::load(&p).unwrap(), None);
     }
 
     #[test]
@@ -238,7 +252,7 @@ mod tests {
         let n = b.len();
         b[n / 2] ^= 1;
         std::fs::write(&p, &b).unwrap();
-        assert!(Carry::take(&p).is_err());
+        assert!(Carry::load(&p).is_err());
         assert!(!p.exists());
     }
 

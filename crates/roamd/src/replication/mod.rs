@@ -22,12 +22,12 @@
 //!
 //! Resuming: within one roamd life the dirty subscription outlives link outages, so after
 //! reconnecting only what changed is sent. When the VM stops, each link keeps what it knew
-//! ([`carry`]: the replica's batch and the chunks written since), in memory and, at an
-//! orderly stop of roamd, on disk; the VM's next start on an untouched disk goes on from
-//! there. After a crash of the primary's roamd, or when the replica's committed batch is
-//! not the one the primary last saw, the first batch is a full hash comparison: every
-//! chunk is read and hashed here, and only chunks that differ travel (about 40 bytes per
-//! chunk on the wire otherwise).
+//! ([`carry`]: the replica's batch and the chunks written since), in memory and on disk;
+//! the VM's next start on an untouched disk goes on from there, in this roamd or after a
+//! restart. After a crash of the primary's roamd while the VM ran, or when the replica's
+//! committed batch is not the one the primary last saw, the first batch is a full hash
+//! comparison: every chunk is read and hashed here, and only chunks that differ travel
+//! (about 40 bytes per chunk on the wire otherwise).
 
 pub mod carry;
 pub mod protocol;
@@ -154,7 +154,7 @@ pub fn start_saved(d: &Arc<Daemon>) {
         Ok(links) => {
             for l in links {
                 info!(vm = %l.vm, host = %l.host, "resuming replication");
-                let carried = match carry::Carry::take(&carry::path(&d.paths.state, &l.vm, &l.host))
+                let carried = match carry::Carry::load(&carry::path(&d.paths.state, &l.vm, &l.host))
                 {
                     Ok(c) => c,
                     Err(e) => {
@@ -242,6 +242,7 @@ pub async fn remove(d: &Arc<Daemon>, vm: &str, host: &str) -> Result<(), ApiErro
         .remove(&key)
         .ok_or_else(|| ApiError::not_found(format!("VM '{vm}' has no replica on '{host}'")))?;
     link.stop().await;
+    link.drop_carry(d);
     if let Err(e) = source::remove_remote(d, vm, host).await {
         // Keep replicating rather than forget a replica that still exists over there.
         start_link(d, vm, host);
@@ -268,6 +269,7 @@ pub async fn restart_links(d: &Arc<Daemon>, vm: &str) {
     };
     for (host, link) in links {
         link.stop().await;
+        link.drop_carry(d);
         start_link(d, vm, &host);
     }
 }
@@ -285,6 +287,7 @@ pub async fn hand_over(d: &Arc<Daemon>, vm: &str) -> Vec<String> {
     let mut hosts = Vec::new();
     for ((v, host), link) in links {
         link.stop().await;
+        link.drop_carry(d);
         let _ = d.store.remove_replica_link(&v, &host);
         hosts.push(host);
     }
@@ -318,6 +321,21 @@ pub fn list(d: &Daemon, vm: Option<&str>) -> Vec<ReplicaInfo> {
         .collect();
     out.sort_by(|a, b| (&a.vm, &a.host).cmp(&(&b.vm, &b.host)));
     out
+}
+
+/// `rt` stopped here (its export is gone): each of its links keeps what its replica
+/// lacks on disk at once (`Link::vm_stopped`).
+pub fn vm_stopped(d: &Daemon, rt: &crate::runtime::RunningVm) {
+    let links: Vec<Arc<Link>> = d
+        .replication
+        .links()
+        .values()
+        .filter(|l| l.vm == rt.name)
+        .cloned()
+        .collect();
+    for l in links {
+        l.vm_stopped(d, rt);
+    }
 }
 
 /// Stop every link task (daemon shutdown, after the VMs stopped) and keep what each knew

@@ -165,10 +165,18 @@ pub fn next_seq(generation: u64, applied: Version) -> u64 {
     }
 }
 
-/// The replica's state is known to the primary (same session or an earlier one in this
-/// roamd's life), so only the changes since need to travel; else a hash comparison (seed).
+/// Whether the replica must be compared by hash (seed) rather than sent the changes since
+/// `synced_to`, the last commit this primary saw (in this roamd's life, or carried over a
+/// stop). The replica may be *later* in the same generation: batches whose commit reply
+/// never arrived (the link or roamd died first). Those were proposed by this primary (one
+/// writer per generation) after `synced_to`, from chunks it still holds as pending, so the
+/// replica differs from the disk only in chunks written since `synced_to`: pending ∪
+/// dirty. An earlier batch (the replica lost commits) or another generation: seed.
 pub fn needs_seed(synced_to: Option<Version>, applied: Version) -> bool {
-    synced_to != Some(applied)
+    match synced_to {
+        Some(v) => !(applied.generation == v.generation && applied.seq >= v.seq),
+        None => true,
+    }
 }
 
 #[cfg(test)]
@@ -222,7 +230,12 @@ mod tests {
         assert_eq!(next_seq(2, v(2, 7)), 8);
         assert_eq!(next_seq(3, v(2, 7)), 1);
         assert!(!needs_seed(Some(v(2, 7)), v(2, 7)));
-        assert!(needs_seed(Some(v(2, 6)), v(2, 7)));
+        // A commit whose reply was lost: still incremental.
+        assert!(!needs_seed(Some(v(2, 6)), v(2, 7)));
+        // The replica lost commits, or another generation wrote it: compare by hash.
+        assert!(needs_seed(Some(v(2, 7)), v(2, 6)));
+        assert!(needs_seed(Some(v(2, 7)), v(3, 9)));
+        assert!(needs_seed(Some(v(2, 7)), v(1, 9)));
         assert!(needs_seed(None, v(0, 0)));
     }
 

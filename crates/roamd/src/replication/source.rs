@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::carry::Carry;
+use super::carry::{self, Carry};
 use super::now_ms;
 use super::protocol::{needs_seed, next_seq, ReplMsg, REPL_VERSION};
 use super::testhooks;
@@ -198,13 +198,57 @@ impl Link {
         let mut pending = tr.pending.clone();
         pending.extend(tr.sub.take());
         *self.known.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        *self.carry.lock().unwrap_or_else(|p| p.into_inner()) = Some(Carry {
+        let c = Carry {
             generation: rec.generation,
             synced_to,
             pending,
             disk,
-        });
+        };
+        // On disk at once, so that a crash of roamd while the VM is stopped keeps it too
+        // (the disk's identity still guards it once the VM has run again).
+        if let Err(e) = c.save(&carry::path(&d.paths.state, &self.vm, &self.host)) {
+            warn!(vm = %self.vm, host = %self.host, "replication state not kept on disk: {e}");
+        }
+        *self.carry.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
         true
+    }
+
+    /// `rt` (this link's VM) has just stopped: keep the carry now, from what `known`
+    /// mirrors of the task's tracking, so that a crash of roamd right after the stop does
+    /// not lose it. The task does the same from its own tracking when it notices, which
+    /// may be later and newer (a batch committed meanwhile); either is sound.
+    pub fn vm_stopped(&self, d: &Daemon, rt: &RunningVm) {
+        let Some(&disk) = rt.quiesced.get() else {
+            return;
+        };
+        let (synced_to, pending) = {
+            let k = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(k) = k.as_ref() else { return };
+            let (Some(v), true) = (k.synced_to, Arc::ptr_eq(k.sub.tracker(), &rt.tracker)) else {
+                return;
+            };
+            let mut pending = k.pending.clone();
+            pending.extend((0..k.sub.chunk_count()).filter(|&c| k.sub.is_dirty(c)));
+            (v, pending)
+        };
+        let Ok(Some(rec)) = d.store.vm(&self.vm) else {
+            return;
+        };
+        let c = Carry {
+            generation: rec.generation,
+            synced_to,
+            pending,
+            disk,
+        };
+        if let Err(e) = c.save(&carry::path(&d.paths.state, &self.vm, &self.host)) {
+            warn!(vm = %self.vm, host = %self.host, "replication state not kept on disk: {e}");
+        }
+    }
+
+    /// Forget the carry, in memory and on disk (the VM runs again, or the link goes).
+    pub fn drop_carry(&self, d: &Daemon) {
+        self.carry.lock().unwrap_or_else(|p| p.into_inner()).take();
+        carry::remove(&d.paths.state, &self.vm, &self.host);
     }
 
     /// A (re)started VM: track its writes from now on, and go on from the carry if it
@@ -218,6 +262,7 @@ impl Link {
             synced_to: None,
         };
         let carried = self.carry.lock().unwrap_or_else(|p| p.into_inner()).take();
+        carry::remove(&d.paths.state, &self.vm, &self.host);
         let generation = d.store.vm(&self.vm).ok().flatten().map(|r| r.generation);
         if let (Some(c), Some(g)) = (carried, generation) {
             let chunks = rt.tracker.chunk_count();
