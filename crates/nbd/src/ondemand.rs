@@ -168,7 +168,15 @@ impl Presence {
 
     /// The switchover: chunks in `pending` are not final here yet; all others are.
     /// Requests made before activation are forgotten (none are sent before it).
+    ///
+    /// Activating again (a post-copy resumed after a lost link) never demotes a chunk
+    /// that is present here: `pending` was listed before the resumed demand stream
+    /// delivered what blocked reads and partial writes waited for, and a guest write
+    /// that then completed into such a chunk leaves it `Fetched`, not `Written`. Marking
+    /// it missing again would let the source's older bytes overwrite an acknowledged
+    /// write.
     pub fn activate(&mut self, pending: impl IntoIterator<Item = u64>) {
+        let again = self.active;
         let n = self.chunks();
         let mut is_pending = vec![false; n as usize];
         for c in pending {
@@ -180,6 +188,7 @@ impl Presence {
             let i = i as u64;
             match (self.state(i), p) {
                 (Some(ChunkState::Written), _) => {}
+                (Some(s), true) if again && s.present() => {}
                 (_, true) => self.set(i, ChunkState::Missing),
                 (_, false) => self.set(i, ChunkState::Fetched),
             }

@@ -90,6 +90,29 @@ fn a_chunk_from_the_source_never_overwrites_a_guest_write() {
 }
 
 #[test]
+fn a_resumed_switch_never_demotes_a_chunk_that_arrived_and_was_written() {
+    let mut p = Presence::new(4 * 16, 16);
+    p.activate(0..4);
+    // The link dies. The destination lists what is missing: all four chunks.
+    let listed = p.missing_chunks();
+    assert_eq!(listed, vec![0, 1, 2, 3]);
+    // The resumed demand stream delivers chunk 2 (a partial write waited for it), and
+    // the guest's write then completes into it: a plain write to a present chunk.
+    assert_eq!(p.plan_write(34, 4), WritePlan::Fetch { request: vec![2] });
+    p.installed(2);
+    assert_eq!(p.plan_write(34, 4), WritePlan::Direct);
+    // The resumed switch names the list made before that.
+    p.activate(listed);
+    assert_eq!(p.state(2), Some(ChunkState::Fetched));
+    assert!(
+        !p.may_install(2),
+        "the source's older bytes would overwrite an acknowledged write"
+    );
+    assert_eq!(p.missing(), 3);
+    assert_eq!(p.plan_read(32, 16), (vec![], false));
+}
+
+#[test]
 fn a_partial_write_fetches_the_chunk_first_and_asks_once() {
     let mut p = Presence::new(4 * 16, 16);
     p.activate([2]);
