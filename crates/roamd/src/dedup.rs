@@ -119,18 +119,7 @@ impl Dedup {
         let Some(ix) = self.index() else { return };
         let path = path.to_path_buf();
         tokio::task::spawn_blocking(move || {
-            let id = file_id(&path);
-            let tracked = ix
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .track_file(id, path.clone());
-            let r = tracked.and_then(|()| {
-                ix.read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .index_file(id)
-                    .map(|_| ())
-            });
-            if let Err(e) = r {
+            if let Err(e) = on_file(&ix, &path, |ix, id| ix.index_file(id)) {
                 warn!(path = %path.display(), "dedup index: {e}");
             }
         });
@@ -152,17 +141,7 @@ impl Dedup {
         }
         let path = rt.disk_path();
         tokio::task::spawn_blocking(move || {
-            let id = file_id(&path);
-            let tracked = ix
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .track_file(id, path.clone());
-            let r = tracked.and_then(|()| {
-                ix.read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .index_chunks(id, &chunks)
-            });
-            match r {
+            match on_file(&ix, &path, |ix, id| ix.index_chunks(id, &chunks)) {
                 Ok(s) => info!(path = %path.display(), chunks = s.chunks,
                     "dedup index: chunks the stopped VM wrote re-hashed"),
                 Err(e) => warn!(path = %path.display(), "dedup index: {e}"),
@@ -217,18 +196,23 @@ pub fn record_rows(ix: &SharedIndex, path: &Path, rows: &[(u64, [u8; 32])]) {
             (Location { file: id, chunk }, state)
         })
         .collect();
-    let tracked = ix
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .track_file(id, path.to_path_buf());
-    let r = tracked.and_then(|()| {
-        ix.read()
-            .unwrap_or_else(|e| e.into_inner())
-            .record_many(&rows)
-    });
-    if let Err(e) = r {
+    if let Err(e) = on_file(ix, path, |ix, _| ix.record_many(&rows)) {
         warn!(path = %path.display(), "dedup index: {e}");
     }
+}
+
+/// Run `f` on the index with `path` tracked (blocking): the file set changes under the
+/// write lock, the work itself under the read lock (redb serialises its writes).
+fn on_file<T>(
+    ix: &SharedIndex,
+    path: &Path,
+    f: impl FnOnce(&ChunkIndex, FileId) -> roam_store::Result<T>,
+) -> roam_store::Result<T> {
+    let id = file_id(path);
+    ix.write()
+        .unwrap_or_else(|e| e.into_inner())
+        .track_file(id, path.to_path_buf())?;
+    f(&ix.read().unwrap_or_else(|e| e.into_inner()), id)
 }
 
 /// Every disk file this host holds, from its state store: VM disks (running, stopped or

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::carry::{self, Carry};
+use super::carry::{self, Carry, FileIdentity};
 use super::now_ms;
 use super::protocol::{needs_seed, next_seq, ReplMsg, REPL_VERSION};
 use super::testhooks;
@@ -198,19 +198,31 @@ impl Link {
         let mut pending = tr.pending.clone();
         pending.extend(tr.sub.take());
         *self.known.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let c = self.save_carry(d, rec.generation, synced_to, pending, disk);
+        *self.carry.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+        true
+    }
+
+    /// A carry, written on disk at once, so that a crash of roamd while the VM is stopped
+    /// keeps it too (the disk's identity still guards it once the VM has run again).
+    fn save_carry(
+        &self,
+        d: &Daemon,
+        generation: u64,
+        synced_to: Version,
+        pending: BTreeSet<u64>,
+        disk: FileIdentity,
+    ) -> Carry {
         let c = Carry {
-            generation: rec.generation,
+            generation,
             synced_to,
             pending,
             disk,
         };
-        // On disk at once, so that a crash of roamd while the VM is stopped keeps it too
-        // (the disk's identity still guards it once the VM has run again).
         if let Err(e) = c.save(&carry::path(&d.paths.state, &self.vm, &self.host)) {
             warn!(vm = %self.vm, host = %self.host, "replication state not kept on disk: {e}");
         }
-        *self.carry.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
-        true
+        c
     }
 
     /// `rt` (this link's VM) has just stopped: keep the carry now, from what `known`
@@ -231,17 +243,8 @@ impl Link {
             pending.extend((0..k.sub.chunk_count()).filter(|&c| k.sub.is_dirty(c)));
             (v, pending)
         };
-        let Ok(Some(rec)) = d.store.vm(&self.vm) else {
-            return;
-        };
-        let c = Carry {
-            generation: rec.generation,
-            synced_to,
-            pending,
-            disk,
-        };
-        if let Err(e) = c.save(&carry::path(&d.paths.state, &self.vm, &self.host)) {
-            warn!(vm = %self.vm, host = %self.host, "replication state not kept on disk: {e}");
+        if let Ok(Some(rec)) = d.store.vm(&self.vm) {
+            self.save_carry(d, rec.generation, synced_to, pending, disk);
         }
     }
 
