@@ -116,8 +116,17 @@ async fn postcopy_runs_at_destination_before_the_disk_arrives_and_loses_nothing(
     // the link rate, so RAM pre-copies with multifd+zstd and only the disk is post-copy.
     let dirty = pc.ram_dirty_bytes_per_s.expect("dirty rate measured");
     assert!(dirty > 0, "{pc:?}");
-    // (No sampled page may have changed: the ratio is then unknown.)
-    assert!(pc.ram_dirty_zstd_ratio.is_none_or(|r| r < 0.2), "{pc:?}");
+    // (No sampled page may have changed: the ratio is then unknown.) Stamped pages
+    // compress to a few percent; the sample also holds the guest kernel's own dirty
+    // pages, which compress less (CI measured 0.24 once), while random pages measure ~1.
+    // What matters is the decision: the compressed rate stays far below the link's.
+    assert!(pc.ram_dirty_zstd_ratio.is_none_or(|r| r < 0.5), "{pc:?}");
+    let link_bytes_per_s = r.link.bandwidth_mbit * 1e6 / 8.0;
+    let resent = dirty as f64 * pc.ram_dirty_zstd_ratio.unwrap_or(1.0);
+    assert!(
+        resent < 0.5 * link_bytes_per_s,
+        "compressed dirty rate {resent:.0} B/s against a link of {link_bytes_per_s:.0} B/s: {pc:?}"
+    );
     assert!(
         !pc.ram,
         "RAM went post-copy for a guest pre-copy can carry: {pc:?}"
