@@ -39,6 +39,16 @@
 //! `RwLock` that writers only read-lock (uncontended: one atomic op) and that
 //! is write-locked only to subscribe or unsubscribe.
 //!
+//! # Bits that survive a crash
+//!
+//! A subscription made with [`DirtyTracker::subscribe_in`] keeps its bits in memory the
+//! caller provides ([`BitStore`]: roamd maps a file `MAP_SHARED`, whose pages the kernel
+//! keeps when the process dies). Such a subscription is also marked *before* the data
+//! write (`M0 W M`), so that a crash between `W` and `M` still leaves the chunk marked;
+//! [`DirtySubscription::take_keeping`] sets each taken bit in the consumer's own durable
+//! set before clearing it here. Heap subscriptions are not pre-marked: a migration's
+//! round would only copy the chunk twice.
+//!
 //! The tracker also counts completed FLUSHes ([`DirtyTracker::flush_epoch`]):
 //! everything acknowledged before epoch `n` was bumped is durable, the seam
 //! for crash-consistent replication.
@@ -66,6 +76,8 @@ pub enum DirtyError {
     BadChunkSize(u64),
     #[error("disk of {0} bytes needs too many chunks")]
     TooManyChunks(u64),
+    #[error("a bit store of {words} words cannot hold {chunks} chunks")]
+    StoreSize { words: usize, chunks: u64 },
     #[error("tracker covers {tracker} bytes but the backend has {backend}")]
     SizeMismatch { tracker: u64, backend: u64 },
 }
@@ -77,9 +89,24 @@ pub enum InitialState {
     Dirty,
 }
 
+/// Memory for a subscription's bits that outlives the process: a `MAP_SHARED` mapping
+/// of a file stays in the page cache when the daemon dies, so the next one reads every
+/// bit that was set (see [`DirtyTracker::subscribe_in`]). The words must stay valid and
+/// at the same place for the store's whole life.
+pub trait BitStore: Send + Sync + std::fmt::Debug {
+    fn words(&self) -> &[AtomicU64];
+}
+
+#[derive(Debug)]
+enum Words {
+    Heap(Box<[AtomicU64]>),
+    /// Bits that survive a crash; writes also mark them *before* the data is written.
+    Durable(Arc<dyn BitStore>),
+}
+
 #[derive(Debug)]
 struct Bitmap {
-    words: Box<[AtomicU64]>,
+    words: Words,
     chunks: u64,
 }
 
@@ -87,15 +114,29 @@ impl Bitmap {
     fn new(chunks: u64, initial: InitialState) -> Self {
         let n = chunks.div_ceil(64) as usize;
         let words = (0..n).map(|_| AtomicU64::new(0)).collect();
-        let b = Bitmap { words, chunks };
+        let b = Bitmap {
+            words: Words::Heap(words),
+            chunks,
+        };
         if initial == InitialState::Dirty {
             b.set_all();
         }
         b
     }
 
+    fn words(&self) -> &[AtomicU64] {
+        match &self.words {
+            Words::Heap(w) => w,
+            Words::Durable(s) => s.words(),
+        }
+    }
+
+    fn durable(&self) -> bool {
+        matches!(self.words, Words::Durable(_))
+    }
+
     fn set_all(&self) {
-        for (i, w) in self.words.iter().enumerate() {
+        for (i, w) in self.words().iter().enumerate() {
             w.fetch_or(self.word_mask(i), Ordering::Release);
         }
     }
@@ -119,7 +160,7 @@ impl Bitmap {
             let lo = if w == fw { first % 64 } else { 0 };
             let hi = if w == lw { last % 64 } else { 63 };
             let mask = (u64::MAX >> (63 - (hi - lo))) << lo;
-            if let Some(word) = self.words.get(w) {
+            if let Some(word) = self.words().get(w) {
                 word.fetch_or(mask, Ordering::Release);
             }
         }
@@ -206,6 +247,37 @@ impl DirtyTracker {
         }
     }
 
+    /// A subscription whose bits live in `store` (one bit per chunk, `chunk_count()`
+    /// bits, kept as they are: a store may come back holding bits). Writes mark such a
+    /// subscription both before the data is written and after, so that a crash of the
+    /// process in the middle of a write leaves the chunk marked: nothing the disk holds
+    /// escapes a store that survives the crash, written and acknowledged or not.
+    pub fn subscribe_in(
+        self: &Arc<Self>,
+        store: Arc<dyn BitStore>,
+    ) -> Result<DirtySubscription, DirtyError> {
+        let want = self.chunks.div_ceil(64) as usize;
+        if store.words().len() != want {
+            return Err(DirtyError::StoreSize {
+                words: store.words().len(),
+                chunks: self.chunks,
+            });
+        }
+        let bits = Arc::new(Bitmap {
+            words: Words::Durable(store),
+            chunks: self.chunks,
+        });
+        // Bits past the last chunk would name chunks that do not exist.
+        if let Some(last) = bits.words().last() {
+            last.fetch_and(bits.word_mask(want - 1), Ordering::AcqRel);
+        }
+        self.subs_write().push(bits.clone());
+        Ok(DirtySubscription {
+            tracker: self.clone(),
+            bits,
+        })
+    }
+
     pub fn subscriber_count(&self) -> usize {
         self.subs_read().len()
     }
@@ -213,14 +285,33 @@ impl DirtyTracker {
     /// Records that `offset..offset+len` changed. Call after the data is
     /// written and before the write is acknowledged.
     pub fn mark(&self, offset: u64, len: u64) {
-        if len == 0 || offset >= self.disk_size {
+        let Some((first, last)) = self.chunks_of(offset, len) else {
             return;
-        }
-        let last_byte = offset.saturating_add(len - 1).min(self.disk_size - 1);
-        let (first, last) = (offset >> self.chunk_shift, last_byte >> self.chunk_shift);
+        };
         for b in self.subs_read().iter() {
             b.set_range(first, last);
         }
+    }
+
+    /// Records that `offset..offset+len` is about to change, in the subscriptions whose
+    /// bits survive a crash (see [`subscribe_in`](Self::subscribe_in)). Call before the
+    /// data is written; [`mark`](Self::mark) after it is still needed.
+    pub fn mark_before(&self, offset: u64, len: u64) {
+        let Some((first, last)) = self.chunks_of(offset, len) else {
+            return;
+        };
+        for b in self.subs_read().iter().filter(|b| b.durable()) {
+            b.set_range(first, last);
+        }
+    }
+
+    /// The chunks `first..=last` that bytes `offset..offset+len` touch, if any.
+    fn chunks_of(&self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        if len == 0 || offset >= self.disk_size {
+            return None;
+        }
+        let last_byte = offset.saturating_add(len - 1).min(self.disk_size - 1);
+        Some((offset >> self.chunk_shift, last_byte >> self.chunk_shift))
     }
 
     /// Records a completed FLUSH; returns the new epoch.
@@ -292,7 +383,7 @@ impl DirtySubscription {
 
     /// Like [`take`](Self::take) but appends to a reused vector.
     pub fn take_into(&self, out: &mut Vec<u64>) {
-        for (i, w) in self.bits.words.iter().enumerate() {
+        for (i, w) in self.bits.words().iter().enumerate() {
             // The relaxed peek only skips clean words; a bit set concurrently
             // stays set and is reported by the next take().
             if w.load(Ordering::Relaxed) == 0 {
@@ -307,10 +398,38 @@ impl DirtySubscription {
         }
     }
 
+    /// Like [`take`](Self::take), but every bit is first set in `keep` (the same shape:
+    /// one bit per chunk) and only then cleared here, so that a crash at any instant
+    /// finds each taken chunk in one of the two. `keep` is the consumer's durable "taken,
+    /// not yet delivered" set.
+    ///
+    /// Sound for the same reason as `take`: the `Acquire` load that sees a writer's bit
+    /// synchronizes with its `Release` mark, and the clear removes only bits that load
+    /// saw, so a bit set again after it stays set for the next round.
+    pub fn take_keeping(&self, keep: &[AtomicU64]) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (i, w) in self.bits.words().iter().enumerate() {
+            let mut v = w.load(Ordering::Acquire);
+            if v == 0 {
+                continue;
+            }
+            if let Some(k) = keep.get(i) {
+                k.fetch_or(v, Ordering::Release);
+            }
+            w.fetch_and(!v, Ordering::AcqRel);
+            while v != 0 {
+                let b = v.trailing_zeros();
+                out.push(i as u64 * 64 + u64::from(b));
+                v &= v - 1;
+            }
+        }
+        out
+    }
+
     /// Number of dirty chunks right now (a snapshot; may be stale at once).
     pub fn count(&self) -> u64 {
         self.bits
-            .words
+            .words()
             .iter()
             .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
             .sum()
@@ -324,7 +443,7 @@ impl DirtySubscription {
     pub fn is_dirty(&self, chunk: u64) -> bool {
         let w = (chunk / 64) as usize;
         self.bits
-            .words
+            .words()
             .get(w)
             .is_some_and(|x| x.load(Ordering::Acquire) & (1 << (chunk % 64)) != 0)
     }
@@ -383,6 +502,7 @@ impl Backend for TrackedBackend {
     fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
         // Mark even on error: a failed pwrite may have written part of the
         // range, and a spurious dirty bit only costs a re-send.
+        self.tracker.mark_before(offset, buf.len() as u64);
         let r = self.inner.write_at(buf, offset, fua);
         self.tracker.mark(offset, buf.len() as u64);
         r
@@ -397,12 +517,14 @@ impl Backend for TrackedBackend {
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.tracker.mark_before(offset, len);
         let r = self.inner.trim(offset, len, fua);
         self.tracker.mark(offset, len);
         r
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
+        self.tracker.mark_before(offset, len);
         let r = self.inner.write_zeroes(offset, len, may_trim, fua);
         self.tracker.mark(offset, len);
         r

@@ -38,7 +38,7 @@ pub mod server;
 
 pub use backend::{Backend, FileBackend};
 pub use dirty::{
-    DirtyError, DirtySubscription, DirtyTracker, FlushHold, InitialState, TrackedBackend,
+    BitStore, DirtyError, DirtySubscription, DirtyTracker, FlushHold, InitialState, TrackedBackend,
     DEFAULT_CHUNK_SIZE, MAX_FLUSH_HOLD,
 };
 pub use ondemand::{ChunkState, Fetcher, OnDemandBackend, OnDemandStats};

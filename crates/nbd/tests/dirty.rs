@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use roam_nbd::{Backend, DirtyTracker, FileBackend, InitialState, TrackedBackend};
+use roam_nbd::{
+    Backend, BitStore, DirtyError, DirtyTracker, FileBackend, InitialState, TrackedBackend,
+};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -210,4 +212,146 @@ fn a_flush_hold_delays_the_reply_not_the_flush_and_is_bounded() {
     assert!(waited >= roam_nbd::MAX_FLUSH_HOLD, "{waited:?}");
     assert!(waited < roam_nbd::MAX_FLUSH_HOLD * 4, "{waited:?}");
     assert_eq!(tracker.flush_epoch(), 2);
+}
+
+/// Bits in memory the test keeps: stands in for a file mapping that outlives a process.
+#[derive(Debug)]
+struct Kept(Vec<AtomicU64>);
+
+impl Kept {
+    fn new(words: usize) -> Arc<Kept> {
+        Arc::new(Kept((0..words).map(|_| AtomicU64::new(0)).collect()))
+    }
+}
+
+impl BitStore for Kept {
+    fn words(&self) -> &[AtomicU64] {
+        &self.0
+    }
+}
+
+/// A backend that records, at the moment each write reaches it, whether the durable
+/// bits already named the chunk.
+struct Observer {
+    inner: FileBackend,
+    kept: Arc<Kept>,
+    marked_before: std::sync::Mutex<Vec<bool>>,
+}
+
+impl Backend for Observer {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
+        let c = offset / 65536;
+        let bit = self.kept.0[(c / 64) as usize].load(Ordering::Acquire) & (1 << (c % 64));
+        self.marked_before.lock().unwrap().push(bit != 0);
+        self.inner.write_at(buf, offset, fua)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
+        self.inner.trim(offset, len, fua)
+    }
+    fn write_zeroes(&self, o: u64, l: u64, t: bool, fua: bool) -> std::io::Result<()> {
+        self.inner.write_zeroes(o, l, t, fua)
+    }
+}
+
+/// A crash between the data write and the mark after it must not leave the chunk
+/// unmarked in a store that survives the crash: durable bits are set before the write
+/// reaches the disk; heap bits are not (a migration's rounds would copy it twice).
+#[test]
+fn durable_subscriptions_are_marked_before_the_write_reaches_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 65536 * 130;
+    let kept = Kept::new(3);
+    let obs = Arc::new(Observer {
+        inner: FileBackend::create(&dir.path().join("d"), size).unwrap(),
+        kept: kept.clone(),
+        marked_before: Default::default(),
+    });
+    let t = DirtyTracker::new(size, 65536).unwrap();
+    let b = TrackedBackend::new(obs.clone(), t.clone()).unwrap();
+    let heap = t.subscribe(InitialState::Clean);
+    let durable = t.subscribe_in(kept.clone()).unwrap();
+    b.write_at(&[1u8; 10], 65536 * 129, false).unwrap();
+    b.write_at(&[1u8; 10], 65536 * 3, false).unwrap();
+    assert_eq!(*obs.marked_before.lock().unwrap(), vec![true, true]);
+    assert_eq!(durable.take(), vec![3, 129]);
+    assert_eq!(heap.take(), vec![3, 129]);
+
+    // Only the durable subscription sees a write announced but not done.
+    t.mark_before(65536 * 7, 1);
+    assert_eq!(durable.take(), vec![7]);
+    assert!(heap.take().is_empty());
+    // Marks made by the old owner of the store are kept when it is subscribed again.
+    drop(durable);
+    kept.0[0].fetch_or(1 << 9, Ordering::Release);
+    let again = t.subscribe_in(kept.clone()).unwrap();
+    assert_eq!(again.take(), vec![9]);
+}
+
+#[test]
+fn a_bit_store_must_fit_the_disk_and_holds_no_chunk_past_its_end() {
+    let t = DirtyTracker::new(65536 * 70, 65536).unwrap();
+    assert_eq!(
+        t.subscribe_in(Kept::new(1)).unwrap_err(),
+        DirtyError::StoreSize {
+            words: 1,
+            chunks: 70
+        }
+    );
+    let kept = Kept::new(2);
+    kept.0[1].store(u64::MAX, Ordering::Release);
+    let s = t.subscribe_in(kept).unwrap();
+    assert_eq!(s.take(), (64..70).collect::<Vec<_>>());
+}
+
+/// `take_keeping` hands every bit to the keeper before it clears it here; a writer
+/// racing with it is never lost (its bit is in one of the two, or set again here).
+#[test]
+fn take_keeping_moves_bits_to_the_keeper_and_misses_no_concurrent_write() {
+    let chunks = 4096u64;
+    let t = DirtyTracker::new(chunks * 512, 512).unwrap();
+    let sub = t.subscribe(InitialState::Clean);
+    let keep = Kept::new(64);
+    let stop = Arc::new(AtomicBool::new(false));
+    let written = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let writer = {
+        let (t, stop, written) = (t.clone(), stop.clone(), written.clone());
+        std::thread::spawn(move || {
+            let mut x = 7u64;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) || n < 50_000 {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let c = (x >> 33) % chunks;
+                written.lock().unwrap().insert(c);
+                t.mark(c * 512, 1);
+                n += 1;
+            }
+        })
+    };
+    let mut taken = BTreeSet::new();
+    for _ in 0..2_000 {
+        for c in sub.take_keeping(&keep.0) {
+            taken.insert(c);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    taken.extend(sub.take_keeping(&keep.0));
+    let written = written.lock().unwrap().clone();
+    assert_eq!(taken, written);
+    let kept: BTreeSet<u64> = (0..chunks)
+        .filter(|&c| keep.0[(c / 64) as usize].load(Ordering::Acquire) & (1 << (c % 64)) != 0)
+        .collect();
+    assert_eq!(kept, written, "the keeper lacks a taken chunk");
+    assert_eq!(sub.count(), 0);
 }

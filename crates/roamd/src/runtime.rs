@@ -61,6 +61,9 @@ pub struct RunningVm {
     /// The disk file once the export was gone and QEMU could write no more (set by
     /// `stop`): a replication link's state then describes the file exactly.
     pub quiesced: std::sync::OnceLock<FileIdentity>,
+    /// A back end sits between the file and the tracker (an arriving post-copy's
+    /// on-demand layer): its installs write the file without passing the tracker.
+    pub layered: bool,
 }
 
 /// Chunk hashes of a disk as of one moment, and a dirty subscription taken then.
@@ -198,6 +201,7 @@ impl RunningVm {
             started_on,
             since_start,
             quiesced: Default::default(),
+            layered: layer.is_some(),
         });
         supervise(d.self_arc(), &rt, events);
         Ok(rt)

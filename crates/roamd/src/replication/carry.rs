@@ -20,7 +20,8 @@
 //! chunk). The file is written when the VM stops, so a crash of roamd while the VM is
 //! stopped keeps it; it is deleted when the VM runs again, and should one survive
 //! anyway, the VM's writes since changed the identity it names. A crash of roamd
-//! while the VM runs leaves no carry: the next start compares by hash, as before.
+//! while the VM runs leaves a live file instead (`live.rs`), which roamd's next start
+//! turns into a carry.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;

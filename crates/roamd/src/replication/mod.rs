@@ -24,12 +24,15 @@
 //! reconnecting only what changed is sent. When the VM stops, each link keeps what it knew
 //! ([`carry`]: the replica's batch and the chunks written since), in memory and on disk;
 //! the VM's next start on an untouched disk goes on from there, in this roamd or after a
-//! restart. After a crash of the primary's roamd while the VM ran, or when the replica's
-//! committed batch is not the one the primary last saw, the first batch is a full hash
-//! comparison: every chunk is read and hashed here, and only chunks that differ travel
-//! (about 40 bytes per chunk on the wire otherwise).
+//! restart. While the VM runs, the same state lives in a file mapped shared ([`live`]),
+//! so that a crash of roamd (its QEMU dies with it) leaves it too: the next start turns
+//! it into a carry. When none of these apply (the host itself crashed, the disk changed,
+//! the replica's committed batch is not the one the primary last saw) the first batch is
+//! a full hash comparison: every chunk is read and hashed here, and only chunks that
+//! differ travel (about 40 bytes per chunk on the wire otherwise).
 
 pub mod carry;
+pub mod live;
 pub mod protocol;
 pub mod replica;
 pub mod source;
@@ -162,11 +165,75 @@ pub fn start_saved(d: &Arc<Daemon>) {
                         None
                     }
                 };
+                // A live file is left only by a crash; a carry (written at the VM's stop)
+                // is newer than any live file beside it.
+                let recovered = live::recover(&d.paths.state, &l.vm, &l.host);
+                let carried = match carried {
+                    Some(c) => Some(c),
+                    None => carry_after_crash(d, &l.vm, &l.host, recovered),
+                };
                 start_link_with(d, &l.vm, &l.host, carried);
             }
         }
         Err(e) => warn!("replica links unreadable: {e}"),
     }
+}
+
+/// The carry a crashed roamd left in a live file: what its link knew, with the disk as it
+/// is now. QEMU died with that roamd and writes only through it, so the disk has not
+/// changed since; from now on the identity guards it as for any carry. (A write to the
+/// file by something else *between* the crash and this start is not seen: nothing on
+/// disk described the file at the instant of the crash.)
+fn carry_after_crash(
+    d: &Daemon,
+    vm: &str,
+    host: &str,
+    recovered: Result<Option<live::Found>, live::Unusable>,
+) -> Option<carry::Carry> {
+    let found = match recovered {
+        Ok(f) => f?,
+        Err(e) => {
+            info!(
+                vm,
+                host, "replication state of the crash not used ({e}); comparing by hash"
+            );
+            return None;
+        }
+    };
+    let rec = d.store.vm(vm).ok().flatten()?;
+    let disk = quiet_identity(std::path::Path::new(&rec.disk_path))?;
+    let c = carry::Carry {
+        generation: found.generation,
+        synced_to: found.synced_to,
+        pending: found.pending,
+        disk,
+    };
+    // Kept on disk at once: a second crash before the VM starts must not lose it.
+    if let Err(e) = c.save(&carry::path(&d.paths.state, vm, host)) {
+        warn!(vm, host, "replication state not kept on disk: {e}");
+    }
+    info!(
+        vm,
+        host,
+        pending = c.pending.len(),
+        batch = c.synced_to.seq,
+        "replication state recovered after roamd's crash"
+    );
+    Some(c)
+}
+
+/// The file's identity, taken once the kernel's coarse file clock has moved past its
+/// last change, so that any later write shows as another ctime.
+fn quiet_identity(path: &std::path::Path) -> Option<carry::FileIdentity> {
+    let id = carry::FileIdentity::of(path).ok()?;
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    if now_ns - id.ctime_ns > 50_000_000 {
+        return Some(id);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    carry::FileIdentity::of(path).ok()
 }
 
 fn start_link(d: &Arc<Daemon>, vm: &str, host: &str) -> Arc<Link> {

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::carry::{self, Carry, FileIdentity};
+use super::live::{self, LiveFile};
 use super::now_ms;
 use super::protocol::{needs_seed, next_seq, ReplMsg, REPL_VERSION};
 use super::testhooks;
@@ -114,6 +115,30 @@ struct Tracking {
     pending: BTreeSet<u64>,
     /// The replica's committed batch as of this task's last commit.
     synced_to: Option<Version>,
+    /// Where `sub`'s bits and `pending` also live, so that a crash of roamd keeps them
+    /// (`live.rs`); `None` when the file could not be made (a crash then costs a hash
+    /// comparison, as it always did).
+    live: Option<Arc<LiveFile>>,
+}
+
+impl Tracking {
+    /// Take the dirty bits; with a live file, each is in its pending set before it
+    /// leaves the dirty set, so a crash at any instant finds it in one of the two.
+    fn take(&self) -> Vec<u64> {
+        match &self.live {
+            Some(l) => self.sub.take_keeping(l.pending()),
+            None => self.sub.take(),
+        }
+    }
+}
+
+impl Drop for Tracking {
+    /// The tracking ended in order (a carry, or a hash comparison, takes over).
+    fn drop(&mut self) {
+        if let Some(l) = &self.live {
+            l.retire();
+        }
+    }
 }
 
 impl Link {
@@ -196,7 +221,7 @@ impl Link {
             return false;
         };
         let mut pending = tr.pending.clone();
-        pending.extend(tr.sub.take());
+        pending.extend(tr.take());
         *self.known.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let c = self.save_carry(d, rec.generation, synced_to, pending, disk);
         *self.carry.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
@@ -251,22 +276,26 @@ impl Link {
     /// Forget the carry, in memory and on disk (the VM runs again, or the link goes).
     pub fn drop_carry(&self, d: &Daemon) {
         self.carry.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // A parked tracking goes too (its live file with it).
+        self.parked.lock().unwrap_or_else(|p| p.into_inner()).take();
         carry::remove(&d.paths.state, &self.vm, &self.host);
     }
 
     /// A (re)started VM: track its writes from now on, and go on from the carry if it
     /// describes this very disk; otherwise the first batch compares by hash.
     fn adopt(&self, d: &Daemon, rt: &Arc<RunningVm>) -> Tracking {
-        let sub = Arc::new(rt.tracker.subscribe(InitialState::Clean));
+        let generation = d.store.vm(&self.vm).ok().flatten().map(|r| r.generation);
+        let (sub, live) = self.subscribe(d, rt, generation);
+        let sub = Arc::new(sub);
         let mut tr = Tracking {
             rt: rt.clone(),
             sub: sub.clone(),
             pending: BTreeSet::new(),
             synced_to: None,
+            live,
         };
         let carried = self.carry.lock().unwrap_or_else(|p| p.into_inner()).take();
         carry::remove(&d.paths.state, &self.vm, &self.host);
-        let generation = d.store.vm(&self.vm).ok().flatten().map(|r| r.generation);
         if let (Some(c), Some(g)) = (carried, generation) {
             let chunks = rt.tracker.chunk_count();
             match c.check(g, rt.started_on, chunks) {
@@ -277,6 +306,9 @@ impl Link {
                     tr.pending
                         .extend((0..chunks).filter(|&c| rt.since_start.is_dirty(c)));
                     tr.synced_to = Some(c.synced_to);
+                    if let Some(l) = &tr.live {
+                        l.anchor(c.synced_to, &tr.pending);
+                    }
                     info!(vm = %self.vm, host = %self.host, pending = tr.pending.len(),
                         batch = c.synced_to.seq,
                         "replication goes on from where it was when the VM stopped");
@@ -294,10 +326,51 @@ impl Link {
         tr
     }
 
+    /// The link's dirty subscription to `rt`: in a live file when its disk takes every
+    /// write through the tracker (not while an arriving post-copy fills it beneath).
+    fn subscribe(
+        &self,
+        d: &Daemon,
+        rt: &RunningVm,
+        generation: Option<u64>,
+    ) -> (DirtySubscription, Option<Arc<LiveFile>>) {
+        let heap = || (rt.tracker.subscribe(InitialState::Clean), None);
+        let Some(generation) = generation.filter(|_| !rt.layered) else {
+            return heap();
+        };
+        let made = live::boot_id().and_then(|boot| {
+            let chunks = rt.tracker.chunk_count();
+            LiveFile::create(
+                &d.paths.state,
+                &self.vm,
+                &self.host,
+                chunks,
+                generation,
+                boot,
+            )
+        });
+        let file = match made {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                warn!(vm = %self.vm, host = %self.host,
+                    "replication state not kept for a crash (a hash comparison would follow one): {e}");
+                return heap();
+            }
+        };
+        match rt.tracker.subscribe_in(file.clone()) {
+            Ok(sub) => (sub, Some(file)),
+            Err(e) => {
+                file.retire();
+                warn!(vm = %self.vm, host = %self.host, "replication state not kept for a crash: {e}");
+                heap()
+            }
+        }
+    }
+
     /// Take the dirty bits into `pending`, atomically for `changed_since`.
     fn take_dirty(&self, tr: &mut Tracking) -> Vec<u64> {
         let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        let taken = tr.sub.take();
+        let taken = tr.take();
         tr.pending.extend(taken.iter().copied());
         if let Some(k) = k.as_mut() {
             k.pending.extend(taken.iter().copied());
@@ -310,6 +383,9 @@ impl Link {
         let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
         tr.pending.clear();
         tr.synced_to = Some(v);
+        if let Some(l) = &tr.live {
+            l.anchor(v, &tr.pending);
+        }
         *k = Some(Known {
             sub: tr.sub.clone(),
             pending: BTreeSet::new(),
@@ -650,7 +726,7 @@ async fn session(
                 hashes: sender.hashes(),
             });
             sender.sync(&mut w, &mut rx).await?; // answered once committed
-            testhooks::committed(&link.vm, &link.host);
+            testhooks::committed(&d.cfg.name, &link.vm, &link.host);
             link.record_commit(tr, Version { generation, seq });
             if seed {
                 // "sent" = chunks the replica lacked; the rest it already held.

@@ -9,7 +9,9 @@
 //!   once this batch commits**: the last confirmed state with this batch's chunks (the
 //!   hashes of the bytes actually sent) laid over it, or for a seed batch every chunk as
 //!   the seed left it. A replica read at any instant (after `ReplicaWriter::open`
-//!   recovery) must hash to one of these roots.
+//!   recovery) must hash to one of these roots. The confirmed state is also kept in
+//!   `PATH.SOURCE.VM@HOST.confirmed`, so that a roamd restarted after a crash, which goes
+//!   on without a seed (its live file), lays its batches over the right base.
 //! * `ROAM_TEST_IDLE_TIMEOUT_MS=N`: the host channel's idle timeout (keep-alive N/3), so
 //!   a test notices a dead peer in about a second instead of five.
 //!
@@ -71,6 +73,11 @@ pub fn proposed(p: Proposal<'_>) {
     let Some(hashes) = p.hashes else { return };
     let key = (p.vm.to_string(), p.host.to_string());
     let mut links = log.links.lock().unwrap_or_else(|e| e.into_inner());
+    if !links.confirmed.contains_key(&key) {
+        if let Some(kept) = load_confirmed(&confirmed_path(&log.path, p.source, p.vm, p.host)) {
+            links.confirmed.insert(key.clone(), kept);
+        }
+    }
     let state = next_state(links.confirmed.get(&key), p.seed, p.chunks, hashes);
     let line = serde_json::json!({
         "source": p.source, "vm": p.vm, "host": p.host, "seq": p.seq,
@@ -112,13 +119,32 @@ fn next_state(
 }
 
 /// The replica answered `Sync`: the proposal of (vm, host) is its state now.
-pub fn committed(vm: &str, host: &str) {
+pub fn committed(source: &str, vm: &str, host: &str) {
     let Some(log) = cut_log() else { return };
     let key = (vm.to_string(), host.to_string());
     let mut links = log.links.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(s) = links.proposed.remove(&key) {
+        let path = confirmed_path(&log.path, source, vm, host);
+        let tmp = path.with_extension("tmp");
+        let r = serde_json::to_vec(&s)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = r {
+            warn!("{CUT_LOG_ENV} {}: {e}", path.display());
+        }
         links.confirmed.insert(key, s);
     }
+}
+
+fn confirmed_path(log: &std::path::Path, source: &str, vm: &str, host: &str) -> std::path::PathBuf {
+    let mut p = log.as_os_str().to_owned();
+    p.push(format!(".{source}.{vm}@{host}.confirmed"));
+    p.into()
+}
+
+fn load_confirmed(path: &std::path::Path) -> Option<ChunkHashes> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
 /// The host channel's settings: the default, or a short idle timeout for tests.
