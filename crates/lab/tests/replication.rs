@@ -502,7 +502,7 @@ async fn replication_resumes_after_either_roamd_restarts_without_resending() {
     .await;
 
     // The primary's roamd crashes while its VM runs and writes (QEMU dies with it): the
-    // link's live file (mapped shared, kept by the page cache) says what the replica
+    // link's live map (mapped shared, kept by the page cache) says what the replica
     // lacked, and the VM's next start sends only that: no hash comparison.
     lab.host_mut("office").kill();
     lab.host_mut("office").spawn().await.unwrap();

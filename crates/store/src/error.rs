@@ -70,8 +70,6 @@ pub enum StoreError {
     /// the promotion kept) before anything else opens it.
     #[error("disk is promoted to a migration (marker {0}); roll it back first")]
     Promoted(PathBuf),
-    #[error("dirty map: {0}")]
-    Dirty(String),
     /// Returned by a fault-injection hook: the operation stops as if the process died.
     #[error("injected crash at {0:?}")]
     InjectedCrash(String),

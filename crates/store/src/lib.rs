@@ -10,9 +10,10 @@
 //!   batch, or send it — each missing content crosses the wire once.
 //! * [`ChunkIndex`] — the per-host dedup index (redb): hash → (disk file, chunk). Rebuilt from
 //!   the disk files when lost, corrupt or of another format; hits re-hashed before use.
-//! * [`PersistentDirtyMap`] — what a replica still lacks, as bitmaps persisted atomically,
-//!   with batch numbers, acknowledgements and resume after outages or restarts; bounded
-//!   memory; hot extents so a crash loses nothing the write path acknowledged.
+//! * [`LiveMap`] — what a replica still lacks while its disk is written (dirty bits, the
+//!   chunks of an uncommitted batch, the replica's last batch), in a file mapped shared,
+//!   so that a crash of the writing process leaves it on the host; bounded memory (two
+//!   bits per chunk).
 //! * [`CutBuilder`] — when chunks read from a live disk form a crash-consistent state (the
 //!   FLUSH-epoch rule); model-tested against a guest that writes and flushes concurrently.
 //! * [`ReplicaWriter`] — the receiver: a raw disk file plus a redo journal; a batch becomes
@@ -31,7 +32,7 @@
 //!
 //! # Data flow (source S → replica R)
 //! ```text
-//!  S: NBD write ─▶ DirtyTracker ─take()─▶ PersistentDirtyMap ─cut()─▶ batch #s
+//!  S: NBD write ─▶ DirtyTracker (bits in a LiveMap) ─take_keeping()─▶ batch #s
 //!                        │ flush_epoch                                  │ chunks
 //!                        └──────────────▶ CutBuilder (passes) ◀─ read + hash (ChunkMap)
 //!                                                  │ Consistent{epoch}
@@ -58,22 +59,22 @@
 
 pub mod chunkmap;
 pub mod cut;
-pub mod dirtymap;
 pub mod envelope;
 pub mod error;
 pub mod index;
 mod io;
 pub mod level;
+pub mod live;
 pub mod plan;
 pub mod promote;
 pub mod replica;
 
 pub use chunkmap::{ChunkMap, ChunkState, Digest};
 pub use cut::{CutBuilder, PassEnd};
-pub use dirtymap::{PersistentDirtyMap, Resume};
 pub use error::{Result, StoreError};
 pub use index::{ChunkIndex, FileId, Location};
 pub use level::{choose_level, LevelInput};
+pub use live::LiveMap;
 pub use plan::{plan, plan_offers, Action, HaveSet, TransferPlan};
 pub use promote::{PromotePaths, Promoted, RolledBack};
 pub use replica::{BatchId, ReplicaWriter, Version};

@@ -1,17 +1,19 @@
 //! The pieces together on real files, as roamd will use them: seed a replica of a disk
 //! made from a base image the destination already holds (another VM), then replicate a
-//! round of changes. Nothing the destination holds crosses the "wire", and the replica
+//! round of changes (as a crashed source's live map left them). Nothing the destination holds crosses the "wire", and the replica
 //! ends byte-identical to the source.
 
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use roam_store::replica::NoFaults;
 use roam_store::{
-    plan, Action, BatchId, ChunkIndex, ChunkMap, ChunkState, FileId, Location, PersistentDirtyMap,
+    live, plan, Action, BatchId, ChunkIndex, ChunkMap, ChunkState, FileId, LiveMap, Location,
     ReplicaWriter, Version,
 };
 
@@ -117,15 +119,17 @@ fn seed_then_delta_moves_only_what_the_destination_lacks() {
     let files = [(FileId(1), other), (FileId(2), replica.disk_path())];
     let (index, _) = ChunkIndex::open(&tmp.path().join("index"), CS, &files, 1 << 20).unwrap();
 
-    // Seed: the dirty map starts all dirty.
+    // Seed: every chunk. The source's live map then says "the replica is at batch 1".
     let src = File::open(&source).unwrap();
-    let mut dirty =
-        PersistentDirtyMap::create(&tmp.path().join("dirty"), n * u64::from(CS), CS, true).unwrap();
-    let seq = dirty.cut().unwrap().unwrap();
-    let chunks: Vec<u64> = dirty.batch(seq).unwrap().collect();
+    let live_dir = tmp.path().join("live");
+    let boot = live::boot_id().unwrap();
+    let tracking = LiveMap::create(&live_dir, "desk@home", n, 1, boot).unwrap();
+    let seq = 1;
+    let chunks: Vec<u64> = (0..n).collect();
     let src_map = ChunkMap::scan(&src, n * u64::from(CS), CS).unwrap();
     let sent = round(&src, &src_map, None, chunks, &index, &mut replica, seq);
-    dirty.ack(seq);
+    let batch1 = Version { generation: 1, seq };
+    tracking.anchor(batch1, &BTreeSet::new());
     assert_eq!(sent, vec![50, 53], "only the private contents, once each");
     assert_eq!(
         std::fs::read(&source).unwrap(),
@@ -140,11 +144,15 @@ fn seed_then_delta_moves_only_what_the_destination_lacks() {
         .unwrap()
         .write_all_at(&vec![0u8; CS as usize], 10 * u64::from(CS))
         .unwrap();
-    for c in [60, 61, 10] {
-        dirty.mark(c);
+    for c in [60u64, 61, 10] {
+        tracking.dirty()[(c / 64) as usize].fetch_or(1 << (c % 64), Ordering::Release);
     }
-    let seq = dirty.cut().unwrap().unwrap();
-    let chunks: Vec<u64> = dirty.batch(seq).unwrap().collect();
+    // The source's process dies here; what its map left is the next batch.
+    let left = live::recover(&live_dir, "desk@home").unwrap().unwrap();
+    assert_eq!(left.synced_to, batch1);
+    let chunks: Vec<u64> = left.pending.into_iter().collect();
+    assert_eq!(chunks, vec![10, 60, 61]);
+    let seq = 2;
     let src_map2 = ChunkMap::scan(&src, n * u64::from(CS), CS).unwrap();
     let dst_map = ChunkMap::scan(
         &File::open(replica.disk_path()).unwrap(),
@@ -162,13 +170,11 @@ fn seed_then_delta_moves_only_what_the_destination_lacks() {
         &mut replica,
         seq,
     );
-    dirty.ack(seq);
     assert_eq!(sent, vec![60], "block 120 is local, zeroes never travel");
     assert_eq!(
         std::fs::read(&source).unwrap(),
         std::fs::read(replica.disk_path()).unwrap()
     );
-    assert!(dirty.pending().is_empty());
     let after = ChunkMap::scan(
         &File::open(replica.disk_path()).unwrap(),
         n * u64::from(CS),

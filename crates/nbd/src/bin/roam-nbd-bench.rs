@@ -4,7 +4,7 @@
 //! `TrackedBackend` (64 KiB chunks) with three live dirty subscriptions, as when a
 //! migration and a replica follow the disk (the third: roamd's record of everything the
 //! VM wrote since it started, for replication after a stop). The replica's is a durable
-//! one, marked before and after each write as roamd's live file is (its bits here sit in
+//! one, marked before and after each write as roamd's live map is (its bits here sit in
 //! ordinary memory: a mapped page costs the same once touched). Its ratio to plain roam
 //! is the hot-path cost of change tracking (`tracked_ratio`, promised ≥ 0.90).
 //!

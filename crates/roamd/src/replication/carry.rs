@@ -20,7 +20,7 @@
 //! chunk). The file is written when the VM stops, so a crash of roamd while the VM is
 //! stopped keeps it; it is deleted when the VM runs again, and should one survive
 //! anyway, the VM's writes since changed the identity it names. A crash of roamd
-//! while the VM runs leaves a live file instead (`live.rs`), which roamd's next start
+//! while the VM runs leaves a live map instead (`roam_store::live`), which roamd's next start
 //! turns into a carry.
 
 use std::collections::BTreeSet;

@@ -24,7 +24,8 @@
 //! reconnecting only what changed is sent. When the VM stops, each link keeps what it knew
 //! ([`carry`]: the replica's batch and the chunks written since), in memory and on disk;
 //! the VM's next start on an untouched disk goes on from there, in this roamd or after a
-//! restart. While the VM runs, the same state lives in a file mapped shared ([`live`]),
+//! restart. While the VM runs, the same state lives in a file mapped shared
+//! (`roam_store::live`),
 //! so that a crash of roamd (its QEMU dies with it) leaves it too: the next start turns
 //! it into a carry. When none of these apply (the host itself crashed, the disk changed,
 //! the replica's committed batch is not the one the primary last saw) the first batch is
@@ -32,7 +33,6 @@
 //! differ travel (about 40 bytes per chunk on the wire otherwise).
 
 pub mod carry;
-pub mod live;
 pub mod protocol;
 pub mod replica;
 pub mod source;
@@ -43,6 +43,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use roam_control::api::{ApiError, ReplicaInfo};
+use roam_store::live;
 use tracing::{info, warn};
 
 use crate::daemon::{to_api, Daemon};
@@ -165,9 +166,9 @@ pub fn start_saved(d: &Arc<Daemon>) {
                         None
                     }
                 };
-                // A live file is left only by a crash; a carry (written at the VM's stop)
-                // is newer than any live file beside it.
-                let recovered = live::recover(&d.paths.state, &l.vm, &l.host);
+                // A live map is left only by a crash; a carry (written at the VM's stop)
+                // is newer than any live map beside it.
+                let recovered = live::recover(&live_dir(&d.paths.state), &live_key(&l.vm, &l.host));
                 let carried = match carried {
                     Some(c) => Some(c),
                     None => carry_after_crash(d, &l.vm, &l.host, recovered),
@@ -179,7 +180,7 @@ pub fn start_saved(d: &Arc<Daemon>) {
     }
 }
 
-/// The carry a crashed roamd left in a live file: what its link knew, with the disk as it
+/// The carry a crashed roamd left in a live map: what its link knew, with the disk as it
 /// is now. QEMU died with that roamd and writes only through it, so the disk has not
 /// changed since; from now on the identity guards it as for any carry. (A write to the
 /// file by something else *between* the crash and this start is not seen: nothing on
@@ -234,6 +235,15 @@ fn quiet_identity(path: &std::path::Path) -> Option<carry::FileIdentity> {
     }
     std::thread::sleep(std::time::Duration::from_millis(50));
     carry::FileIdentity::of(path).ok()
+}
+
+/// Where the links' live maps are (`roam_store::live`), and each one's name.
+pub fn live_dir(state: &std::path::Path) -> std::path::PathBuf {
+    state.join("replication").join("live")
+}
+
+pub fn live_key(vm: &str, host: &str) -> String {
+    format!("{vm}@{host}")
 }
 
 fn start_link(d: &Arc<Daemon>, vm: &str, host: &str) -> Arc<Link> {

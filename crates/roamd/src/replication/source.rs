@@ -28,7 +28,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::carry::{self, Carry, FileIdentity};
-use super::live::{self, LiveFile};
 use super::now_ms;
 use super::protocol::{needs_seed, next_seq, ReplMsg, REPL_VERSION};
 use super::testhooks;
@@ -37,6 +36,7 @@ use crate::daemon::Daemon;
 use crate::migration::disk::{allocated_chunks, DiskSender};
 use crate::runtime::{RunningVm, CHUNK_SIZE};
 use crate::state::VmStatus;
+use roam_store::live::{self, LiveMap};
 
 /// Below migration streams (0), on-demand fetch (−1) and control (1): QUIC sends these
 /// bytes last.
@@ -116,13 +116,23 @@ struct Tracking {
     /// The replica's committed batch as of this task's last commit.
     synced_to: Option<Version>,
     /// Where `sub`'s bits and `pending` also live, so that a crash of roamd keeps them
-    /// (`live.rs`); `None` when the file could not be made (a crash then costs a hash
+    /// (`roam_store::live`); `None` when the file could not be made (a crash then costs a hash
     /// comparison, as it always did).
-    live: Option<Arc<LiveFile>>,
+    live: Option<Arc<LiveMap>>,
+}
+
+/// A link's dirty bits, in its live map: roam-store owns the file, roam-nbd the marking.
+#[derive(Debug)]
+struct LiveBits(Arc<LiveMap>);
+
+impl roam_nbd::BitStore for LiveBits {
+    fn words(&self) -> &[std::sync::atomic::AtomicU64] {
+        self.0.dirty()
+    }
 }
 
 impl Tracking {
-    /// Take the dirty bits; with a live file, each is in its pending set before it
+    /// Take the dirty bits; with a live map, each is in its pending set before it
     /// leaves the dirty set, so a crash at any instant finds it in one of the two.
     fn take(&self) -> Vec<u64> {
         match &self.live {
@@ -276,7 +286,7 @@ impl Link {
     /// Forget the carry, in memory and on disk (the VM runs again, or the link goes).
     pub fn drop_carry(&self, d: &Daemon) {
         self.carry.lock().unwrap_or_else(|p| p.into_inner()).take();
-        // A parked tracking goes too (its live file with it).
+        // A parked tracking goes too (its live map with it).
         self.parked.lock().unwrap_or_else(|p| p.into_inner()).take();
         carry::remove(&d.paths.state, &self.vm, &self.host);
     }
@@ -326,24 +336,24 @@ impl Link {
         tr
     }
 
-    /// The link's dirty subscription to `rt`: in a live file when its disk takes every
+    /// The link's dirty subscription to `rt`: in a live map when its disk takes every
     /// write through the tracker (not while an arriving post-copy fills it beneath).
     fn subscribe(
         &self,
         d: &Daemon,
         rt: &RunningVm,
         generation: Option<u64>,
-    ) -> (DirtySubscription, Option<Arc<LiveFile>>) {
+    ) -> (DirtySubscription, Option<Arc<LiveMap>>) {
         let heap = || (rt.tracker.subscribe(InitialState::Clean), None);
         let Some(generation) = generation.filter(|_| !rt.layered) else {
             return heap();
         };
         let made = live::boot_id().and_then(|boot| {
             let chunks = rt.tracker.chunk_count();
-            LiveFile::create(
-                &d.paths.state,
-                &self.vm,
-                &self.host,
+            let key = super::live_key(&self.vm, &self.host);
+            LiveMap::create(
+                &super::live_dir(&d.paths.state),
+                &key,
                 chunks,
                 generation,
                 boot,
@@ -357,7 +367,7 @@ impl Link {
                 return heap();
             }
         };
-        match rt.tracker.subscribe_in(file.clone()) {
+        match rt.tracker.subscribe_in(Arc::new(LiveBits(file.clone()))) {
             Ok(sub) => (sub, Some(file)),
             Err(e) => {
                 file.retire();

@@ -11,7 +11,7 @@
 //!   the seed left it. A replica read at any instant (after `ReplicaWriter::open`
 //!   recovery) must hash to one of these roots. The confirmed state is also kept in
 //!   `PATH.SOURCE.VM@HOST.confirmed`, so that a roamd restarted after a crash, which goes
-//!   on without a seed (its live file), lays its batches over the right base.
+//!   on without a seed (its live map), lays its batches over the right base.
 //! * `ROAM_TEST_IDLE_TIMEOUT_MS=N`: the host channel's idle timeout (keep-alive N/3), so
 //!   a test notices a dead peer in about a second instead of five.
 //!

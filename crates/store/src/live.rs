@@ -1,20 +1,22 @@
-//! A link's replication state while its VM runs, kept in a file that roamd maps
-//! `MAP_SHARED`, so that a **crash of roamd while the VM runs** (its QEMU dies with it)
-//! leaves on this host what the replica lacks: the VM's next start sends only that,
-//! instead of reading and hashing its whole disk.
+//! [`LiveMap`]: what a replica lacks while its disk is being written, kept in a file
+//! that the writing process maps `MAP_SHARED`, so that a **crash of that process** leaves
+//! it on the host: the kernel's page cache keeps every store the process made before it
+//! died, with no `msync` and no syscall on the write path. roamd keeps one per
+//! replication link while the VM runs; its next start turns what a crashed one left into
+//! the link's carry instead of comparing the whole disk by hash.
 //!
 //! ```text
-//!  STATE/replication/live/VM@HOST.<random>         (one per tracking: a VM run, a link)
+//!  DIR/KEY.<unique>          one per tracking (roamd: KEY = VM@HOST, one VM run)
 //!  ┌ header ─────────────────────────────┐┌ dirty bits ──────┐┌ pending bits ─────┐
-//!  │ magic version chunks boot-id        ││ the link's dirty ││ taken for a batch │
-//!  │ generation anchored synced (g, s)   ││ subscription     ││ not yet committed │
+//!  │ magic version chunks boot-id        ││ the consumer's   ││ taken for a batch │
+//!  │ generation anchored synced (g, s)   ││ dirty bitmap     ││ not yet committed │
 //!  └─────────────────────────────────────┘└──────────────────┘└───────────────────┘
 //!   writes: mark dirty before and after the data (roam_nbd::DirtyTracker::subscribe_in)
 //!   a batch takes bits: set in pending first, then cleared in dirty (take_keeping)
 //!   commit (g, s):  anchored = 0 · synced = (g, s) · pending = {} · anchored = 1
-//!   roamd crashes:  the page cache keeps every store made before death
-//!   roamd starts:   same boot id, anchored? ─ yes ─▶ a carry: synced, dirty ∪ pending
-//!                                            └ no ──▶ nothing (hash comparison)
+//!   the process crashes: the page cache keeps every store made before death
+//!   recover():      same boot id, anchored? ─ yes ─▶ synced, dirty ∪ pending
+//!                                            └ no ──▶ nothing (compare by hash)
 //! ```
 //!
 //! Why it is sound: once anchored, the chunks written since the replica's `(g, s)` are
@@ -22,12 +24,13 @@
 //! a bit leaves dirty only after it is in pending; pending is emptied only together with
 //! `synced` moving to the batch that holds it, inside an `anchored = 0` window). A
 //! process crash keeps every store in the page cache. A crash of the *host* may have
-//! written back any subset of the pages, so a file from another boot is ignored. The
-//! file is removed when its tracking ends in order (a carry then takes over); a crash
-//! inside an `anchored = 0` window or before the first commit costs a hash comparison,
-//! never a chunk.
+//! written back any subset of the pages, so a file from another boot is ignored. A file
+//! is removed when its tracking ends in order; a crash inside an `anchored = 0` window or
+//! before the first anchor costs a hash comparison, never a chunk. The crash campaign
+//! `crates/lab/tests/primary_crash.rs` kills a writing process at 50 random instants and
+//! checks this each time.
 //!
-//! Only this module reads or writes these files; the link (`source.rs`) decides when.
+//! Only this module reads or writes these files; the consumer decides when to anchor.
 
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
@@ -35,8 +38,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::MmapMut;
-use roam_nbd::BitStore;
-use roam_store::Version;
+
+use crate::error::{Result, StoreError};
+use crate::replica::Version;
 
 const MAGIC: u64 = 0x5245_564C_4D41_4F52; // "ROAMLVER"
 const VERSION: u64 = 1;
@@ -53,20 +57,17 @@ const H_ANCHORED: usize = 6;
 const H_SYNCED_GEN: usize = 7;
 const H_SYNCED_SEQ: usize = 8;
 
-/// The directory of the live files.
-pub fn dir(state: &Path) -> PathBuf {
-    state.join("replication").join("live")
-}
-
-fn prefix(vm: &str, host: &str) -> String {
-    format!("{vm}@{host}.")
-}
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
 /// This boot of the host, as two words (`/proc/sys/kernel/random/boot_id`).
-pub fn boot_id() -> std::io::Result<[u64; 2]> {
-    let s = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?;
+pub fn boot_id() -> Result<[u64; 2]> {
+    let io = |e| StoreError::io("read", BOOT_ID, e);
+    let s = std::fs::read_to_string(BOOT_ID).map_err(io)?;
     let hex: String = s.trim().chars().filter(|c| *c != '-').collect();
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "boot id");
+    let bad = || StoreError::Malformed {
+        what: "boot id",
+        detail: s.trim().to_string(),
+    };
     if hex.len() != 32 {
         return Err(bad());
     }
@@ -77,7 +78,7 @@ pub fn boot_id() -> std::io::Result<[u64; 2]> {
 
 /// One tracking's state, mapped. All access goes through atomics on the mapping.
 #[derive(Debug)]
-pub struct LiveFile {
+pub struct LiveMap {
     path: PathBuf,
     /// Kept only to unmap at drop; never read or written through.
     _map: MmapMut,
@@ -88,22 +89,26 @@ pub struct LiveFile {
 
 // SAFETY: the mapping is shared memory accessed only through `AtomicU64`s (`all`), which
 // are Sync; the pointer stays valid while `_map` lives, that is, as long as `self`.
-unsafe impl Send for LiveFile {}
+unsafe impl Send for LiveMap {}
 // SAFETY: as above.
-unsafe impl Sync for LiveFile {}
+unsafe impl Sync for LiveMap {}
 
-impl LiveFile {
-    /// A new, unanchored file for a disk of `chunks` chunks of a VM in `generation`.
+impl LiveMap {
+    /// A new, unanchored map in `dir`, named after `key`, for a disk of `chunks` chunks
+    /// written in `generation`.
     pub fn create(
-        state: &Path,
-        vm: &str,
-        host: &str,
+        dir: &Path,
+        key: &str,
         chunks: u64,
         generation: u64,
         boot: [u64; 2],
-    ) -> std::io::Result<LiveFile> {
-        let dir = dir(state);
-        std::fs::create_dir_all(&dir)?;
+    ) -> Result<LiveMap> {
+        if chunks > crate::chunkmap::MAX_CHUNKS {
+            return Err(StoreError::Geometry {
+                detail: format!("{chunks} chunks is more than a live map holds"),
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io("create", dir, e))?;
         let words = chunks.div_ceil(64) as usize;
         let len = HEADER_BYTES + 2 * words * 8;
         static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -111,7 +116,7 @@ impl LiveFile {
             // Unique among this process's files; a leftover of a dead one with the same
             // pid is skipped by `create_new`.
             let n = NEXT.fetch_add(1, Ordering::Relaxed) & 0xffff_ffff;
-            let name = format!("{}{:08x}{n:08x}", prefix(vm, host), std::process::id());
+            let name = format!("{key}.{:08x}{n:08x}", std::process::id());
             let path = dir.join(name);
             match OpenOptions::new()
                 .read(true)
@@ -121,21 +126,22 @@ impl LiveFile {
             {
                 Ok(f) => break (path, f),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err(StoreError::io("create", path, e)),
             }
         };
-        let mut map = match map_file(&file, len) {
+        let mapped = map_file(&file, len).and_then(|mut map| {
+            let base = std::ptr::NonNull::new(map.as_mut_ptr().cast::<AtomicU64>())
+                .ok_or_else(|| std::io::Error::other("mmap gave a null address"))?;
+            Ok((map, base))
+        });
+        let (map, base) = match mapped {
             Ok(m) => m,
             Err(e) => {
                 let _ = std::fs::remove_file(&path);
-                return Err(e);
+                return Err(StoreError::io("map", path, e));
             }
         };
-        let Some(base) = std::ptr::NonNull::new(map.as_mut_ptr().cast::<AtomicU64>()) else {
-            let _ = std::fs::remove_file(&path);
-            return Err(std::io::Error::other("mmap gave a null address"));
-        };
-        let f = LiveFile {
+        let f = LiveMap {
             path,
             _map: map,
             base,
@@ -192,15 +198,12 @@ impl LiveFile {
         let _ = std::fs::remove_file(&self.path);
     }
 
-    #[cfg(test)]
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
 
-impl BitStore for LiveFile {
-    /// The link's dirty subscription lives here.
-    fn words(&self) -> &[AtomicU64] {
+    /// The consumer's dirty bits (one per chunk): roamd's dirty subscription lives here.
+    pub fn dirty(&self) -> &[AtomicU64] {
         &self.all()[HEADER_BYTES / 8..HEADER_BYTES / 8 + self.words]
     }
 }
@@ -212,7 +215,7 @@ fn map_file(file: &File, len: usize) -> std::io::Result<MmapMut> {
     unsafe { MmapMut::map_mut(file) }
 }
 
-/// What a live file left by a crashed roamd says.
+/// What a live map left by a crashed process says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
     pub generation: u64,
@@ -226,7 +229,7 @@ pub struct Found {
 pub enum Unusable {
     #[error("it was written before the host last booted")]
     OtherBoot,
-    #[error("roamd stopped before the replica's first commit, or while one was recorded")]
+    #[error("the process stopped before the replica's first commit, or while one was recorded")]
     NotAnchored,
     #[error("more than one tracking left state")]
     Ambiguous,
@@ -248,7 +251,7 @@ pub fn decode(bytes: &[u8], boot: [u64; 2]) -> Result<Found, Unusable> {
         return Err(damaged("unknown version"));
     }
     let chunks = word(H_CHUNKS).ok_or_else(|| damaged("short"))?;
-    if chunks > 1 << 36 {
+    if chunks > crate::chunkmap::MAX_CHUNKS {
         return Err(damaged("too many chunks"));
     }
     let words = chunks.div_ceil(64) as usize;
@@ -285,12 +288,13 @@ pub fn decode(bytes: &[u8], boot: [u64; 2]) -> Result<Found, Unusable> {
     })
 }
 
-/// Read and delete every live file of `vm`'s link to `host` (roamd's start, before the
-/// link runs). `Ok(None)`: there was none (the last stop was orderly).
-pub fn recover(state: &Path, vm: &str, host: &str) -> Result<Option<Found>, Unusable> {
-    let boot = boot_id().map_err(|e| Unusable::Damaged(format!("boot id: {e}")))?;
-    let pre = prefix(vm, host);
-    let Ok(entries) = std::fs::read_dir(dir(state)) else {
+/// Read and delete every live map named after `key` in `dir` (at the start of the next
+/// process, before anything tracks again). `Ok(None)`: there was none (the last stop
+/// was orderly).
+pub fn recover(dir: &Path, key: &str) -> Result<Option<Found>, Unusable> {
+    let boot = boot_id().map_err(|e| Unusable::Damaged(e.to_string()))?;
+    let pre = format!("{key}.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(None);
     };
     let mut found: Vec<Result<Found, Unusable>> = Vec::new();
@@ -299,7 +303,7 @@ pub fn recover(state: &Path, vm: &str, host: &str) -> Result<Option<Found>, Unus
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&pre)) else {
             continue;
         };
-        // VM and host names may themselves hold dots: the suffix is 16 hex digits.
+        // Keys may themselves hold dots: the suffix is 16 hex digits.
         if rest.len() != 16 || !rest.bytes().all(|b| b.is_ascii_hexdigit()) {
             continue;
         }
@@ -342,16 +346,16 @@ mod tests {
         }
     }
 
-    fn read(f: &LiveFile) -> Vec<u8> {
+    fn read(f: &LiveMap) -> Vec<u8> {
         std::fs::read(f.path()).unwrap_or_default()
     }
 
     #[test]
     fn nothing_is_promised_before_the_anchor_nor_after_retirement() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let f = LiveFile::create(dir.path(), "desk", "home", 130, 3, BOOT)
+        let f = LiveMap::create(dir.path(), "desk@home", 130, 3, BOOT)
             .unwrap_or_else(|e| panic!("{e}"));
-        f.words()[0].fetch_or(0b101, Ordering::Release);
+        f.dirty()[0].fetch_or(0b101, Ordering::Release);
         assert_eq!(decode(&read(&f), BOOT), Err(Unusable::NotAnchored));
         f.anchor(v(3, 17), &[64, 129].into_iter().collect());
         let got = decode(&read(&f), BOOT).unwrap_or_else(|e| panic!("{e}"));
@@ -371,8 +375,8 @@ mod tests {
     #[test]
     fn a_commit_replaces_the_pending_set() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let f = LiveFile::create(dir.path(), "desk", "home", 64, 1, BOOT)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let f =
+            LiveMap::create(dir.path(), "desk@home", 64, 1, BOOT).unwrap_or_else(|e| panic!("{e}"));
         f.anchor(v(1, 1), &[1, 2, 3].into_iter().collect());
         f.anchor(v(1, 2), &BTreeSet::new());
         let got = decode(&read(&f), BOOT).unwrap_or_else(|e| panic!("{e}"));
@@ -383,33 +387,30 @@ mod tests {
     fn recovery_reads_and_deletes_this_links_files_only() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let boot = boot_id().unwrap_or_else(|e| panic!("{e}"));
-        let ours = LiveFile::create(dir.path(), "desk", "home", 64, 2, boot)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let ours =
+            LiveMap::create(dir.path(), "desk@home", 64, 2, boot).unwrap_or_else(|e| panic!("{e}"));
         ours.anchor(v(2, 5), &[4].into_iter().collect());
-        let other = LiveFile::create(dir.path(), "desk", "city", 64, 2, boot)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let other =
+            LiveMap::create(dir.path(), "desk@city", 64, 2, boot).unwrap_or_else(|e| panic!("{e}"));
         other.anchor(v(2, 5), &BTreeSet::new());
         // A leftover of an older tracking that never anchored does not spoil ours.
-        let old = LiveFile::create(dir.path(), "desk", "home", 64, 2, boot)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let old =
+            LiveMap::create(dir.path(), "desk@home", 64, 2, boot).unwrap_or_else(|e| panic!("{e}"));
         drop(old);
-        let got = recover(dir.path(), "desk", "home").unwrap_or_else(|e| panic!("{e}"));
+        let got = recover(dir.path(), "desk@home").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(got.map(|f| f.pending), Some([4].into_iter().collect()));
         assert!(!ours.path().exists());
         assert!(other.path().exists());
-        assert_eq!(recover(dir.path(), "desk", "home"), Ok(None));
+        assert_eq!(recover(dir.path(), "desk@home"), Ok(None));
 
         // Two anchored trackings of one link: nothing can be trusted.
-        let a = LiveFile::create(dir.path(), "desk", "home", 64, 2, boot)
-            .unwrap_or_else(|e| panic!("{e}"));
-        let b = LiveFile::create(dir.path(), "desk", "home", 64, 2, boot)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let a =
+            LiveMap::create(dir.path(), "desk@home", 64, 2, boot).unwrap_or_else(|e| panic!("{e}"));
+        let b =
+            LiveMap::create(dir.path(), "desk@home", 64, 2, boot).unwrap_or_else(|e| panic!("{e}"));
         a.anchor(v(2, 5), &BTreeSet::new());
         b.anchor(v(2, 6), &BTreeSet::new());
-        assert_eq!(
-            recover(dir.path(), "desk", "home"),
-            Err(Unusable::Ambiguous)
-        );
+        assert_eq!(recover(dir.path(), "desk@home"), Err(Unusable::Ambiguous));
     }
 
     #[test]
