@@ -361,33 +361,43 @@ fn run(o: &Opts) -> Result<(), String> {
                 w.count as f64 * w.bytes_per_op as f64 / t / 1e6,
             )
         };
-        let (r_iops, r_mbs) = rate(best[wi][0]);
-        let (q_iops, q_mbs) = rate(best[wi][1]);
-        let (t_iops, _) = rate(best[wi][2]);
+        let (roam_iops, roam_mbs) = rate(best[wi][0]);
+        let (qemu_iops, qemu_mbs) = rate(best[wi][1]);
+        let (tracked_iops, _) = rate(best[wi][2]);
         // Server CPU microseconds per request.
         let us = |s: usize| cpu_best[wi][s] * 1e6 / w.count as f64;
-        rows.push((
-            w.name,
-            r_iops,
-            r_mbs,
-            q_iops,
-            q_mbs,
-            r_iops / q_iops,
-            us(0),
-            us(1),
-            t_iops,
-            t_iops / r_iops,
-        ));
+        rows.push(Row {
+            name: w.name,
+            roam_iops,
+            roam_mbs,
+            qemu_iops,
+            qemu_mbs,
+            roam_us: us(0),
+            qemu_us: us(1),
+            tracked_iops,
+            tracked_us: us(2),
+        });
     }
     if o.json {
         let items: Vec<String> = rows
             .iter()
-            .map(|(n, ri, rm, qi, qm, ratio, rc, qc, ti, tr)| {
+            .map(|r| {
                 format!(
-                    "\"{n}\":{{\"roam_iops\":{ri:.0},\"roam_mb_s\":{rm:.1},\"qemu_nbd_iops\":{qi:.0},\
-                     \"qemu_nbd_mb_s\":{qm:.1},\"ratio\":{ratio:.3},\
-                     \"roam_cpu_us_per_op\":{rc:.2},\"qemu_nbd_cpu_us_per_op\":{qc:.2},\
-                     \"tracked_iops\":{ti:.0},\"tracked_ratio\":{tr:.3}}}"
+                    "\"{}\":{{\"roam_iops\":{:.0},\"roam_mb_s\":{:.1},\"qemu_nbd_iops\":{:.0},\
+                     \"qemu_nbd_mb_s\":{:.1},\"ratio\":{:.3},\
+                     \"roam_cpu_us_per_op\":{:.2},\"qemu_nbd_cpu_us_per_op\":{:.2},\
+                     \"tracked_iops\":{:.0},\"tracked_ratio\":{:.3},\"tracked_cpu_us_per_op\":{:.2}}}",
+                    r.name,
+                    r.roam_iops,
+                    r.roam_mbs,
+                    r.qemu_iops,
+                    r.qemu_mbs,
+                    r.roam_iops / r.qemu_iops,
+                    r.roam_us,
+                    r.qemu_us,
+                    r.tracked_iops,
+                    r.tracked_iops / r.roam_iops,
+                    r.tracked_us
                 )
             })
             .collect();
@@ -401,7 +411,7 @@ fn run(o: &Opts) -> Result<(), String> {
         );
     } else {
         println!(
-            "{:<20} {:>10} {:>10} {:>10} {:>10} {:>7} {:>10} {:>10} {:>12} {:>12}",
+            "{:<20} {:>10} {:>10} {:>10} {:>10} {:>7} {:>10} {:>10} {:>12} {:>12} {:>12}",
             "workload",
             "roam IOPS",
             "roam MB/s",
@@ -411,15 +421,42 @@ fn run(o: &Opts) -> Result<(), String> {
             "roam us/op",
             "qemu us/op",
             "tracked IOPS",
-            "tracked/roam"
+            "tracked/roam",
+            "tracked us/op"
         );
-        for (n, ri, rm, qi, qm, ratio, rc, qc, ti, tr) in &rows {
+        for r in &rows {
             println!(
-                "{n:<20} {ri:>10.0} {rm:>10.1} {qi:>10.0} {qm:>10.1} {ratio:>7.3} {rc:>10.2} {qc:>10.2} {ti:>12.0} {tr:>12.3}"
+                "{:<20} {:>10.0} {:>10.1} {:>10.0} {:>10.1} {:>7.3} {:>10.2} {:>10.2} {:>12.0} {:>12.3} {:>12.2}",
+                r.name,
+                r.roam_iops,
+                r.roam_mbs,
+                r.qemu_iops,
+                r.qemu_mbs,
+                r.roam_iops / r.qemu_iops,
+                r.roam_us,
+                r.qemu_us,
+                r.tracked_iops,
+                r.tracked_iops / r.roam_iops,
+                r.tracked_us
             );
         }
     }
     Ok(())
+}
+
+/// One workload's figures: best time and least server CPU per server.
+struct Row {
+    name: &'static str,
+    roam_iops: f64,
+    roam_mbs: f64,
+    qemu_iops: f64,
+    qemu_mbs: f64,
+    /// Server CPU microseconds per request (the cost the server itself adds; less noisy
+    /// than wall time on a shared host).
+    roam_us: f64,
+    qemu_us: f64,
+    tracked_iops: f64,
+    tracked_us: f64,
 }
 
 struct DirGuard(PathBuf);
