@@ -154,29 +154,37 @@ pub fn start_saved(d: &Arc<Daemon>) {
                 "holding a replica");
         }
     }
-    match d.store.replica_links() {
-        Ok(links) => {
-            for l in links {
-                info!(vm = %l.vm, host = %l.host, "resuming replication");
-                let carried = match carry::Carry::load(&carry::path(&d.paths.state, &l.vm, &l.host))
-                {
-                    Ok(c) => c,
-                    Err(e) => {
-                        warn!(vm = %l.vm, host = %l.host, "replication state saved at stop unusable (a hash comparison follows): {e}");
-                        None
-                    }
-                };
-                // A live map is left only by a crash; a carry (written at the VM's stop)
-                // is newer than any live map beside it.
-                let recovered = live::recover(&live_dir(&d.paths.state), &live_key(&l.vm, &l.host));
-                let carried = match carried {
-                    Some(c) => Some(c),
-                    None => carry_after_crash(d, &l.vm, &l.host, recovered),
-                };
-                start_link_with(d, &l.vm, &l.host, carried);
-            }
+    let links = match d.store.replica_links() {
+        Ok(links) => links,
+        Err(e) => {
+            warn!("replica links unreadable: {e}");
+            Vec::new()
         }
-        Err(e) => warn!("replica links unreadable: {e}"),
+    };
+    // Every link's state first, then the live maps left by a crash go (those of links
+    // removed meanwhile too), and only then do the links start making new ones.
+    let mut resumed = Vec::new();
+    for l in links {
+        info!(vm = %l.vm, host = %l.host, "resuming replication");
+        let carried = match carry::Carry::load(&carry::path(&d.paths.state, &l.vm, &l.host)) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(vm = %l.vm, host = %l.host, "replication state saved at stop unusable (a hash comparison follows): {e}");
+                None
+            }
+        };
+        // A live map is left only by a crash; a carry (written at the VM's stop) is newer
+        // than any live map beside it.
+        let recovered = live::recover(&live_dir(&d.paths.state), &live_key(&l.vm, &l.host));
+        let carried = match carried {
+            Some(c) => Some(c),
+            None => carry_after_crash(d, &l.vm, &l.host, recovered),
+        };
+        resumed.push((l, carried));
+    }
+    let _ = std::fs::remove_dir_all(live_dir(&d.paths.state));
+    for (l, carried) in resumed {
+        start_link_with(d, &l.vm, &l.host, carried);
     }
 }
 
