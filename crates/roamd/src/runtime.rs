@@ -64,6 +64,17 @@ pub struct RunningVm {
     /// A back end sits between the file and the tracker (an arriving post-copy's
     /// on-demand layer): its installs write the file without passing the tracker.
     pub layered: bool,
+    /// That layer, once post-copy serves through it: when it is complete nothing writes
+    /// beneath the tracker any more.
+    pub ondemand: std::sync::OnceLock<Arc<roam_nbd::OnDemandBackend>>,
+}
+
+impl RunningVm {
+    /// Whether every write to the disk file passes the tracker from now on (no post-copy
+    /// installs still to come beneath it).
+    pub fn tracker_sees_all(&self) -> bool {
+        !self.layered || self.ondemand.get().is_some_and(|od| od.is_complete())
+    }
 }
 
 /// Chunk hashes of a disk as of one moment, and a dirty subscription taken then.
@@ -202,6 +213,7 @@ impl RunningVm {
             since_start,
             quiesced: Default::default(),
             layered: layer.is_some(),
+            ondemand: Default::default(),
         });
         supervise(d.self_arc(), &rt, events);
         Ok(rt)

@@ -497,6 +497,7 @@ impl DestPostcopy {
         if self.switched.is_some() || self.conn.is_some() {
             return Err(Error::Disk("post-copy: attached twice".into()));
         }
+        let _ = rt.ondemand.set(od.clone());
         let wants = self.wants.clone();
         let (tx, rx) = oneshot::channel();
         self.switched = Some(rx);

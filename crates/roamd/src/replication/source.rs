@@ -337,7 +337,8 @@ impl Link {
     }
 
     /// The link's dirty subscription to `rt`: in a live map when its disk takes every
-    /// write through the tracker (not while an arriving post-copy fills it beneath).
+    /// write through the tracker (not while an arriving post-copy still fills it beneath;
+    /// once it is complete, yes).
     fn subscribe(
         &self,
         d: &Daemon,
@@ -345,7 +346,7 @@ impl Link {
         generation: Option<u64>,
     ) -> (DirtySubscription, Option<Arc<LiveMap>>) {
         let heap = || (rt.tracker.subscribe(InitialState::Clean), None);
-        let Some(generation) = generation.filter(|_| !rt.layered) else {
+        let Some(generation) = generation.filter(|_| rt.tracker_sees_all()) else {
             return heap();
         };
         let made = live::boot_id().and_then(|boot| {
