@@ -25,6 +25,7 @@ pub mod hipbench;
 pub mod hipproc;
 pub mod host;
 pub mod lab;
+pub mod rng;
 
 pub use host::Host;
 pub use lab::{Lab, LabConfig, LabError};

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use roam_control::api::{ReplicaInfo, ReplicaState, Workload};
 use roam_control::Client;
+use roam_lab::rng::Rng;
 use roam_lab::{Lab, LabConfig};
 use roam_migrate::digest::{to_hex, ChunkHashes};
 use roam_store::replica::NoFaults;
@@ -57,22 +58,6 @@ fn config() -> LabConfig {
         keep: std::env::var_os("ROAM_LAB_KEEP").is_some(),
         correspondent: false,
         host_env: Vec::new(),
-    }
-}
-
-/// splitmix64: the campaign's choices, reproducible from the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 

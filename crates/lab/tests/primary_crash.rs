@@ -20,24 +20,12 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use roam_lab::rng::Rng;
 use roam_store::live::{self, Unusable};
 
 const CHUNK: u64 = 64 << 10;
 const CHUNKS: u64 = 256;
 const POINTS: usize = 50;
-
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
 
 /// The replica as this test keeps it: its disk and its last committed batch.
 struct Replica {
@@ -127,7 +115,7 @@ fn a_killed_source_leaves_exactly_what_its_replica_lacks_at_50_random_instants()
         let mut child = Command::new(env!("CARGO_BIN_EXE_roam-lab-primary"))
             .arg(dir.path())
             .arg(start_seq.to_string())
-            .arg(rng.next().to_string())
+            .arg(rng.next_u64().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -138,7 +126,7 @@ fn a_killed_source_leaves_exactly_what_its_replica_lacks_at_50_random_instants()
             let replica = replica.clone();
             std::thread::spawn(move || serve(from, to, &replica))
         };
-        std::thread::sleep(Duration::from_millis(20 + rng.next() % 300));
+        std::thread::sleep(Duration::from_millis(20 + rng.next_u64() % 300));
         child.kill().unwrap();
         child.wait().unwrap();
         server.join().unwrap();

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use roam_lab::rng::Rng;
 use roam_nbd::{Backend, BitStore, DirtyTracker, FileBackend, TrackedBackend};
 use roam_store::live::{self, LiveMap};
 use roam_store::Version;
@@ -33,19 +34,6 @@ struct Bits(Arc<LiveMap>);
 impl BitStore for Bits {
     fn words(&self) -> &[std::sync::atomic::AtomicU64] {
         self.0.dirty()
-    }
-}
-
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
     }
 }
 
@@ -85,7 +73,7 @@ fn main() -> Result<()> {
     let mut pending = BTreeSet::new();
     let mut buf = vec![0u8; CHUNK as usize];
     loop {
-        std::thread::sleep(Duration::from_millis(rng.next() % 20));
+        std::thread::sleep(Duration::from_millis(rng.next_u64() % 20));
         pending.extend(sub.take_keeping(map.pending()));
         let next = seq + 1;
         out.write_all(b"B")?;
@@ -116,13 +104,13 @@ fn guest(disk: &TrackedBackend, rng: &mut Rng) {
     let mut n = 0u64;
     loop {
         n += 1;
-        let len = (1 + rng.next() % 256) * 512;
-        let off = (rng.next() % (size - len)) & !511;
-        let r = match rng.next() % 10 {
+        let len = (1 + rng.next_u64() % 256) * 512;
+        let off = (rng.next_u64() % (size - len)) & !511;
+        let r = match rng.next_u64() % 10 {
             0 => disk.write_zeroes(off, len, false, false),
             1 => disk.trim(off, len, false),
             _ => {
-                let stamp = rng.next() ^ n;
+                let stamp = rng.next_u64() ^ n;
                 let data: Vec<u8> = (0..len).map(|i| (stamp >> (i % 8 * 8)) as u8).collect();
                 disk.write_at(&data, off, false)
             }
