@@ -175,14 +175,14 @@ pub fn start_saved(d: &Arc<Daemon>) {
         };
         // A live map is left only by a crash; a carry (written at the VM's stop) is newer
         // than any live map beside it.
-        let recovered = live::recover(&live_dir(&d.paths.state), &live_key(&l.vm, &l.host));
+        let recovered = live::recover(&live_dir(&d.paths.run), &live_key(&l.vm, &l.host));
         let carried = match carried {
             Some(c) => Some(c),
             None => carry_after_crash(d, &l.vm, &l.host, recovered),
         };
         resumed.push((l, carried));
     }
-    let _ = std::fs::remove_dir_all(live_dir(&d.paths.state));
+    let _ = std::fs::remove_dir_all(live_dir(&d.paths.run));
     for (l, carried) in resumed {
         start_link_with(d, &l.vm, &l.host, carried);
     }
@@ -245,9 +245,12 @@ fn quiet_identity(path: &std::path::Path) -> Option<carry::FileIdentity> {
     carry::FileIdentity::of(path).ok()
 }
 
-/// Where the links' live maps are (`roam_store::live`), and each one's name.
-pub fn live_dir(state: &std::path::Path) -> std::path::PathBuf {
-    state.join("replication").join("live")
+/// Where the links' live maps are (`roam_store::live`), and each one's name. In the run
+/// directory (`--run-dir`, default `STATE/run`): they must outlive a crash of roamd, not
+/// a reboot. A run directory on a tmpfs (`/run/roam`) also keeps their pages out of disk
+/// writeback; wherever it is, the boot id in each map rules out an older boot's.
+pub fn live_dir(run: &std::path::Path) -> std::path::PathBuf {
+    run.join("live")
 }
 
 pub fn live_key(vm: &str, host: &str) -> String {

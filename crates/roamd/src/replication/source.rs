@@ -353,7 +353,7 @@ impl Link {
             let chunks = rt.tracker.chunk_count();
             let key = super::live_key(&self.vm, &self.host);
             LiveMap::create(
-                &super::live_dir(&d.paths.state),
+                &super::live_dir(&d.paths.run),
                 &key,
                 chunks,
                 generation,
