@@ -203,6 +203,16 @@ async fn postcopy_link_cut_after_the_switch_pauses_then_resumes_when_the_link_re
         heartbeats_flow(&lab, "home", "desk").await,
         "guest not running again at home"
     );
+    // The disk came in two copies, so no receiver saw it whole: home hashes it into its
+    // dedup index once it is complete, for later moves to find its content.
+    let indexed = roam_lab::lab::wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("dedup index: disk hashed") && l.contains("desk"))
+    })
+    .await;
+    assert!(indexed, "the resumed disk was not dedup-indexed at home");
     no_debris(&lab, "office", &[]).await;
     no_debris(&lab, "home", &["desk"]).await;
     // Everything the guest was told is durable is there: a move back checks it all.

@@ -119,8 +119,10 @@ impl Dedup {
         let Some(ix) = self.index() else { return };
         let path = path.to_path_buf();
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = on_file(&ix, &path, |ix, id| ix.index_file(id)) {
-                warn!(path = %path.display(), "dedup index: {e}");
+            match on_file(&ix, &path, |ix, id| ix.index_file(id)) {
+                Ok(s) => info!(path = %path.display(), chunks = s.chunks,
+                    data = s.data_chunks, "dedup index: disk hashed"),
+                Err(e) => warn!(path = %path.display(), "dedup index: {e}"),
             }
         });
     }

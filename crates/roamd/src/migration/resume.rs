@@ -296,6 +296,9 @@ async fn attempt(
                 "generation": r.generation, "unix_ms": now_ms(),
             }))?;
             let _ = send_ctl(&mut ctl_tx, &Msg::Committed).await;
+            // No receiver saw the whole disk (it came in two copies): hash it here, in
+            // the background, so that later moves to this host find its content.
+            d.dedup.scan_disk(std::path::Path::new(&r.disk_path));
             crate::replication::adopt(d, &ctx.vm, &replicas).await;
             info!(vm = %ctx.vm, generation, "post-copy resumed and committed: the whole disk is here");
             conn.close(0, "done");
