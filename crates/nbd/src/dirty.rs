@@ -300,8 +300,15 @@ impl DirtyTracker {
         let Some((first, last)) = self.chunks_of(offset, len) else {
             return;
         };
+        let mut any = false;
         for b in self.subs_read().iter().filter(|b| b.durable()) {
             b.set_range(first, last);
+            any = true;
+        }
+        // The marks must be in memory before the data write starts (a release store
+        // orders what precedes it, not the write that follows).
+        if any {
+            std::sync::atomic::fence(Ordering::SeqCst);
         }
     }
 

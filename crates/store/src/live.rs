@@ -35,7 +35,7 @@
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 use memmap2::MmapMut;
 
@@ -178,6 +178,10 @@ impl LiveMap {
     pub fn anchor(&self, synced: Version, pending: &BTreeSet<u64>) {
         let h = self.header();
         h[H_ANCHORED].store(0, Ordering::SeqCst);
+        // A store's release order keeps what came before it, not what follows: without
+        // this fence the compiler or CPU may let the changes below become visible (to the
+        // page cache, so to a crash) while the map still says anchored.
+        fence(Ordering::SeqCst);
         for w in self.pending() {
             w.store(0, Ordering::Relaxed);
         }
