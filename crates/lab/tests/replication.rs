@@ -466,6 +466,15 @@ fn seeds(log: &std::path::Path) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// Start desk on office with its workload, and wait until the replica on home has caught
+/// up with everything written from now on.
+async fn start_and_catch_up(lab: &Lab, what: &str) {
+    lab.host("office").client.vm_start("desk").await.unwrap();
+    lab.start_workload("office", "desk").await.unwrap();
+    let t = now_ms();
+    wait_for(lab, Duration::from_secs(60), what, |r| caught_up(r, t)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replication_resumes_after_either_roamd_restarts_without_resending() {
     let (scratch, cut_log, cfg) = with_cut_log("resumes");
@@ -512,16 +521,7 @@ async fn replication_resumes_after_either_roamd_restarts_without_resending() {
         "pending=",
     );
     assert_eq!(recovered.len(), 1, "no state recovered after the crash");
-    lab.host("office").client.vm_start("desk").await.unwrap();
-    lab.start_workload("office", "desk").await.unwrap();
-    let t = now_ms();
-    wait_for(
-        &lab,
-        Duration::from_secs(60),
-        "caught up after office restarted",
-        |r| caught_up(r, t),
-    )
-    .await;
+    start_and_catch_up(&lab, "caught up after office restarted").await;
 
     let seen = seeds(&lab.host("office").log);
     eprintln!("seeds (offered, sent): {seen:?}");
@@ -590,16 +590,7 @@ async fn replication_resumes_after_either_roamd_restarts_without_resending() {
     let seeds_before = seeds(&office_log).len();
     let c = &lab.host("office").client;
     c.vm_stop("desk").await.unwrap();
-    c.vm_start("desk").await.unwrap();
-    lab.start_workload("office", "desk").await.unwrap();
-    let t = now_ms();
-    wait_for(
-        &lab,
-        Duration::from_secs(60),
-        "caught up after the VM restarted",
-        |r| caught_up(r, t),
-    )
-    .await;
+    start_and_catch_up(&lab, "caught up after the VM restarted").await;
     // A disk written behind roamd's back while the VM is stopped (here: its last chunk,
     // free space to the guest) voids that state: the next start compares by hash, and the
     // foreign write travels.
@@ -615,16 +606,7 @@ async fn replication_resumes_after_either_roamd_restarts_without_resending() {
             .unwrap();
         f.sync_all().unwrap();
     }
-    c.vm_start("desk").await.unwrap();
-    lab.start_workload("office", "desk").await.unwrap();
-    let t = now_ms();
-    wait_for(
-        &lab,
-        Duration::from_secs(60),
-        "caught up after a foreign write",
-        |r| caught_up(r, t),
-    )
-    .await;
+    start_and_catch_up(&lab, "caught up after a foreign write").await;
     let refused = log_lines(&office_log, "replication state of the last stop not used");
     assert!(
         refused.len() == 1 && refused[0].contains("the disk file changed"),
@@ -639,30 +621,12 @@ async fn replication_resumes_after_either_roamd_restarts_without_resending() {
     );
     lab.host_mut("office").stop().await;
     lab.host_mut("office").spawn().await.unwrap();
-    lab.host("office").client.vm_start("desk").await.unwrap();
-    lab.start_workload("office", "desk").await.unwrap();
-    let t = now_ms();
-    wait_for(
-        &lab,
-        Duration::from_secs(60),
-        "caught up after an orderly restart of office",
-        |r| caught_up(r, t),
-    )
-    .await;
+    start_and_catch_up(&lab, "caught up after an orderly restart of office").await;
     // The VM stopped, then roamd crashed: the state written at the VM's stop is used.
     lab.host("office").client.vm_stop("desk").await.unwrap();
     lab.host_mut("office").kill();
     lab.host_mut("office").spawn().await.unwrap();
-    lab.host("office").client.vm_start("desk").await.unwrap();
-    lab.start_workload("office", "desk").await.unwrap();
-    let t = now_ms();
-    wait_for(
-        &lab,
-        Duration::from_secs(60),
-        "caught up after office crashed with the VM stopped",
-        |r| caught_up(r, t),
-    )
-    .await;
+    start_and_catch_up(&lab, "caught up after office crashed with the VM stopped").await;
     // Each stop re-hashed what the VM wrote into the dedup index.
     let rehashed = log_field(
         &office_log,
