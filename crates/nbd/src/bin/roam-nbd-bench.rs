@@ -382,23 +382,12 @@ fn run(o: &Opts) -> Result<(), String> {
         let items: Vec<String> = rows
             .iter()
             .map(|r| {
-                format!(
-                    "\"{}\":{{\"roam_iops\":{:.0},\"roam_mb_s\":{:.1},\"qemu_nbd_iops\":{:.0},\
-                     \"qemu_nbd_mb_s\":{:.1},\"ratio\":{:.3},\
-                     \"roam_cpu_us_per_op\":{:.2},\"qemu_nbd_cpu_us_per_op\":{:.2},\
-                     \"tracked_iops\":{:.0},\"tracked_ratio\":{:.3},\"tracked_cpu_us_per_op\":{:.2}}}",
-                    r.name,
-                    r.roam_iops,
-                    r.roam_mbs,
-                    r.qemu_iops,
-                    r.qemu_mbs,
-                    r.roam_iops / r.qemu_iops,
-                    r.roam_us,
-                    r.qemu_us,
-                    r.tracked_iops,
-                    r.tracked_iops / r.roam_iops,
-                    r.tracked_us
-                )
+                let fields: Vec<String> = r
+                    .cells()
+                    .iter()
+                    .map(|c| format!("\"{}\":{:.*}", c.key, c.decimals, c.value))
+                    .collect();
+                format!("\"{}\":{{{}}}", r.name, fields.join(","))
             })
             .collect();
         println!(
@@ -410,35 +399,17 @@ fn run(o: &Opts) -> Result<(), String> {
             items.join(",")
         );
     } else {
-        println!(
-            "{:<20} {:>10} {:>10} {:>10} {:>10} {:>7} {:>10} {:>10} {:>12} {:>12} {:>12}",
-            "workload",
-            "roam IOPS",
-            "roam MB/s",
-            "qemu IOPS",
-            "qemu MB/s",
-            "ratio",
-            "roam us/op",
-            "qemu us/op",
-            "tracked IOPS",
-            "tracked/roam",
-            "tracked us/op"
-        );
+        let mut head = format!("{:<20}", "workload");
+        for c in rows.first().map(Row::cells).unwrap_or_default() {
+            head.push_str(&format!(" {:>w$}", c.header, w = c.width));
+        }
+        println!("{head}");
         for r in &rows {
-            println!(
-                "{:<20} {:>10.0} {:>10.1} {:>10.0} {:>10.1} {:>7.3} {:>10.2} {:>10.2} {:>12.0} {:>12.3} {:>12.2}",
-                r.name,
-                r.roam_iops,
-                r.roam_mbs,
-                r.qemu_iops,
-                r.qemu_mbs,
-                r.roam_iops / r.qemu_iops,
-                r.roam_us,
-                r.qemu_us,
-                r.tracked_iops,
-                r.tracked_iops / r.roam_iops,
-                r.tracked_us
-            );
+            let mut line = format!("{:<20}", r.name);
+            for c in r.cells() {
+                line.push_str(&format!(" {:>w$.*}", c.decimals, c.value, w = c.width));
+            }
+            println!("{line}");
         }
     }
     Ok(())
@@ -457,6 +428,52 @@ struct Row {
     qemu_us: f64,
     tracked_iops: f64,
     tracked_us: f64,
+}
+
+/// One printed figure: its JSON key, its column, and how it is shown.
+struct Cell {
+    key: &'static str,
+    header: &'static str,
+    width: usize,
+    decimals: usize,
+    value: f64,
+}
+
+impl Row {
+    /// The figures in print order, for the JSON object and the table alike.
+    fn cells(&self) -> Vec<Cell> {
+        let c = |key, header, width, decimals, value| Cell {
+            key,
+            header,
+            width,
+            decimals,
+            value,
+        };
+        vec![
+            c("roam_iops", "roam IOPS", 10, 0, self.roam_iops),
+            c("roam_mb_s", "roam MB/s", 10, 1, self.roam_mbs),
+            c("qemu_nbd_iops", "qemu IOPS", 10, 0, self.qemu_iops),
+            c("qemu_nbd_mb_s", "qemu MB/s", 10, 1, self.qemu_mbs),
+            c("ratio", "ratio", 7, 3, self.roam_iops / self.qemu_iops),
+            c("roam_cpu_us_per_op", "roam us/op", 10, 2, self.roam_us),
+            c("qemu_nbd_cpu_us_per_op", "qemu us/op", 10, 2, self.qemu_us),
+            c("tracked_iops", "tracked IOPS", 12, 0, self.tracked_iops),
+            c(
+                "tracked_ratio",
+                "tracked/roam",
+                12,
+                3,
+                self.tracked_iops / self.roam_iops,
+            ),
+            c(
+                "tracked_cpu_us_per_op",
+                "tracked us/op",
+                13,
+                2,
+                self.tracked_us,
+            ),
+        ]
+    }
 }
 
 struct DirGuard(PathBuf);
