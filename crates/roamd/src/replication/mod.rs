@@ -25,9 +25,8 @@
 //! ([`carry`]: the replica's batch and the chunks written since), in memory and on disk;
 //! the VM's next start on an untouched disk goes on from there, in this roamd or after a
 //! restart. While the VM runs, the same state lives in a file mapped shared
-//! (`roam_store::live`),
-//! so that a crash of roamd (its QEMU dies with it) leaves it too: the next start turns
-//! it into a carry. When none of these apply (the host itself crashed, the disk changed,
+//! (`roam_store::live`), so that a crash of roamd (its QEMU dies with it) leaves it too:
+//! the next start turns it into a carry. When none of these apply (the host itself crashed, the disk changed,
 //! the replica's committed batch is not the one the primary last saw) the first batch is
 //! a full hash comparison: every chunk is read and hashed here, and only chunks that
 //! differ travel (about 40 bytes per chunk on the wire otherwise).
